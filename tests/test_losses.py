@@ -1,0 +1,76 @@
+import math
+
+import pytest
+import torch
+
+from minimoe.losses import relation_kl
+from minimoe.moe import load_balance_loss
+
+
+def reference_relation_kl(t_qkv, s_qkv, mask, r):
+    """Plain loops over samples and heads on the unpadded tokens only, in float64."""
+    total, rows = 0.0, 0
+    for t_x, s_x in zip(t_qkv, s_qkv):
+        part, n = 0.0, 0
+        for b in range(mask.shape[0]):
+            idx = mask[b].nonzero().flatten()
+            for x_t, x_s in [(t_x[b, idx].detach().double(), s_x[b, idx].detach().double())]:
+                dt, ds = x_t.shape[1] // r, x_s.shape[1] // r
+                for h in range(r):
+                    a = x_t[:, h * dt:(h + 1) * dt]
+                    c = x_s[:, h * ds:(h + 1) * ds]
+                    p = torch.softmax(a @ a.T / math.sqrt(dt), -1)
+                    q = torch.softmax(c @ c.T / math.sqrt(ds), -1)
+                    for i in range(len(idx)):
+                        part += float((p[i] * (p[i].log() - q[i].log())).sum())
+                        n += 1
+        total += part / n
+    return total / 3
+
+
+@pytest.mark.parametrize("r", [4, 16])  # 16 relation heads > 4 student attention heads
+def test_relation_kl_matches_plain_computation_with_padding(r):
+    g = torch.Generator().manual_seed(0)
+    b, l, ht, hs = 3, 7, 64, 32
+    t = [torch.randn(b, l, ht, generator=g) for _ in range(3)]
+    s = [torch.randn(b, l, hs, generator=g, requires_grad=True) for _ in range(3)]
+    mask = torch.ones(b, l, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[2, 2:] = 0
+    # Garbage in padded positions must not matter.
+    for x in t:
+        x[1, 4:] = 1e3
+    got = relation_kl(t, s, mask, r)
+    want = reference_relation_kl(t, s, mask, r)
+    assert got.item() == pytest.approx(want, rel=1e-4)
+    got.backward()
+    assert torch.all(s[0].grad[1, 4:] == 0)  # padded student tokens get no gradient
+
+
+def test_relation_kl_is_zero_for_identical_relations():
+    x = [torch.randn(2, 5, 32) for _ in range(3)]
+    assert relation_kl(x, x, torch.ones(2, 5), 8).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_relation_kl_rejects_bad_heads():
+    x = [torch.randn(1, 3, 30)] * 3
+    with pytest.raises(ValueError, match="relation heads 8 must divide hidden size 30"):
+        relation_kl(x, x, torch.ones(1, 3), 8)
+
+
+def test_load_balance_uniform_is_one_and_collapse_is_e():
+    e = 4
+    uniform = torch.zeros(8, e)
+    counts = torch.tensor([2, 2, 2, 2])
+    assert load_balance_loss(uniform, counts).item() == pytest.approx(1.0)
+    collapsed = torch.full((8, e), -1e4)
+    collapsed[:, 0] = 1e4
+    assert load_balance_loss(collapsed, torch.tensor([8, 0, 0, 0])).item() == pytest.approx(e)
+
+
+def test_load_balance_ignores_padding_tokens():
+    logits = torch.randn(6, 3)
+    used = torch.tensor([1, 1, 1, 1, 0, 0])
+    counts = torch.bincount(logits[:4].argmax(-1), minlength=3)
+    masked = load_balance_loss(logits, counts, used)
+    assert masked.item() == pytest.approx(load_balance_loss(logits[:4], counts).item(), rel=1e-6)

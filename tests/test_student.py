@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+from minimoe import ConfigError, MiniMoEModel, StudentConfig, count_parameters, flops_per_sequence
+from minimoe.student import localize_experts
+
+
+def tiny(**kw):
+    base = dict(num_layers=2, hidden_size=32, num_heads=4, ffn_size=64, num_experts=4, vocab_size=100)
+    base.update(kw)
+    return StudentConfig(**base)
+
+
+@pytest.mark.parametrize("layers,dense,moe,gflops", [(3, 17.4, 28.0, 0.68), (4, 19.2, 33.3, 0.91), (6, 22.7, 44.0, 1.36)])
+def test_parameter_and_flop_counts_match_the_paper(layers, dense, moe, gflops):
+    d = count_parameters(StudentConfig(num_layers=layers, num_experts=1))
+    m = count_parameters(StudentConfig(num_layers=layers, num_experts=4))
+    assert round(d["total"] / 1e6, 1) == dense
+    assert round(m["total"] / 1e6, 1) == moe
+    # More parameters, the same compute: active params differ only by the gates.
+    assert m["active"] - d["active"] == layers * (384 * 4 + 4)
+    f = flops_per_sequence(StudentConfig(num_layers=layers, num_experts=4))
+    assert round(f["paper_gflops"], 2) == gflops
+
+
+@pytest.mark.parametrize("experts", [1, 4])
+def test_analytic_counts_equal_real_parameters(experts):
+    cfg = tiny(num_experts=experts)
+    model = MiniMoEModel(cfg)
+    real = sum(p.numel() for p in model.parameters())
+    counts = count_parameters(cfg)
+    assert real == counts["total"] + counts["distillation_only"]
+
+
+def test_moefy_shares_two_thirds_of_neurons():
+    model = MiniMoEModel(tiny(ffn_size=60, num_experts=3))
+    experts = model.layers[0].ffn.local_experts
+    w = [e.fc1.weight for e in experts]
+    shared = round(60 * 2 / 3)
+    for a in w[1:]:
+        assert torch.equal(a[:shared], w[0][:shared])
+        # the expert-specific neurons are distinct rows of the wide FFN
+        assert not torch.equal(a[shared:], w[0][shared:])
+    assert torch.equal(experts[1].fc2.weight[:, :shared], experts[0].fc2.weight[:, :shared])
+
+
+def test_ep_rank_builds_its_slice_of_the_same_experts():
+    torch.manual_seed(0)
+    full = MiniMoEModel(tiny(), ep_size=1)
+    torch.manual_seed(0)
+    half = MiniMoEModel(tiny(), ep_size=2, ep_rank=1)
+    got = half.layers[1].ffn.local_experts
+    want = full.layers[1].ffn.local_experts
+    assert len(got) == 2
+    assert torch.equal(got[0].fc1.weight, want[2].fc1.weight)
+    assert torch.equal(got[1].fc2.weight, want[3].fc2.weight)
+    # and a global state dict localises onto exactly that slice
+    state = localize_experts(full.state_dict(), half)
+    half.load_state_dict(state, strict=True)
+
+
+def test_gate_noise_only_in_training_and_padding_not_routed():
+    model = MiniMoEModel(tiny())
+    ids = torch.randint(1, 100, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    model.eval()
+    a = model(ids, mask)
+    b = model(ids, mask)
+    assert torch.equal(a.last_hidden_state, b.last_hidden_state)
+    assert int(a.expert_counts[0].sum()) == int(mask.sum())
+    model.train()
+    out = model(ids, mask)
+    assert 0.9 < out.aux_loss.item() <= 4.0 + 1e-5
+
+
+def test_dense_twin_has_no_gate_and_zero_aux():
+    model = MiniMoEModel(tiny(num_experts=1))
+    out = model(torch.randint(1, 100, (2, 5)), output_qkv=True)
+    assert out.aux_loss.item() == 0 and out.expert_counts == []
+    assert model.relation_proj is None and len(out.qkv) == 3
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = MiniMoEModel(tiny()).eval()
+    model.save_pretrained(str(tmp_path))
+    again = MiniMoEModel.from_pretrained(str(tmp_path)).eval()
+    ids = torch.randint(1, 100, (2, 6))
+    assert torch.equal(model(ids).last_hidden_state, again(ids).last_hidden_state)
+
+
+def test_bad_student_configs_fail_with_one_line():
+    with pytest.raises(ConfigError, match="--num_heads 5 must divide --hidden_size 32"):
+        MiniMoEModel(tiny(num_heads=5))
+    with pytest.raises(ConfigError, match="ep_size 3 must divide num_experts 4"):
+        MiniMoEModel(tiny(), ep_size=3)
+    with pytest.raises(ConfigError, match="not a MiniMoE student folder"):
+        MiniMoEModel.from_pretrained("/nonexistent")
