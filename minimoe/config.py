@@ -8,6 +8,7 @@ costs a one-line error and no partial output.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import typing
@@ -265,7 +266,7 @@ def from_flags(cls, flags: dict):
 
 def help_text(cls, prog: str) -> str:
     """The --help page, generated from the dataclass docstrings and field metadata."""
-    lines = [f"usage: {prog} [--flag value ...]", "", (cls.__doc__ or "").strip(), "", "flags:"]
+    lines = [f"usage: {prog} [--flag value ...]", "", inspect.cleandoc(cls.__doc__ or ""), "", "flags:"]
     for _, f in _cli_fields(cls):
         lines.append(f"  --{f.name:<24} {f.metadata['help']} [default: {f.default}]")
     return "\n".join(lines)

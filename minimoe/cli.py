@@ -1,0 +1,45 @@
+"""The shared command-line front of every launcher: --help from the config dataclass, fire for the
+flags, DeepSpeed's ``--local_rank`` taken out, and user errors as one line with exit code 2."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from .config import ConfigError, from_flags, help_text
+
+
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends --local_rank=N (fire would read it as a flag); LOCAL_RANK is in the env."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a.startswith("--local_rank=") or a.startswith("--local-rank="):
+            continue
+        elif a in ("--local_rank", "--local-rank"):
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def main(config_cls, run: Callable, prog: str, argv: list[str] | None = None) -> int:
+    import fire
+    argv = _strip_local_rank(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(help_text(config_cls, prog))
+        return 0
+
+    def entry(**flags):
+        run(from_flags(config_cls, flags))
+
+    try:
+        fire.Fire(entry, command=argv, name=prog)
+    except ConfigError as e:
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank raises the same error; say it once
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except fire.core.FireExit as e:
+        return int(e.code or 0)
+    return 0

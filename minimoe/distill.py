@@ -1,0 +1,266 @@
+"""Task-agnostic distillation: teacher Q/K/V relations -> MiniMoE student, one DeepSpeed step at a time.
+
+Order of work (data flows one way): validate everything that can be checked without a process group
+-> start the process group -> teacher engine -> tokenised corpus -> student engine (+ resume) -> loop
+-> checkpoint / export -> summary. Nothing is written to ``output_dir`` before the corpus is ready.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .config import ConfigError, DistillConfig, StudentConfig
+from .data import assets, corpus as corpus_lib
+from .distributed import DistInfo, accelerator_name, device, env_world_size, init_distributed
+from .engine import (build_student_engine, dtype_of, fill_schedule, pop_precision, student_ds_config,
+                     teacher_ds_config)
+from .losses import relation_kl
+from .monitor import Monitor, expert_utilisation, peak_rss_mib
+from .student import MiniMoEModel, count_parameters, flops_per_sequence
+from .teacher import Teacher, resolve_layer, teacher_info
+
+
+@dataclass
+class Plan:
+    """Everything validated before the process group starts."""
+
+    world_size: int
+    accelerator: str
+    teacher: str
+    data: str
+    tokenizer: object
+    student: StudentConfig
+    resume: Optional[tuple]
+
+
+def plan(cfg: DistillConfig) -> Plan:
+    from transformers import AutoTokenizer
+    world = env_world_size()
+    accel = accelerator_name()
+    teacher = assets.resolve_model(cfg.teacher)
+    info = teacher_info(teacher)
+    resolve_layer(cfg.teacher_layer, info.num_layers)
+    if info.hidden_size % cfg.relation_heads:
+        raise ConfigError(f"--relation_heads {cfg.relation_heads} must divide the teacher hidden size {info.hidden_size}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(teacher)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--teacher {teacher!r} has no loadable tokenizer: {str(e).splitlines()[0]}")
+    if len(tokenizer) > info.vocab_size:
+        raise ConfigError(f"tokenizer of {teacher!r} has {len(tokenizer)} tokens but the teacher's embedding "
+                          f"table has {info.vocab_size}: teacher and tokenizer do not match")
+    if tokenizer.pad_token_id is None:
+        raise ConfigError(f"tokenizer of {teacher!r} has no padding token")
+    student = dataclasses.replace(cfg.student, vocab_size=info.vocab_size, pad_token_id=tokenizer.pad_token_id)
+    student_ds_config(cfg, world, accel)          # validates; the schedule is filled in later
+    teacher_ds_config(cfg, world, 1, accel)
+    data = assets.resolve_corpus(cfg.data, cfg.cache_dir)
+    corpus_lib.local_files(data)                   # raises on missing local files
+    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+    resume = checkpoint.resolve(cfg.resume, ckpt_root)
+    if resume is None and checkpoint.list_tags(ckpt_root):
+        raise ConfigError(f"--output_dir {cfg.output_dir!r} holds checkpoints of an earlier run; pass --resume "
+                          "to continue it or choose another --output_dir")
+    return Plan(world, accel, teacher, data, tokenizer, student, resume)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _load_corpus(cfg: DistillConfig, p: Plan, dist_info: DistInfo):
+    """Rank 0 tokenises (or finds the cache); the others wait, then load. Errors reach every rank."""
+    import torch.distributed as dist
+    cache = assets.default_cache_dir(cfg.cache_dir)
+    args = (p.data, cfg.text_column, p.tokenizer, cfg.max_seq_length, cfg.short_seq_prob, cfg.seed, cache)
+    error = [None]
+    if dist_info.is_main:
+        try:
+            corpus_lib.build_or_load(*args, progress=True)
+        except ConfigError as e:
+            error = [str(e)]
+    dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise ConfigError(error[0])
+    return corpus_lib.build_or_load(*args)
+
+
+def run(cfg: DistillConfig) -> dict:
+    p = plan(cfg)
+    dist_info = init_distributed()
+    import torch.distributed as dist
+    _seed_all(cfg.seed)
+    dev = device()
+
+    corpus = _load_corpus(cfg, p, dist_info)
+    s_ds = student_ds_config(cfg, p.world_size, p.accelerator)
+    micro, accum = s_ds["train_micro_batch_size_per_gpu"], s_ds["gradient_accumulation_steps"]
+    batches = corpus_lib.GlobalBatches(corpus, micro, accum, p.world_size, dist_info.rank, cfg.seed,
+                                       p.tokenizer.pad_token_id)
+    if batches.steps_per_epoch == 0:
+        raise ConfigError(f"--data has {len(corpus)} training pairs, fewer than one global batch of "
+                          f"{batches.global_batch}; lower --micro_batch_size or add text")
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * batches.steps_per_epoch)
+
+    t_ds = teacher_ds_config(cfg, p.world_size, micro, p.accelerator)
+    teacher = Teacher(p.teacher, t_ds, cfg.teacher_layer, dtype_of(pop_precision(t_ds)))
+
+    model = MiniMoEModel(p.student, ep_size=cfg.ep_size, ep_rank=dist_info.rank % cfg.ep_size)
+    model.pooler.requires_grad_(False)  # not part of the distillation loss; fine-tuning trains it
+    pop_precision(s_ds)
+    engine = build_student_engine(model, fill_schedule(s_ds, cfg, total_steps))
+
+    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+    start_step = 0
+    if p.resume:
+        client = checkpoint.load(engine, *p.resume, dist_info.rank)
+        start_step = int(client["minimoe_step"])
+        if client.get("minimoe_global_batch") != batches.global_batch:
+            raise ConfigError(f"--resume: the checkpoint was trained with global batch "
+                              f"{client.get('minimoe_global_batch')}, this run has {batches.global_batch}")
+    else:
+        torch.manual_seed(cfg.seed + dist_info.rank)  # per-rank dropout / gate-noise streams
+
+    run_config = {**cfg.to_dict(), "student": p.student.to_dict(), "world_size": p.world_size,
+                  "global_batch": batches.global_batch, "total_steps": total_steps, "corpus_pairs": len(corpus)}
+    if dist_info.is_main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        with open(os.path.join(cfg.output_dir, "run_config.json"), "w") as fh:
+            json.dump(run_config, fh, indent=2, default=str)
+    monitor = Monitor(cfg.output_dir, dist_info.is_main, total_steps, start_step, cfg.wandb, cfg.wandb_project,
+                      run_config)
+
+    def client_state(step: int) -> dict:
+        return {"minimoe_step": step, "minimoe_global_batch": batches.global_batch,
+                "minimoe_student": p.student.to_dict(), "minimoe_samples_seen": step * batches.global_batch}
+
+    engine.train()
+    window = _Window(cfg.load_balance_weight)
+    history = []
+    wall0 = time.perf_counter()
+    step = start_step
+    for step in range(start_step, total_steps):
+        t0 = time.perf_counter()
+        for batch in batches.micro_batches(step):
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            t1 = time.perf_counter()
+            t_qkv = teacher.qkv(batch)
+            t2 = time.perf_counter()
+            out = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], output_qkv=True)
+            relation = relation_kl(t_qkv, out.qkv, batch["attention_mask"], cfg.relation_heads)
+            loss = relation + cfg.load_balance_weight * out.aux_loss
+            engine.backward(loss)
+            engine.step()
+            window.add(batch, relation, out, teacher_s=t2 - t1)
+        window.step_time += time.perf_counter() - t0
+        window.steps += 1
+        monitor.advance()
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total_steps:
+            metrics, util = window.reduce(dist_info.world_size)
+            metrics["lr"] = engine.get_lr()[0]
+            history.append({"step": done, **metrics})
+            monitor.log(done, metrics, util)
+            window = _Window(cfg.load_balance_weight)
+        if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
+            checkpoint.save(engine, ckpt_root, done, client_state(done), dist_info.rank, cfg.keep_checkpoints)
+    wall = time.perf_counter() - wall0
+
+    student_dir = os.path.join(cfg.output_dir, "student")
+    if dist_info.is_main:
+        final = os.path.join(ckpt_root, checkpoint.tag_for(total_steps))
+        checkpoint.export_student(final, student_dir, p.student, p.tokenizer)
+    rss = [None] * dist_info.world_size
+    dist.all_gather_object(rss, peak_rss_mib())
+    summary = _summary(cfg, p, history, wall, total_steps - start_step, rss, teacher.info, batches.global_batch)
+    if dist_info.is_main:
+        with open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=2)
+        monitor.write(format_summary(summary))
+    monitor.close(summary)
+    dist.barrier()
+    return summary
+
+
+class _Window:
+    """Sums over the steps between two log lines; reduced across ranks when logged."""
+
+    def __init__(self, load_balance_weight: float):
+        self.weight = load_balance_weight
+        self.relation = self.aux = self.micro = self.tokens = self.padded = 0.0
+        self.teacher_s = self.step_time = 0.0
+        self.counts = None
+        self.steps = 0
+
+    def add(self, batch, relation, out, teacher_s):
+        self.relation += float(relation.detach())
+        self.aux += float(out.aux_loss.detach())
+        self.micro += 1
+        self.tokens += float(batch["attention_mask"].sum())
+        self.padded += batch["attention_mask"].numel()
+        self.teacher_s += teacher_s
+        if out.expert_counts:
+            c = torch.stack([x.detach().float().cpu() for x in out.expert_counts])
+            self.counts = c if self.counts is None else self.counts + c
+
+    def reduce(self, world_size: int):
+        import torch.distributed as dist
+        v = torch.tensor([self.relation, self.aux, self.micro, self.tokens, self.padded, self.teacher_s,
+                          self.step_time], dtype=torch.float64)
+        dist.all_reduce(v)
+        relation, aux, micro, tokens, padded, teacher_s, step_time = v.tolist()
+        step_time /= world_size  # every rank times the same steps
+        metrics = {"relation": relation / micro, "load_balance": aux / micro,
+                   "tokens_per_s": tokens / step_time, "padded_tokens_per_s": padded / step_time,
+                   "loss": (relation + self.weight * aux) / micro,
+                   "step_s": step_time / self.steps, "teacher_share": teacher_s / world_size / step_time}
+        util = None
+        if self.counts is not None:
+            c = self.counts.clone()
+            dist.all_reduce(c)
+            util = expert_utilisation(list(c))
+        return metrics, util
+
+
+def _summary(cfg, p, history, wall, steps, rss, tinfo, global_batch) -> dict:
+    dense = dataclasses.replace(p.student, num_experts=1, relation_projection=False)
+    table = {}
+    for name, sc in (("student", p.student), ("dense_twin", dense)):
+        c = count_parameters(sc)
+        f = flops_per_sequence(sc, cfg.max_seq_length)
+        table[name] = {"params_total_M": c["total"] / 1e6, "params_active_M": c["active"] / 1e6,
+                       "paper_gflops": f["paper_gflops"], "forward_gflops": f["forward_flops"] / 1e9}
+    tokens_per_s = [h["tokens_per_s"] for h in history]
+    return {
+        "steps": steps, "wall_s": wall, "steps_per_s": steps / wall if wall else 0.0,
+        "tokens_per_s": sum(tokens_per_s) / len(tokens_per_s) if tokens_per_s else 0.0,
+        "relation_first": history[0]["relation"] if history else None,
+        "relation_last": history[-1]["relation"] if history else None,
+        "global_batch": global_batch, "world_size": p.world_size, "ep_size": cfg.ep_size,
+        "peak_rss_mib_per_rank": [round(r, 1) for r in rss],
+        "teacher": {"name": p.teacher, "hidden_size": tinfo.hidden_size, "layers": tinfo.num_layers},
+        "models": table,
+    }
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"done: {s['steps']} steps in {s['wall_s']:.1f} s ({s['steps_per_s']:.3f} steps/s, "
+             f"{s['tokens_per_s']:.0f} tokens/s), relation loss {s['relation_first']:.4f} -> {s['relation_last']:.4f}",
+             f"peak RSS per rank (MiB): {s['peak_rss_mib_per_rank']}",
+             f"{'model':<12}{'params':>10}{'active':>10}{'paper GFLOPs':>14}{'fwd GFLOPs':>12}"]
+    for name, m in s["models"].items():
+        lines.append(f"{name:<12}{m['params_total_M']:>9.1f}M{m['params_active_M']:>9.1f}M"
+                     f"{m['paper_gflops']:>14.2f}{m['forward_gflops']:>12.2f}")
+    return "\n".join(lines)

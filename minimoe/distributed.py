@@ -1,0 +1,62 @@
+"""One way to start the process group, whether launched by ``deepspeed``, ``torchrun`` or plain ``python``."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_world_size() -> int:
+    """World size as the launcher announced it: known before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Start (or join) the default process group and pin CPU threads to this rank's share of cores."""
+    import deepspeed
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:  # plain `python`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    accel = get_accelerator()
+    if accel.device_name() == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # N ranks on one host share its cores; oversubscribing threads slows every rank down.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if accel.device_name() != "cpu":
+        accel.set_device(local_rank)
+    import torch.distributed as dist
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, local_world)
+
+
+def device():
+    from deepspeed.accelerator import get_accelerator
+    import torch
+    return torch.device(get_accelerator().current_device_name())
+
+
+def accelerator_name() -> str:
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator().device_name()

@@ -1,0 +1,149 @@
+"""The two DeepSpeed engines: the student (ZeRO-1/2 + MoE parameter groups, optimizer, schedule) and
+the teacher (ZeRO-3 inference, no optimizer), and the one documented merge of a ds_config file with
+command-line values.
+
+Merge rule: a flag given on the command line (``--micro_batch_size``, ``--grad_accum``, ``--lr``,
+``--weight_decay``, ``--gradient_clipping``, ``--precision``) wins over the file; a flag left out
+keeps the file's value. Values the run derives (``train_batch_size``, the schedule's step counts,
+``warmup_max_lr``) may be written as ``"auto"`` in the file and are filled in here.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional
+
+import torch
+
+from .config import ConfigError, DistillConfig, load_json
+
+DEFAULT_MICRO_BATCH = 32
+PAPER_GRAD_CLIP = 5.0
+
+
+def _precision(ds: dict, precision: str, accelerator: str, what: str) -> str:
+    if precision != "auto":
+        ds.setdefault("bf16", {})["enabled"] = precision == "bf16"
+        ds.setdefault("fp16", {})["enabled"] = precision == "fp16"
+    bf16 = ds.get("bf16", {}).get("enabled", False)
+    fp16 = ds.get("fp16", {}).get("enabled", False)
+    if bf16 and fp16:
+        raise ConfigError(f"{what} enables both bf16 and fp16; enable one (or pass --precision)")
+    if fp16 and accelerator == "cpu":
+        raise ConfigError(f"{what}: fp16 is not supported on CPU; use --precision bf16 or fp32")
+    return "bf16" if bf16 else "fp16" if fp16 else "fp32"
+
+
+def dtype_of(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def student_ds_config(cfg: DistillConfig, world_size: int, accelerator: str) -> dict:
+    """Load, merge and validate the student's ds_config (the schedule's autos: ``fill_schedule``)."""
+    ds = copy.deepcopy(load_json(cfg.ds_config, "--ds_config"))
+    what = f"--ds_config {cfg.ds_config}"
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{what}: zero_optimization.stage {stage} is invalid; allowed 0, 1, 2")
+    if stage == 3 and cfg.student.num_experts > 1:
+        raise ConfigError(f"{what}: ZeRO stage 3 is not supported for a MoE student (DeepSpeed MoE refuses it); "
+                          "use stage 1 or 2, e.g. ds_configs/zero2_moe.json")
+    if stage == 0 and cfg.ep_size > 1:
+        # Measured on DeepSpeed 0.19.8: ZeRO-0 + expert parallelism computes the clipping norm
+        # without the other ranks' experts, so clipping silently does nothing.
+        raise ConfigError(f"{what}: ZeRO stage 0 with --ep_size {cfg.ep_size} clips gradients wrongly in DeepSpeed; "
+                          "use stage 1 or 2")
+    if world_size % cfg.ep_size:
+        raise ConfigError(f"--ep_size {cfg.ep_size} must divide the world size {world_size}")
+    precision = _precision(ds, cfg.precision, accelerator, what)
+
+    micro = cfg.micro_batch_size or _int_or_none(ds.get("train_micro_batch_size_per_gpu")) or DEFAULT_MICRO_BATCH
+    accum = cfg.grad_accum or _int_or_none(ds.get("gradient_accumulation_steps")) or 1
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = accum
+    ds["train_batch_size"] = micro * accum * world_size
+
+    opt = ds.get("optimizer")
+    if not opt or "type" not in opt:
+        raise ConfigError(f"{what} has no optimizer block; the student needs one (see ds_configs/zero2_moe.json)")
+    params = opt.setdefault("params", {})
+    if cfg.lr is not None:
+        params["lr"] = cfg.lr
+    if cfg.weight_decay is not None:
+        params["weight_decay"] = cfg.weight_decay
+    if accelerator == "cpu" and opt["type"].lower() in ("adam", "adamw"):
+        params.setdefault("torch_adam", True)  # FusedAdam is a GPU kernel; on CPU it only JIT-compiles
+    if cfg.gradient_clipping is not None:
+        ds["gradient_clipping"] = cfg.gradient_clipping
+    ds.setdefault("gradient_clipping", PAPER_GRAD_CLIP)  # DeepSpeed's silent default would be 1.0
+
+    ds["_minimoe_precision"] = precision
+    fill_schedule(copy.deepcopy(ds), cfg, 1)  # validate now: a leftover "auto" fails before any work
+    return ds
+
+
+def fill_schedule(ds: dict, cfg: DistillConfig, total_steps: int) -> dict:
+    """Fill the scheduler's ``"auto"`` step counts and peak lr from the run, then reject other autos."""
+    sched = ds.get("scheduler")
+    if sched is not None:
+        sp = sched.setdefault("params", {})
+        _fill_auto(sp, "total_num_steps", total_steps)
+        _fill_auto(sp, "warmup_num_steps", max(1, math.ceil(cfg.warmup_ratio * total_steps)))
+        _fill_auto(sp, "warmup_max_lr", ds["optimizer"]["params"].get("lr"))
+        if cfg.lr is not None and "warmup_max_lr" in sp:
+            sp["warmup_max_lr"] = cfg.lr
+    _reject_auto(ds, f"--ds_config {cfg.ds_config}")
+    return ds
+
+
+def teacher_ds_config(cfg: DistillConfig, world_size: int, micro_batch: int, accelerator: str) -> dict:
+    """Load and validate the teacher's inference config: no optimizer, batch sizes from the student."""
+    ds = copy.deepcopy(load_json(cfg.teacher_ds_config, "--teacher_ds_config"))
+    what = f"--teacher_ds_config {cfg.teacher_ds_config}"
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ConfigError(f"{what}: the teacher is frozen; remove its optimizer/scheduler blocks")
+    precision = _precision(ds, cfg.precision, accelerator, what)
+    ds["train_micro_batch_size_per_gpu"] = micro_batch
+    ds["gradient_accumulation_steps"] = 1
+    ds["train_batch_size"] = micro_batch * world_size
+    _reject_auto(ds, what)
+    ds["_minimoe_precision"] = precision
+    return ds
+
+
+def _int_or_none(v):
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _fill_auto(d: dict, key: str, value) -> None:
+    if d.get(key, "auto") == "auto":
+        d[key] = value
+
+
+def _reject_auto(d, what: str, path: str = "") -> None:
+    if isinstance(d, dict):
+        for k, v in d.items():
+            _reject_auto(v, what, f"{path}.{k}" if path else k)
+    elif d == "auto":
+        raise ConfigError(f"{what}: {path} is 'auto' but minimoe does not derive it; give a value")
+
+
+def pop_precision(ds: dict) -> str:
+    return ds.pop("_minimoe_precision")
+
+
+def optimizer_groups(model: torch.nn.Module) -> list[dict]:
+    """AdamW groups: no weight decay on biases and LayerNorm; experts split into their own groups."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"name": "decay", "params": decay}, {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    return split_params_into_different_moe_groups_for_optimizer(groups)
+
+
+def build_student_engine(model: torch.nn.Module, ds_config: dict):
+    import deepspeed
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model), config=ds_config)
+    return engine
