@@ -1,0 +1,75 @@
+"""Test fixtures built from the real offline assets: tiny teachers with the real BERT tokenizer, a
+slice of the packaged Wikipedia sample, and a spawner for real multi-process DeepSpeed runs."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+from minimoe.config import PACKAGED_CORPUS, PACKAGED_TEACHER
+from minimoe.data import assets
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def tiny_teacher(path: str, kind: str = "bert", hidden: int = 64, layers: int = 3, seed: int = 0) -> str:
+    """A randomly initialised BERT or MPNet encoder saved with the packaged bert-base-uncased tokenizer."""
+    from transformers import BertConfig, BertModel, MPNetConfig, MPNetModel
+    torch.manual_seed(seed)
+    common = dict(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  intermediate_size=2 * hidden, max_position_embeddings=160, pad_token_id=0)
+    model = BertModel(BertConfig(**common)) if kind == "bert" else MPNetModel(MPNetConfig(**common))
+    model.save_pretrained(path)
+    src = assets.resolve_model(PACKAGED_TEACHER)
+    for f in TOKENIZER_FILES:
+        shutil.copy(os.path.join(src, f), path)
+    return path
+
+
+def wiki_slice(path: str, docs: int = 12) -> str:
+    """The first ``docs`` articles of the packaged Wikipedia sample as a JSONL file."""
+    with open(assets.resolve_corpus(PACKAGED_CORPUS)) as src, open(path, "w") as dst:
+        for _, line in zip(range(docs), src):
+            dst.write(line)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(rank, world, port, fn, args, errors):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    try:
+        fn(rank, *args)
+    except BaseException:
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+
+
+def spawn(fn, world: int, *args) -> None:
+    """Run ``fn(rank, *args)`` in ``world`` real processes joined in one gloo process group."""
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    try:
+        mp.start_processes(_child, args=(world, free_port(), fn, args, errors), nprocs=world, start_method="spawn")
+    except Exception as e:
+        msgs = []
+        while not errors.empty():
+            msgs.append(errors.get())
+        raise AssertionError("\n".join(msgs) or str(e)) from None
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
