@@ -7,8 +7,8 @@ Layout of ``output_dir/checkpoints``::
         layer_{l}_expert_{e}_mp_rank_00_model_states.pt   one file per global expert
         zero_pp_rank_{r}_mp_rank_00_optim_states.pt       optimizer shards
         rng_rank_{r}.pt                  each rank's RNG streams (gate noise, dropout)
-    latest                               written last by DeepSpeed: a crash mid-save leaves the
-                                         previous checkpoint as the one to resume from
+    latest                               written (atomically) once every rank's files are on disk:
+                                         a crash mid-save leaves the previous checkpoint as the one to resume
 
 Export reads the files, not a live engine: DeepSpeed's zero_to_fp32 does not know expert files, and
 reading them lets any checkpoint become an ep_size-1 student folder in one plain process.
@@ -51,8 +51,15 @@ def save(engine, root: str, step: int, client_state: dict, rank: int, keep: int)
     tag = tag_for(step)
     os.makedirs(os.path.join(root, tag), exist_ok=True)
     torch.save(rng_state(), os.path.join(root, tag, f"rng_rank_{rank}.pt"))
-    engine.save_checkpoint(root, tag=tag, client_state=client_state)  # writes `latest` after all ranks
+    # DeepSpeed's rank 0 writes `latest` as soon as *its* files are done; a kill at that moment would
+    # point `latest` at a tag missing other ranks' shards. So: save, wait for every rank, then commit.
+    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+    dist.barrier()
     if rank == 0:
+        tmp = os.path.join(root, "latest.tmp")
+        with open(tmp, "w") as fh:
+            fh.write(tag)
+        os.replace(tmp, os.path.join(root, "latest"))
         for old in list_tags(root)[:-keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     dist.barrier()

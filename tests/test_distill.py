@@ -1,0 +1,136 @@
+"""The main job for real: the launchers, 2 ranks with ep_size 2, kill and resume, export."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import REPO, free_port, read_jsonl, spawn, tiny_teacher, wiki_slice
+
+BIN = os.path.dirname(sys.executable)
+STEPS = 24
+
+
+def flags(tmp, out, **extra):
+    f = {"teacher": tmp / "teacher", "data": tmp / "wiki.jsonl", "cache_dir": tmp / "cache", "output_dir": out,
+         "num_layers": 2, "hidden_size": 64, "num_heads": 4, "ffn_size": 128, "num_experts": 4,
+         "relation_heads": 8, "micro_batch_size": 4, "max_seq_length": 64, "max_steps": STEPS,
+         "log_every": 1, "save_every": 4, "keep_checkpoints": 50, "wandb": "disabled", "ep_size": 2}
+    f.update(extra)
+    return [f"--{k}={v}" for k, v in f.items()]
+
+
+def env():
+    e = dict(os.environ, DS_ACCELERATOR="cpu", PATH=f"{BIN}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
+    e.pop("RANK", None)
+    return e
+
+
+def deepspeed_cmd(args):
+    return [f"{BIN}/deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
+            f"{REPO}/launchers/distill.py", *args]
+
+
+def torchrun_cmd(args):
+    return [f"{BIN}/torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            f"{REPO}/launchers/distill.py", *args]
+
+
+def run_ok(cmd):
+    p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distill")
+    tiny_teacher(str(tmp / "teacher"), "bert", hidden=64, layers=3)
+    wiki_slice(str(tmp / "wiki.jsonl"), docs=10)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def straight_run(assets):
+    """Uninterrupted reference run under the deepspeed launcher: 2 ranks, 4 experts split 2 + 2."""
+    out = assets / "straight"
+    run_ok(deepspeed_cmd(flags(assets, out)))
+    return out
+
+
+@pytest.mark.slow
+def test_two_rank_run_learns_checkpoints_experts_and_exports(straight_run):
+    out = straight_run
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
+    first, last = metrics[0]["relation"], metrics[-1]["relation"]
+    assert last < 0.9 * first, (first, last)
+    assert set(metrics[-1]["experts"]) == {"layer0", "layer1"}
+    tag = out / "checkpoints" / f"step_{STEPS:08d}"
+    experts = sorted(p.name for p in tag.glob("layer_*_expert_*"))
+    assert len(experts) == 2 * 4  # every global expert saved once
+    assert (out / "checkpoints" / "latest").read_text() == tag.name
+    state = load_file(out / "student" / "model.safetensors")
+    assert sum("deepspeed_experts" in k for k in state) == 2 * 4 * 4
+    assert (out / "student" / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_exactly(assets, straight_run):
+    out = assets / "killed"
+    latest = out / "checkpoints" / "latest"
+    proc = subprocess.Popen(deepspeed_cmd(flags(assets, out)), env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not latest.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole launcher tree, mid-run
+    proc.wait()
+    killed_at = latest.read_text()
+    assert killed_at != f"step_{STEPS:08d}", "the run finished before it could be killed"
+    # Resume under another launcher: the position lives in the checkpoint, not in the process.
+    run_ok(torchrun_cmd(flags(assets, out, resume=True)))
+    want = load_file(straight_run / "student" / "model.safetensors")
+    got = load_file(out / "student" / "model.safetensors")
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-6, msg=k)
+    resumed = {m["step"]: m["relation"] for m in read_jsonl(out / "metrics.jsonl")}
+    for m in read_jsonl(straight_run / "metrics.jsonl"):
+        assert resumed[m["step"]] == pytest.approx(m["relation"], rel=1e-5, abs=1e-7)
+
+
+def _engine_vs_export_worker(rank, run_dir):
+    import json
+    from minimoe import MiniMoEModel, StudentConfig
+    from minimoe.distributed import init_distributed
+    from minimoe.engine import build_student_engine
+    init_distributed()
+    cfg = StudentConfig(**json.load(open(run_dir / "run_config.json"))["student"])
+    model = MiniMoEModel(cfg, ep_size=2, ep_rank=rank)
+    assert len(model.layers[0].ffn.local_experts) == 2  # each rank holds only its own experts
+    ds = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 4, "zero_optimization": {"stage": 2},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}}
+    engine = build_student_engine(model, ds)
+    engine.load_checkpoint(str(run_dir / "checkpoints"), tag=f"step_{STEPS:08d}", load_module_only=True)
+    engine.eval()
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(1000, 5000, (2, 16), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    with torch.no_grad():
+        want = engine(ids, mask).last_hidden_state
+    if rank == 0:
+        exported = MiniMoEModel.from_pretrained(str(run_dir / "student")).eval()  # one plain process, ep 1
+        with torch.no_grad():
+            got = exported(ids, mask).last_hidden_state
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_exported_student_matches_the_ep2_engine(straight_run):
+    spawn(_engine_vs_export_worker, 2, straight_run)

@@ -1,0 +1,137 @@
+"""Bad input stops before training with one line naming the value, exit code 2, and no output."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO, tiny_teacher, wiki_slice
+from minimoe.config import ConfigError, DistillConfig, from_flags
+from minimoe.data.corpus import build_or_load
+from minimoe.distill import plan
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return tiny_teacher(str(tmp_path_factory.mktemp("t") / "teacher"), hidden=64, layers=2)
+
+
+def cfg(teacher, tmp_path, **kw):
+    base = {"teacher": teacher, "data": wiki_slice(str(tmp_path / "w.jsonl"), 2), "output_dir": str(tmp_path / "out"),
+            "cache_dir": str(tmp_path / "cache"), "hidden_size": 64, "num_heads": 4, "relation_heads": 8}
+    base.update(kw)
+    return from_flags(DistillConfig, base)
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_flags_are_typed_and_known():
+    with pytest.raises(ConfigError, match="unknown flag --num_expert;"):
+        from_flags(DistillConfig, {"num_expert": 4})
+    with pytest.raises(ConfigError, match="--max_steps 'ten' is invalid: expected int"):
+        from_flags(DistillConfig, {"max_steps": "ten"})
+    c = from_flags(DistillConfig, {"num_experts": 8, "ep_size": 2, "lr": 1, "data": ("a.txt", "b.txt")})
+    assert c.student.num_experts == 8 and c.lr == 1.0 and c.data == "a.txt,b.txt"
+
+
+@pytest.mark.parametrize("flags,message", [
+    ({"ep_size": 3}, "--ep_size 3 must divide --num_experts 4"),
+    ({"relation_heads": 7}, "--relation_heads 7 must divide the student hidden size 64"),
+    ({"precision": "fp8"}, "--precision 'fp8' is invalid: allowed auto, fp32, bf16, fp16"),
+    ({"max_steps": 0}, "--max_steps 0 is invalid"),
+    ({"num_heads": 5}, "--num_heads 5 must divide --hidden_size 64"),
+])
+def test_bad_values(teacher, tmp_path, flags, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        cfg(teacher, tmp_path, **flags)
+
+
+def test_plan_errors(teacher, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="--teacher '/nope' is not a loadable Hugging Face model"):
+        plan(cfg("/nope", tmp_path))
+    with pytest.raises(ConfigError, match="--data '/nope.txt' does not exist"):
+        plan(cfg(teacher, tmp_path, data="/nope.txt"))
+    with pytest.raises(ConfigError, match="--ds_config '/nope.json' does not exist"):
+        plan(cfg(teacher, tmp_path, ds_config="/nope.json"))
+    bad = write(tmp_path / "bad.json", '{"zero_optimization": {"stage": 2},}')
+    with pytest.raises(ConfigError, match="bad.json' is not valid JSON: .* line 1 column"):
+        plan(cfg(teacher, tmp_path, ds_config=bad))
+    z3 = json.load(open(os.path.join(REPO, "ds_configs/zero2_moe.json")))
+    z3["zero_optimization"] = {"stage": 3}
+    z3p = write(tmp_path / "z3.json", json.dumps(z3))
+    with pytest.raises(ConfigError, match="ZeRO stage 3 is not supported for a MoE student"):
+        plan(cfg(teacher, tmp_path, ds_config=z3p))
+    z0 = dict(z3, zero_optimization={"stage": 0})
+    with pytest.raises(ConfigError, match="ZeRO stage 0 with --ep_size 2"):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        plan(cfg(teacher, tmp_path, ds_config=write(tmp_path / "z0.json", json.dumps(z0)), ep_size=2))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="--ep_size 2 must divide the world size 3"):
+        plan(cfg(teacher, tmp_path, ep_size=2))
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ConfigError, match="--relation_heads 32 must divide the teacher hidden size 48"):
+        plan(cfg(tiny_teacher(str(tmp_path / "t48"), hidden=48, layers=2), tmp_path, relation_heads=32,
+                 hidden_size=128))
+    with pytest.raises(ConfigError, match="--teacher_layer 5 is out of range for a 2-layer teacher"):
+        plan(cfg(teacher, tmp_path, teacher_layer=5))
+    with pytest.raises(ConfigError, match="--resume: no checkpoint to resume"):
+        plan(cfg(teacher, tmp_path, resume=True))
+
+
+def test_tokenizer_that_does_not_fit_the_teacher(tmp_path):
+    from transformers import BertConfig, BertModel
+    from helpers import TOKENIZER_FILES
+    import shutil
+    from minimoe.data.assets import resolve_model
+    path = tmp_path / "small_vocab"
+    BertModel(BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(path)
+    for f in TOKENIZER_FILES:
+        shutil.copy(os.path.join(resolve_model("packaged:all-MiniLM-L6-v2"), f), path)
+    with pytest.raises(ConfigError, match="has 30522 tokens but the teacher's embedding table has 1000"):
+        plan(cfg(str(path), tmp_path))
+
+
+def test_empty_corpus(teacher, tmp_path):
+    from transformers import AutoTokenizer
+    empty = write(tmp_path / "empty.txt", "\n\n  \n")
+    with pytest.raises(ConfigError, match="gave no training pairs"):
+        build_or_load(empty, "text", AutoTokenizer.from_pretrained(teacher), 64, 0.1, 1, str(tmp_path / "c"))
+    wrong = write(tmp_path / "w.jsonl", '{"body": "x"}\n')
+    with pytest.raises(ConfigError, match="no column 'text'"):
+        build_or_load(wrong, "text", AutoTokenizer.from_pretrained(teacher), 64, 0.1, 1, str(tmp_path / "c"))
+
+
+def launch(args):
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    return subprocess.run([sys.executable, os.path.join(REPO, "launchers/distill.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def stderr_lines(p):
+    return [l for l in p.stderr.splitlines() if l.strip() and "[WARNING]" not in l and "Warning" not in l]
+
+
+@pytest.mark.slow
+def test_launcher_errors_are_one_line_with_exit_2_and_no_output(teacher, tmp_path):
+    out = tmp_path / "out"
+    p = launch([f"--teacher={teacher}", "--ep_size=3", f"--output_dir={out}"])
+    assert p.returncode == 2
+    assert stderr_lines(p) == ["error: --ep_size 3 must divide --num_experts 4"]
+    assert not out.exists()
+    # Found only after the process group started (rank 0 tokenises): still one line, exit 2, no output.
+    empty = write(tmp_path / "empty.txt", "\n")
+    p = launch([f"--teacher={teacher}", f"--data={empty}", f"--output_dir={out}", f"--cache_dir={tmp_path / 'c'}",
+                "--hidden_size=64", "--num_heads=4", "--relation_heads=8"])
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert [l for l in stderr_lines(p) if l.startswith("error:")] == [
+        f"error: --data {empty!r} gave no training pairs (empty corpus, or documents of < 2 tokens)"]
+    assert not out.exists()
+    p = launch(["--help"])
+    assert p.returncode == 0 and "--ep_size" in p.stdout and "--teacher_ds_config" in p.stdout
