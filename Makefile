@@ -27,7 +27,8 @@ $(VENV)/.installed: requirements.txt requirements-assets.txt requirements-dev.tx
 # The main job on the embedded default: packaged MiniLM-L6 teacher, packaged Wikipedia sample,
 # a 4-expert student, expert-parallel over $(NPROC) processes.
 demo: venv
-	$(BIN)/deepspeed --num_gpus $(NPROC) launchers/distill.py --ep_size $(NPROC) --output_dir runs/demo
+	rm -rf runs/demo
+	$(BIN)/deepspeed --num_gpus $(NPROC) launchers/distill.py --ep_size $(NPROC) --micro_batch_size $$((32 / $(NPROC))) --output_dir runs/demo
 
 test: venv
 	$(BIN)/python -m pytest tests

@@ -133,7 +133,7 @@ class DistillConfig:
     relation_heads: int = field(default=32, metadata=_help(
         "Relation heads R for Q-Q/K-K/V-V relations (must divide both hidden sizes)."))
     load_balance_weight: float = field(default=0.01, metadata=_help("Weight of the load-balance loss."))
-    max_steps: int = field(default=120, metadata=_help(
+    max_steps: int = field(default=60, metadata=_help(
         "Optimizer steps to run; -1 means num_epochs full passes."))
     num_epochs: float = field(default=1.0, metadata=_help("Passes over the corpus when max_steps is -1."))
     micro_batch_size: Optional[int] = field(default=None, metadata=_help(
@@ -154,7 +154,7 @@ class DistillConfig:
         "DeepSpeed config of the frozen teacher (ZeRO-3 inference, no optimizer)."))
     resume: Union[bool, str] = field(default=False, metadata=_help(
         "Resume: True for the latest checkpoint in output_dir, or a checkpoint folder."))
-    save_every: int = field(default=50, metadata=_help("Save a checkpoint every N optimizer steps (0: only at the end)."))
+    save_every: int = field(default=20, metadata=_help("Save a checkpoint every N optimizer steps (0: only at the end)."))
     keep_checkpoints: int = field(default=2, metadata=_help("Checkpoints kept on disk (older ones are deleted)."))
     log_every: int = field(default=10, metadata=_help("Log metrics every N optimizer steps."))
     wandb: str = field(default="offline", metadata=_help("wandb mode: offline, online or disabled."))

@@ -3,6 +3,11 @@
 MiniLMv2 self-attention relation distillation: for X in {Q, K, V}, split the hidden states into R
 relation heads and form per head the relation ``softmax(X X^T / sqrt(d_r))``; the loss is
 KL(teacher || student) averaged over (query token, relation head) rows and over Q, K, V.
+
+The [B, R, L, L] relation tensors, not the matmuls, dominate this loss's cost, so every pass over
+them counts: scaling and the padding mask are fused into one ``baddbmm``, and the student's side of
+the KL is a soft-target cross-entropy (one fused log-softmax forward, ``softmax - target`` backward).
+KL(t || s) = CE(t, s) - H(t), and the teacher entropy H(t) needs no gradient.
 """
 from __future__ import annotations
 
@@ -13,18 +18,18 @@ import torch
 import torch.nn.functional as F
 
 
-def relation_log_probs(x: torch.Tensor, num_heads: int, key_mask: torch.Tensor) -> torch.Tensor:
-    """``log softmax(X X^T / sqrt(d))`` per relation head: [B, L, H] -> [B, R, L, L], in fp32.
+def relation_scores(x: torch.Tensor, num_heads: int, key_bias: torch.Tensor) -> torch.Tensor:
+    """``X X^T / sqrt(d) + key_bias`` per relation head: [B, L, H] -> [B * R, L, L] in fp32.
 
-    Padded keys (``key_mask == 0``) get probability 0; rows of padded queries are left to the caller.
+    ``key_bias`` is [B, 1, L]: 0 for real keys, a large negative number for padded ones.
     """
     b, l, h = x.shape
     if h % num_heads:
         raise ValueError(f"relation heads {num_heads} must divide hidden size {h}")
-    xs = x.float().view(b, l, num_heads, h // num_heads).transpose(1, 2)
-    scores = xs @ xs.transpose(-1, -2) / math.sqrt(h // num_heads)
-    scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], torch.finfo(scores.dtype).min)
-    return F.log_softmax(scores, dim=-1)
+    d = h // num_heads
+    xs = x.float().view(b, l, num_heads, d).transpose(1, 2).reshape(b * num_heads, l, d)
+    bias = key_bias.unsqueeze(1).expand(b, num_heads, 1, l).reshape(b * num_heads, 1, l)
+    return torch.baddbmm(bias, xs, xs.transpose(1, 2), alpha=1.0 / math.sqrt(d))
 
 
 def relation_kl(teacher_qkv: Sequence[torch.Tensor], student_qkv: Sequence[torch.Tensor],
@@ -32,15 +37,20 @@ def relation_kl(teacher_qkv: Sequence[torch.Tensor], student_qkv: Sequence[torch
     """Mean over Q-Q, K-K, V-V of KL(teacher || student) per (query token, relation head) row.
 
     The teacher and student hidden sizes may differ; both are split into ``num_heads`` relations, so
-    their [L, L] relation maps compare one to one. Rows of padded query positions are dropped.
+    their [L, L] relation maps compare one to one. Padded keys get probability 0; rows of padded
+    query positions are dropped.
     """
     valid = attention_mask.bool()
-    rows = valid.sum() * num_heads
+    b, l = valid.shape
+    key_bias = torch.zeros(b, 1, l, device=valid.device).masked_fill(~valid[:, None, :], torch.finfo(torch.float32).min)
+    row_weight = (valid[:, None, :].expand(b, num_heads, l).reshape(-1).float()) / (valid.sum() * num_heads)
     losses = []
     for t, s in zip(teacher_qkv, student_qkv, strict=True):
-        t_logp = relation_log_probs(t.detach(), num_heads, valid)
-        s_logp = relation_log_probs(s, num_heads, valid)
-        # KL over keys; padded keys have teacher probability 0 and contribute nothing.
-        kl = (t_logp.exp() * (t_logp - s_logp)).masked_fill(~valid[:, None, None, :], 0.0).sum(-1)  # [B, R, L]
-        losses.append(kl.masked_fill(~valid[:, None, :], 0.0).sum() / rows)
+        with torch.no_grad():
+            t_logp = F.log_softmax(relation_scores(t, num_heads, key_bias), dim=-1)
+            t_p = t_logp.exp()
+            neg_entropy = (t_p * t_logp).sum(-1).view(-1)
+        s_scores = relation_scores(s, num_heads, key_bias)
+        ce = F.cross_entropy(s_scores.view(-1, l), t_p.view(-1, l), reduction="none")
+        losses.append(((ce + neg_entropy) * row_weight).sum())
     return torch.stack(losses).mean()
