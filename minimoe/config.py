@@ -121,7 +121,8 @@ class DistillConfig:
         "Raw text: a datasets hub name, or local .txt/.json/.jsonl/.parquet files (comma-separated or a glob)."))
     text_column: str = field(default="text", metadata=_help("Column holding the text in json/parquet/hub data."))
     streaming: bool = field(default=False, metadata=_help(
-        "Stream the corpus (tokenise on the fly) instead of tokenising it once into the cache."))
+        "Stream the corpus, tokenising on the fly, instead of tokenising it once into the cache (for "
+        "corpora larger than memory; needs --max_steps)."))
     max_seq_length: int = field(default=128, metadata=_help("Maximum tokens per segment pair."))
     short_seq_prob: float = field(default=0.1, metadata=_help("Probability of a shorter target length (BERT)."))
     cache_dir: str = field(default="", metadata=_help(
@@ -174,6 +175,8 @@ class DistillConfig:
                               f"{self.student.max_position_embeddings} positions")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"--max_steps {self.max_steps} is invalid: must be > 0, or -1 for num_epochs")
+        if self.streaming and self.max_steps == -1:
+            raise ConfigError("--streaming needs --max_steps > 0 (a stream's length is unknown up front)")
         if self.max_steps == -1 and self.num_epochs <= 0:
             raise ConfigError(f"--num_epochs {self.num_epochs} must be > 0 when --max_steps is -1")
         if self.ep_size < 1 or self.student.num_experts % self.ep_size:

@@ -21,6 +21,7 @@ import torch
 from . import checkpoint
 from .config import ConfigError, DistillConfig, StudentConfig
 from .data import assets, corpus as corpus_lib
+from .data.batches import GlobalBatches, StreamingBatches
 from .distributed import DistInfo, accelerator_name, device, env_world_size, init_distributed
 from .engine import (build_student_engine, dtype_of, fill_schedule, pop_precision, student_ds_config,
                      teacher_ds_config)
@@ -97,6 +98,32 @@ def _load_corpus(cfg: DistillConfig, p: Plan, dist_info: DistInfo):
     return corpus_lib.build_or_load(*args)
 
 
+def _streaming_batches(cfg: DistillConfig, p: Plan, rank: int, micro: int, accum: int) -> StreamingBatches:
+    template = corpus_lib.PairTemplate.from_tokenizer(p.tokenizer)
+
+    def make_examples(epoch: int, rank: int, world: int):
+        docs = (d for i, d in enumerate(corpus_lib.iter_documents(p.data, cfg.text_column, streaming=True))
+                if i % world == rank)
+        return corpus_lib.iter_examples(docs, p.tokenizer, template, cfg.max_seq_length, cfg.short_seq_prob,
+                                        cfg.seed + 7919 * epoch + rank)
+
+    return StreamingBatches(make_examples, micro, accum, p.world_size, rank, cfg.seed, p.tokenizer.pad_token_id)
+
+
+def _first_step(batches, step: int) -> list:
+    """The first step's micro-batches, read on every rank; a failure on any rank stops all of them."""
+    import torch.distributed as dist
+    try:
+        first, error = batches.micro_batches(step), None
+    except ConfigError as e:
+        first, error = None, str(e)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    if any(errors):
+        raise ConfigError(next(e for e in errors if e))
+    return first
+
+
 def run(cfg: DistillConfig) -> dict:
     p = plan(cfg)
     dist_info = init_distributed()
@@ -104,15 +131,19 @@ def run(cfg: DistillConfig) -> dict:
     _seed_all(cfg.seed)
     dev = device()
 
-    corpus = _load_corpus(cfg, p, dist_info)
     s_ds = student_ds_config(cfg, p.world_size, p.accelerator)
     micro, accum = s_ds["train_micro_batch_size_per_gpu"], s_ds["gradient_accumulation_steps"]
-    batches = corpus_lib.GlobalBatches(corpus, micro, accum, p.world_size, dist_info.rank, cfg.seed,
-                                       p.tokenizer.pad_token_id)
-    if batches.steps_per_epoch == 0:
-        raise ConfigError(f"--data has {len(corpus)} training pairs, fewer than one global batch of "
-                          f"{batches.global_batch}; lower --micro_batch_size or add text")
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * batches.steps_per_epoch)
+    if cfg.streaming:
+        batches, corpus_size = _streaming_batches(cfg, p, dist_info.rank, micro, accum), None
+        total_steps = cfg.max_steps
+    else:
+        corpus = _load_corpus(cfg, p, dist_info)
+        corpus_size = len(corpus)
+        batches = GlobalBatches(corpus, micro, accum, p.world_size, dist_info.rank, cfg.seed, p.tokenizer.pad_token_id)
+        if batches.steps_per_epoch == 0:
+            raise ConfigError(f"--data has {len(corpus)} training pairs, fewer than one global batch of "
+                              f"{batches.global_batch}; lower --micro_batch_size or add text")
+        total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * batches.steps_per_epoch)
 
     t_ds = teacher_ds_config(cfg, p.world_size, micro, p.accelerator)
     teacher = Teacher(p.teacher, t_ds, cfg.teacher_layer, dtype_of(pop_precision(t_ds)))
@@ -134,7 +165,7 @@ def run(cfg: DistillConfig) -> dict:
         torch.manual_seed(cfg.seed + dist_info.rank)  # per-rank dropout / gate-noise streams
 
     run_config = {**cfg.to_dict(), "student": p.student.to_dict(), "world_size": p.world_size,
-                  "global_batch": batches.global_batch, "total_steps": total_steps, "corpus_pairs": len(corpus)}
+                  "global_batch": batches.global_batch, "total_steps": total_steps, "corpus_pairs": corpus_size}
     if dist_info.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "run_config.json"), "w") as fh:
@@ -151,9 +182,10 @@ def run(cfg: DistillConfig) -> dict:
     history = []
     wall0 = time.perf_counter()
     step = start_step
+    first = _first_step(batches, start_step) if start_step < total_steps else None
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
-        for batch in batches.micro_batches(step):
+        for batch in (first if step == start_step else batches.micro_batches(step)):
             batch = {k: v.to(dev) for k, v in batch.items()}
             t1 = time.perf_counter()
             t_qkv = teacher.qkv(batch)

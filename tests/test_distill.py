@@ -1,4 +1,5 @@
 """The main job for real: the launchers, 2 ranks with ep_size 2, kill and resume, export."""
+import json
 import os
 import signal
 import subprocess
@@ -16,12 +17,16 @@ STEPS = 24
 
 
 def flags(tmp, out, **extra):
+    return [f"--{k}={v}" for k, v in flag_dict(tmp, out, **extra).items()]
+
+
+def flag_dict(tmp, out, **extra):
     f = {"teacher": tmp / "teacher", "data": tmp / "wiki.jsonl", "cache_dir": tmp / "cache", "output_dir": out,
          "num_layers": 2, "hidden_size": 64, "num_heads": 4, "ffn_size": 128, "num_experts": 4,
          "relation_heads": 8, "micro_batch_size": 4, "max_seq_length": 64, "max_steps": STEPS,
          "log_every": 1, "save_every": 4, "keep_checkpoints": 50, "wandb": "disabled", "ep_size": 2}
     f.update(extra)
-    return [f"--{k}={v}" for k, v in f.items()]
+    return {k: str(v) if hasattr(v, "parent") else v for k, v in f.items()}
 
 
 def env():
@@ -134,3 +139,19 @@ def _engine_vs_export_worker(rank, run_dir):
 @pytest.mark.slow
 def test_exported_student_matches_the_ep2_engine(straight_run):
     spawn(_engine_vs_export_worker, 2, straight_run)
+
+
+def _run_worker(rank, flags):
+    from minimoe.config import DistillConfig, from_flags
+    from minimoe.distill import run
+    run(from_flags(DistillConfig, flags))
+
+
+@pytest.mark.slow
+def test_streaming_run_over_two_ranks(assets):
+    out = assets / "stream"
+    spawn(_run_worker, 2, flag_dict(assets, out, streaming=True, max_steps=6, save_every=0))
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    assert (out / "student" / "model.safetensors").is_file()
+    assert json.load(open(out / "run_config.json"))["corpus_pairs"] is None  # nothing was cached

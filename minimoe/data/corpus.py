@@ -3,8 +3,7 @@
 Sources: a ``datasets`` hub name (``name`` or ``name:config``), or local ``.txt`` (documents separated
 by blank lines), ``.json``/``.jsonl`` (one record per document, ``text_column``) and ``.parquet``
 files, comma-separated or as a glob. Rank 0 tokenises into a cache keyed by everything that changes
-the result; the other ranks load it. Batches are cut from one global order per epoch, so the data
-position of a run is a single number (samples seen) that survives a resume on another world size.
+the result; the other ranks load it. ``batches.py`` turns the result into per-rank micro-batches.
 """
 from __future__ import annotations
 
@@ -306,62 +305,3 @@ def build_or_load(data: str, text_column: str, tokenizer, max_seq_length: int, s
     torch.save({"ids": corpus.ids, "types": corpus.types, "offsets": corpus.offsets}, tmp)
     os.replace(tmp, path)
     return corpus
-
-
-# ---------------------------------------------------------------------- batches
-
-
-@dataclass
-class GlobalBatches:
-    """One global order per epoch; global batch ``g`` of an epoch is split over ranks and micro-steps.
-
-    A rank's micro-batch ``m`` of global step ``s`` holds the samples
-    ``perm[s*G + (m*W + r)*B : ... + B]`` with G = B*A*W. The data position of a run is just the
-    global step, and with the same global batch it means the same samples on any world size.
-    """
-
-    corpus: TokenizedCorpus
-    micro_batch: int
-    grad_accum: int
-    world_size: int
-    rank: int
-    seed: int
-    pad_id: int
-    pad_to: Optional[int] = None   # pad every batch to this length (else to the batch's longest)
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro_batch * self.grad_accum * self.world_size
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.corpus) // self.global_batch
-
-    def micro_batches(self, step: int) -> list[dict]:
-        """The ``grad_accum`` micro-batches this rank feeds at global optimizer step ``step``."""
-        epoch, s = divmod(step, self.steps_per_epoch)
-        perm = self._permutation(epoch)
-        base = s * self.global_batch
-        out = []
-        for m in range(self.grad_accum):
-            start = base + (m * self.world_size + self.rank) * self.micro_batch
-            out.append(self.collate(perm[start:start + self.micro_batch].tolist()))
-        return out
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if getattr(self, "_perm_epoch", None) != epoch:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            self._perm, self._perm_epoch = torch.randperm(len(self.corpus), generator=g), epoch
-        return self._perm
-
-    def collate(self, indices: list[int]) -> dict:
-        examples = [self.corpus.example(i) for i in indices]
-        length = self.pad_to or max(len(ids) for ids, _ in examples)
-        input_ids = torch.full((len(examples), length), self.pad_id, dtype=torch.long)
-        token_type_ids = torch.zeros((len(examples), length), dtype=torch.long)
-        attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
-        for row, (ids, types) in enumerate(examples):
-            input_ids[row, :len(ids)] = ids
-            token_type_ids[row, :len(ids)] = types
-            attention_mask[row, :len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}

@@ -1,0 +1,104 @@
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from minimoe.config import PACKAGED_TEACHER, ConfigError
+from minimoe.data import assets
+from minimoe.data.batches import GlobalBatches, StreamingBatches
+from minimoe.data.corpus import (PairTemplate, TokenizedCorpus, build_or_load, document_pairs, iter_documents,
+                                 split_sentences)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(assets.resolve_model(PACKAGED_TEACHER))
+
+
+def test_readers(tmp_path):
+    (tmp_path / "a.txt").write_text("Doc one line one.\nDoc one line two.\n\n\nDoc two.\n")
+    (tmp_path / "b.jsonl").write_text('{"text": "J1"}\n\n{"text": "J2"}\n')
+    (tmp_path / "c.json").write_text(json.dumps([{"body": "A1"}, {"body": "A2"}]))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": ["P1", "P2"]}), tmp_path / "d.parquet")
+    assert list(iter_documents(str(tmp_path / "a.txt"))) == ["Doc one line one.\nDoc one line two.", "Doc two."]
+    assert list(iter_documents(f"{tmp_path}/b.jsonl,{tmp_path}/d.parquet")) == ["J1", "J2", "P1", "P2"]
+    assert list(iter_documents(str(tmp_path / "c.json"), "body")) == ["A1", "A2"]
+    assert len(list(iter_documents(str(tmp_path / "*.txt")))) == 2
+    with pytest.raises(ConfigError, match="no column 'text'"):
+        list(iter_documents(str(tmp_path / "c.json")))
+    with pytest.raises(ConfigError, match="does not exist"):
+        list(iter_documents(str(tmp_path / "missing.txt")))
+    (tmp_path / "e.csv").write_text("x")
+    with pytest.raises(ConfigError, match="unsupported extension"):
+        list(iter_documents(str(tmp_path / "e.csv")))
+
+
+def test_sentences_and_pair_template(tok):
+    assert split_sentences("One here. Two there! (Three) ok.\nNew para") == ["One here.", "Two there!", "(Three) ok.", "New para"]
+    t = PairTemplate.from_tokenizer(tok)
+    ids, types = t.build([7, 8], [9])
+    assert ids == [tok.cls_token_id, 7, 8, tok.sep_token_id, 9, tok.sep_token_id]
+    assert types == [0, 0, 0, 0, 1, 1] and t.num_special == 3
+
+
+def test_segment_pairs_are_continuations_within_the_length():
+    rng = random.Random(0)
+    sents = [list(range(100 * i, 100 * i + n)) for i, n in enumerate([5, 9, 30, 2, 14, 60, 7, 7, 3, 40])]
+    pairs = list(document_pairs(sents, 50, 0.0, rng))
+    assert pairs
+    for a, b in pairs:
+        assert a and b and len(a) + len(b) <= 50
+        assert a[-1] < b[0]  # B continues A in the document's order
+
+
+def test_cache_is_built_once_and_keyed(tok, tmp_path):
+    data = tmp_path / "c.txt"
+    data.write_text("The cat sat on the mat. It was warm. The dog came by. It barked.\n\nAnother doc. With text.\n")
+    c1 = build_or_load(str(data), "text", tok, 32, 0.0, 1, str(tmp_path / "cache"))
+    files = list((tmp_path / "cache" / "tokenized").iterdir())
+    c2 = build_or_load(str(data), "text", tok, 32, 0.0, 1, str(tmp_path / "cache"))
+    assert torch.equal(c1.ids, c2.ids) and len(files) == 1
+    build_or_load(str(data), "text", tok, 64, 0.0, 1, str(tmp_path / "cache"))
+    assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 2
+
+
+def _corpus(n):
+    return TokenizedCorpus.from_examples([([i] * (1 + i % 5), [0] * (1 + i % 5)) for i in range(n)])
+
+
+def test_global_batches_split_one_order_over_ranks_and_micro_steps():
+    corpus = _corpus(40)
+
+    def samples(world, accum, step):
+        out = []
+        for r in range(world):
+            for b in GlobalBatches(corpus, 2, accum, world, r, 5, 0).micro_batches(step):
+                out += b["input_ids"][:, 0].tolist()
+        return sorted(out)
+
+    a, b = samples(1, 4, 3), samples(2, 2, 3)  # global batch 8 either way
+    assert a == b and len(set(a)) == 8
+    assert samples(4, 1, 3) == a
+    batch = GlobalBatches(corpus, 4, 1, 1, 0, 5, 0).micro_batches(0)[0]
+    assert batch["attention_mask"].sum(1).tolist() == [(int(x) % 5) + 1 for x in batch["input_ids"][:, 0]]
+
+
+def test_streaming_batches_restart_and_resume():
+    def make(epoch, rank, world):
+        return iter([([rank, i], [0, 0]) for i in range(7) if i % world == rank])
+
+    s = StreamingBatches(make, 2, 1, 1, 0, 3, 0, shuffle_buffer=4)
+    seq = [s.micro_batches(k)[0]["input_ids"][:, 1].tolist() for k in range(8)]
+    flat = [x for b in seq for x in b]
+    assert sorted(flat[:7]) == list(range(7))  # one full pass, shuffled, then the next epoch
+    resumed = StreamingBatches(make, 2, 1, 1, 0, 3, 0, shuffle_buffer=4)
+    assert [resumed.micro_batches(k)[0]["input_ids"][:, 1].tolist() for k in range(5, 8)] == seq[5:]
+    with pytest.raises(RuntimeError, match="read in order"):
+        resumed.micro_batches(3)
+    empty = StreamingBatches(lambda e, r, w: iter([]), 2, 1, 1, 0, 3, 0)
+    with pytest.raises(ConfigError, match="got no training pairs from the stream"):
+        empty.micro_batches(0)
