@@ -69,6 +69,11 @@ def plan(cfg: DistillConfig) -> Plan:
     corpus_lib.local_files(data)                   # raises on missing local files
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     resume = checkpoint.resolve(cfg.resume, ckpt_root)
+    if resume is not None:
+        saved = checkpoint.client_state(os.path.join(*resume)).get("minimoe_student") or {}
+        diff = sorted(k for k, v in student.to_dict().items() if saved.get(k) != v)
+        if diff:
+            raise ConfigError(f"--resume: the checkpoint's student differs from this run's in {diff}")
     if resume is None and checkpoint.list_tags(ckpt_root):
         raise ConfigError(f"--output_dir {cfg.output_dir!r} holds checkpoints of an earlier run; pass --resume "
                           "to continue it or choose another --output_dir")

@@ -1,6 +1,7 @@
 """One way to start the process group, whether launched by ``deepspeed``, ``torchrun`` or plain ``python``."""
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from dataclasses import dataclass
@@ -48,7 +49,23 @@ def init_distributed() -> DistInfo:
     if accel.device_name() != "cpu":
         accel.set_device(local_rank)
     import torch.distributed as dist
+    atexit.register(_unlink_shm_buffer, dist.get_rank())
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, local_world)
+
+
+SHM_PREFIX = "deepspeed_allreduce_buffer"
+
+
+def _unlink_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU shared-memory all-reduce op (0.19) maps a ~69 MB buffer per rank in /dev/shm,
+    named by user, MASTER_ADDR, MASTER_PORT and rank, and never unlinks it: every run would leave
+    RAM-backed files behind. We never use that op (it serves tensor-parallel inference), so each rank
+    removes its own buffer at exit; peers that still map it keep their mapping until they exit."""
+    name = f"/dev/shm/{SHM_PREFIX}_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank}"
+    try:
+        os.unlink(name)
+    except OSError:
+        pass
 
 
 def device():

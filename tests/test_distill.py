@@ -155,3 +155,13 @@ def test_streaming_run_over_two_ranks(assets):
     assert [m["step"] for m in metrics] == list(range(1, 7))
     assert (out / "student" / "model.safetensors").is_file()
     assert json.load(open(out / "run_config.json"))["corpus_pairs"] is None  # nothing was cached
+
+
+@pytest.mark.slow
+def test_resume_refuses_another_student_or_a_fresh_start_over_old_checkpoints(assets, straight_run):
+    from minimoe.config import ConfigError, DistillConfig, from_flags
+    from minimoe.distill import plan
+    with pytest.raises(ConfigError, match=r"student differs from this run's in \['num_experts'\]"):
+        plan(from_flags(DistillConfig, flag_dict(assets, straight_run, resume=True, num_experts=2, ep_size=1)))
+    with pytest.raises(ConfigError, match="holds checkpoints of an earlier run; pass --resume"):
+        plan(from_flags(DistillConfig, flag_dict(assets, straight_run, ep_size=1)))
