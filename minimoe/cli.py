@@ -39,7 +39,11 @@ def main(config_cls, run: Callable, prog: str, argv: list[str] | None = None) ->
     except ConfigError as e:
         if int(os.environ.get("RANK", "0")) == 0:  # every rank raises the same error; say it once
             print(f"error: {e}", file=sys.stderr)
+        from .distributed import shutdown
+        shutdown(wait=False)
         return 2
     except fire.core.FireExit as e:
         return int(e.code or 0)
+    from .distributed import shutdown
+    shutdown()
     return 0

@@ -53,6 +53,16 @@ def init_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, local_world)
 
 
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group (together, with ``wait``): a rank that exits while gloo's group is
+    alive can abort at interpreter exit instead of returning its exit code."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 SHM_PREFIX = "deepspeed_allreduce_buffer"
 
 

@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 
 from minimoe.config import PACKAGED_CORPUS, PACKAGED_TEACHER
 from minimoe.data import assets
+from minimoe.distributed import shutdown
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -52,6 +53,7 @@ def _child(rank, world, port, fn, args, errors):
     torch.set_num_threads(1)
     try:
         fn(rank, *args)
+        shutdown()  # a rank leaving with a live gloo group can abort ("terminate called without ...")
     except BaseException:
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
         raise
