@@ -90,13 +90,23 @@ class MoEFeedForward(nn.Module):
 
     The chosen expert's output is scaled by its gate probability (DeepSpeed's combine does this).
     ``forward`` returns ``(output, l_aux, expert_counts)``; counts are this rank's routed tokens.
+
+    Two dispatch paths over the same gate and expert modules (same parameters, same checkpoints):
+    with ``ep_size > 1`` DeepSpeed's all-to-all, which needs equal buffers and so pads every expert to
+    the busiest one's token count (dropless cost: ``max_load`` x the dense FFN); with ``ep_size == 1``
+    and no token dropping, a local dispatch that runs each expert on exactly its own tokens, so the
+    experts cost the dense FFN whatever the balance. The exported student always takes the local path.
     """
 
     def __init__(self, hidden_size: int, ffn_size: int, num_experts: int, ep_size: int, dropout: float,
-                 gate_noise: float, drop_tokens: bool, capacity_factor: float, route_padding: bool):
+                 gate_noise: float, drop_tokens: bool, capacity_factor: float, route_padding: bool,
+                 local_dispatch: Optional[bool] = None):
         super().__init__()
         self.num_experts = num_experts
         self.route_padding = route_padding
+        self.local_dispatch = (ep_size == 1 and not drop_tokens) if local_dispatch is None else local_dispatch
+        if self.local_dispatch and (ep_size != 1 or drop_tokens):
+            raise ValueError("local dispatch needs ep_size 1 and dropless routing")
         self.moe = MoE(hidden_size, ExpertFFN(hidden_size, ffn_size, dropout), num_experts=num_experts,
                        ep_size=ep_size, k=1, capacity_factor=capacity_factor,
                        eval_capacity_factor=capacity_factor, min_capacity=4 if drop_tokens else 0,
@@ -118,8 +128,34 @@ class MoEFeedForward(nn.Module):
         if attention_mask is not None and not self.route_padding:
             # A long mask: DeepSpeed's dropless top-1 path breaks on a float one (topk with a tensor k).
             used = attention_mask.reshape(-1).long()
+        if self.local_dispatch:
+            return self._local_forward(x, used)
         out, l_aux, counts = self.moe(x, used)
         return out, l_aux, counts
+
+    def _local_forward(self, x: torch.Tensor, used: Optional[torch.Tensor]):
+        """Top-1 routing without capacity buffers: sort tokens by expert, run each on its own slice."""
+        gate = self.gate
+        tokens = x.reshape(-1, x.shape[-1])
+        logits = F.linear(tokens.float(), gate.wg.weight.float(), gate.wg.bias.float())
+        if gate.training and gate.noise > 0:
+            logits = logits + torch.empty_like(logits).uniform_(-gate.noise, gate.noise)
+        prob, expert = F.softmax(logits, dim=-1).max(dim=-1)
+        if used is not None:
+            expert = expert.masked_fill(~used.bool(), self.num_experts)  # unrouted: sorted last, skipped
+        counts = torch.bincount(expert, minlength=self.num_experts + 1)[:self.num_experts]
+        l_aux = load_balance_loss(logits, counts, used)
+        order = torch.argsort(expert, stable=True)
+        outs, start = [], 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                idx = order[start:start + n]
+                outs.append(self.local_experts[e](tokens[idx]).float() * prob[idx, None])
+                start += n
+        out = tokens.new_zeros(tokens.shape)
+        if outs:
+            out = out.index_copy(0, order[:start], torch.cat(outs).to(tokens.dtype))
+        return out.view_as(x), l_aux, counts
 
 
 class DenseFeedForward(nn.Module):

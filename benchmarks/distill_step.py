@@ -1,0 +1,114 @@
+"""Where a distillation step's time goes, MoE student vs its dense twin, against this machine's limit.
+
+    python benchmarks/distill_step.py                       # default student (4L H384, E=4) and dense twin
+    python benchmarks/distill_step.py --experts 1,4,8 --micro_batch 16 --teacher_zero 0
+
+Runs the real engines in one process (ZeRO-2 student, ZeRO-3 or ZeRO-0 teacher) on a fixed batch of
+full-length sequences, times each phase, and compares the useful FLOP rate with a large fp32 matmul
+measured in the same run. Prints a table and writes JSON (``--out``). Not a test: numbers, not asserts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import fire  # noqa: E402
+import torch  # noqa: E402
+
+
+def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def bench(experts: str = "1,4", layers: int = 4, hidden: int = 384, micro_batch: int = 32, seq_len: int = 128,
+          teacher: str = "packaged:all-MiniLM-L6-v2", teacher_zero: int = 3, steps: int = 4,
+          out: str = "runs/bench/distill_step.json") -> None:
+    """Time teacher forward, student forward, relation loss, backward and optimizer step per student."""
+    from minimoe import MiniMoEModel, StudentConfig, flops_per_sequence, count_parameters
+    from minimoe.data.assets import resolve_model
+    from minimoe.distributed import init_distributed
+    from minimoe.engine import build_student_engine
+    from minimoe.losses import relation_kl
+    from minimoe.teacher import Teacher
+
+    init_distributed()
+    torch.manual_seed(0)
+    peak = matmul_peak()
+    t_ds = {"train_micro_batch_size_per_gpu": micro_batch, "train_batch_size": micro_batch,
+            "zero_optimization": {"stage": teacher_zero}}
+    tch = Teacher(resolve_model(teacher), t_ds)
+    t_cfg = tch.engine.module.config
+    # The teacher is an encoder of its own shape: count its forward like a dense student's.
+    t_flops = flops_per_sequence(StudentConfig(num_layers=tch.layer + 1, hidden_size=t_cfg.hidden_size,
+                                               num_heads=t_cfg.num_attention_heads,
+                                               ffn_size=t_cfg.intermediate_size, num_experts=1), seq_len)["forward_flops"]
+    ids = torch.randint(1000, 20000, (micro_batch, seq_len))
+    mask = torch.ones_like(ids)
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    rows = []
+    counts = experts if isinstance(experts, (tuple, list)) else str(experts).split(",")  # fire: "1,4" -> (1, 4)
+    for e in (int(x) for x in counts):
+        cfg = StudentConfig(num_layers=layers, hidden_size=hidden, num_experts=e, vocab_size=t_cfg.vocab_size)
+        model = MiniMoEModel(cfg)
+        model.pooler.requires_grad_(False)
+        ds = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+              "train_batch_size": micro_batch, "gradient_clipping": 5.0, "zero_optimization": {"stage": 2},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}}
+        engine = build_student_engine(model, ds)
+        phases = {"teacher_fwd": 0.0, "student_fwd": 0.0, "loss_fwd": 0.0, "backward": 0.0, "optimizer": 0.0}
+        max_load = []
+        for i in range(steps + 1):
+            t = [time.perf_counter()]
+            tq = tch.qkv(batch)
+            t.append(time.perf_counter())
+            o = engine(ids, mask, output_qkv=True)
+            t.append(time.perf_counter())
+            loss = relation_kl(tq, o.qkv, mask, 32) + 0.01 * o.aux_loss
+            t.append(time.perf_counter())
+            engine.backward(loss)
+            t.append(time.perf_counter())
+            engine.step()
+            t.append(time.perf_counter())
+            if i == 0:
+                continue  # warm-up
+            for k, (a, b) in zip(phases, zip(t, t[1:])):
+                phases[k] += (b - a) / steps
+            max_load += [float(c.max() * len(c) / c.sum()) for c in o.expert_counts]
+        step_s = sum(phases.values())
+        s_flops = flops_per_sequence(cfg, seq_len)["forward_flops"]
+        useful = micro_batch * (3 * s_flops + t_flops)  # student fwd + bwd (2x), teacher fwd
+        c = count_parameters(cfg)
+        rows.append({"experts": e, "params_M": c["total"] / 1e6, "active_M": c["active"] / 1e6,
+                     **{k: round(v, 4) for k, v in phases.items()}, "step_s": step_s,
+                     "tokens_per_s": micro_batch * seq_len / step_s, "useful_gflops_per_s": useful / step_s / 1e9,
+                     "fraction_of_matmul_peak": useful / step_s / 1e9 / peak,
+                     "mean_max_load": sum(max_load) / len(max_load) if max_load else 1.0})
+        del engine, model
+    result = {"machine_matmul_gflops": peak, "threads": torch.get_num_threads(), "micro_batch": micro_batch,
+              "seq_len": seq_len, "teacher": teacher, "teacher_zero_stage": teacher_zero,
+              "teacher_gflops_per_seq": t_flops / 1e9, "rows": rows}
+    print(f"fp32 matmul peak {peak:.0f} GFLOP/s ({torch.get_num_threads()} threads); batch {micro_batch} x {seq_len}; "
+          f"teacher ZeRO-{teacher_zero}")
+    head = ["experts", "params_M", "active_M", "teacher_fwd", "student_fwd", "loss_fwd", "backward", "optimizer",
+            "step_s", "tokens_per_s", "useful_gflops_per_s", "fraction_of_matmul_peak", "mean_max_load"]
+    print(" | ".join(head))
+    for r in rows:
+        print(" | ".join(f"{r[h]:.3g}" if isinstance(r[h], float) else str(r[h]) for h in head))
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump(result, fh, indent=2)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    fire.Fire(bench)
