@@ -33,7 +33,41 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> float:
 def bench(experts: str = "1,4", layers: int = 4, hidden: int = 384, micro_batch: int = 32, seq_len: int = 128,
           teacher: str = "packaged:all-MiniLM-L6-v2", teacher_zero: int = 3, steps: int = 4,
           out: str = "runs/bench/distill_step.json") -> None:
-    """Time teacher forward, student forward, relation loss, backward and optimizer step per student."""
+    """Time teacher forward, student forward, relation loss, backward and optimizer step per student.
+
+    Each student runs in a fresh process: a second model in the same process ran its loss 2x slower
+    (allocator state left by the first engine), which would bias the comparison.
+    """
+    import subprocess
+    import tempfile
+    counts = experts if isinstance(experts, (tuple, list)) else str(experts).split(",")  # fire: "1,4" -> (1, 4)
+    result = None
+    for e in (int(x) for x in counts):
+        with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--experts", str(e), "--layers", str(layers),
+                            "--hidden", str(hidden), "--micro_batch", str(micro_batch), "--seq_len", str(seq_len),
+                            "--teacher", teacher, "--teacher_zero", str(teacher_zero), "--steps", str(steps),
+                            "--out", tmp.name, "--_child", "True"], check=True, capture_output=True)
+            one = json.load(open(tmp.name))
+        if result is None:
+            result = one
+        else:
+            result["rows"] += one["rows"]
+    print(f"fp32 matmul peak {result['machine_matmul_gflops']:.0f} GFLOP/s ({result['threads']} threads); "
+          f"batch {micro_batch} x {seq_len}; teacher ZeRO-{teacher_zero}")
+    head = ["experts", "params_M", "active_M", "teacher_fwd", "student_fwd", "loss_fwd", "backward", "optimizer",
+            "step_s", "tokens_per_s", "useful_gflops_per_s", "fraction_of_matmul_peak", "mean_max_load"]
+    print(" | ".join(head))
+    for r in result["rows"]:
+        print(" | ".join(f"{r[h]:.3g}" if isinstance(r[h], float) else str(r[h]) for h in head))
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump(result, fh, indent=2)
+    print(f"wrote {out}")
+
+
+def _one(experts: int, layers: int, hidden: int, micro_batch: int, seq_len: int, teacher: str, teacher_zero: int,
+         steps: int, out: str) -> None:
     from minimoe import MiniMoEModel, StudentConfig, flops_per_sequence, count_parameters
     from minimoe.data.assets import resolve_model
     from minimoe.distributed import init_distributed
@@ -56,8 +90,7 @@ def bench(experts: str = "1,4", layers: int = 4, hidden: int = 384, micro_batch:
     mask = torch.ones_like(ids)
     batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
     rows = []
-    counts = experts if isinstance(experts, (tuple, list)) else str(experts).split(",")  # fire: "1,4" -> (1, 4)
-    for e in (int(x) for x in counts):
+    for e in (experts,):
         cfg = StudentConfig(num_layers=layers, hidden_size=hidden, num_experts=e, vocab_size=t_cfg.vocab_size)
         model = MiniMoEModel(cfg)
         model.pooler.requires_grad_(False)
@@ -93,22 +126,16 @@ def bench(experts: str = "1,4", layers: int = 4, hidden: int = 384, micro_batch:
                      "tokens_per_s": micro_batch * seq_len / step_s, "useful_gflops_per_s": useful / step_s / 1e9,
                      "fraction_of_matmul_peak": useful / step_s / 1e9 / peak,
                      "mean_max_load": sum(max_load) / len(max_load) if max_load else 1.0})
-        del engine, model
     result = {"machine_matmul_gflops": peak, "threads": torch.get_num_threads(), "micro_batch": micro_batch,
               "seq_len": seq_len, "teacher": teacher, "teacher_zero_stage": teacher_zero,
               "teacher_gflops_per_seq": t_flops / 1e9, "rows": rows}
-    print(f"fp32 matmul peak {peak:.0f} GFLOP/s ({torch.get_num_threads()} threads); batch {micro_batch} x {seq_len}; "
-          f"teacher ZeRO-{teacher_zero}")
-    head = ["experts", "params_M", "active_M", "teacher_fwd", "student_fwd", "loss_fwd", "backward", "optimizer",
-            "step_s", "tokens_per_s", "useful_gflops_per_s", "fraction_of_matmul_peak", "mean_max_load"]
-    print(" | ".join(head))
-    for r in rows:
-        print(" | ".join(f"{r[h]:.3g}" if isinstance(r[h], float) else str(r[h]) for h in head))
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as fh:
-        json.dump(result, fh, indent=2)
-    print(f"wrote {out}")
+        json.dump(result, fh)
+
+
+def main(_child: bool = False, **kw) -> None:
+    (_one if _child else bench)(**kw)
 
 
 if __name__ == "__main__":
-    fire.Fire(bench)
+    fire.Fire(main)
