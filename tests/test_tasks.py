@@ -1,0 +1,54 @@
+import pytest
+
+from minimoe.config import ConfigError
+from minimoe.data.tasks import dev_split_names, get_task, load_split, read_conll
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_glue_tsv_layouts(tmp_path):
+    mrpc = tmp_path / "mrpc"
+    mrpc.mkdir()
+    write(mrpc / "train.tsv", "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tA cat sat.\tA cat was sitting.\n"
+          "0\t3\t4\tIt rains.\tThe sun shines.\n")
+    ex = load_split(get_task("mrpc"), "train", str(mrpc))
+    assert ex == [{"text": "A cat sat.", "text_pair": "A cat was sitting.", "label": 1},
+                  {"text": "It rains.", "text_pair": "The sun shines.", "label": 0}]
+    cola = tmp_path / "cola"
+    cola.mkdir()
+    write(cola / "dev.tsv", "gj04\t1\t\tThe book was read.\ngj04\t0\t*\tBook the read was.\n")
+    assert [(e["text"], e["label"]) for e in load_split(get_task("cola"), "dev", str(cola))] == [
+        ("The book was read.", 1), ("Book the read was.", 0)]
+    stsb = tmp_path / "stsb"
+    stsb.mkdir()
+    write(stsb / "train.tsv", "index\tgenre\tsentence1\tsentence2\tscore\n0\tx\tA.\tB.\t3.8\n")
+    assert load_split(get_task("stsb"), "train", str(stsb))[0]["label"] == pytest.approx(3.8)
+    mnli = tmp_path / "mnli"
+    mnli.mkdir()
+    write(mnli / "dev_matched.tsv", "sentence1\tsentence2\tgold_label\nA.\tB.\tneutral\n")
+    assert load_split(get_task("mnli"), "dev_matched", str(mnli))[0]["label"] == 1
+    assert dev_split_names(get_task("mnli"), local=True) == ["dev_matched", "dev_mismatched"]
+
+
+def test_conll_reader(tmp_path):
+    f = write(tmp_path / "train.txt", "-DOCSTART- -X- -X- O\n\nEU NNP B-NP B-ORG\nrejects VBZ B-VP O\n\n"
+              "Peter NNP B-NP B-PER\nBlackburn NNP I-NP I-PER\n")
+    assert read_conll(str(f)) == [{"tokens": ["EU", "rejects"], "tags": ["B-ORG", "O"]},
+                                  {"tokens": ["Peter", "Blackburn"], "tags": ["B-PER", "I-PER"]}]
+    assert len(load_split(get_task("conll2003"), "train", str(tmp_path))) == 2
+
+
+def test_bad_task_input(tmp_path):
+    with pytest.raises(ConfigError, match="--task 'sst3' is unknown; allowed: sst2, mrpc"):
+        get_task("sst3")
+    with pytest.raises(ConfigError, match="has no train.tsv for task sst2"):
+        load_split(get_task("sst2"), "train", str(tmp_path))
+    write(tmp_path / "train.tsv", "sentence\tlabel\ngood\t1\nbad\t7\n")
+    with pytest.raises(ConfigError, match=r"has labels \[7\]; allowed 0..1"):
+        load_split(get_task("sst2"), "train", str(tmp_path))
+    write(tmp_path / "train.txt", "Paris B-CITY\n")
+    with pytest.raises(ConfigError, match=r"tags \['B-CITY'\] outside the label set"):
+        load_split(get_task("conll2003"), "train", str(tmp_path))
