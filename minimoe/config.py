@@ -106,7 +106,67 @@ PACKAGED_CORPUS = "packaged:wikipedia"
 
 
 @dataclass
-class DistillConfig:
+class TrainConfig:
+    """Settings every training launcher shares: the run folder, the DeepSpeed engine and its overrides,
+    the step budget, logging. Launchers subclass it and may redeclare a field to change its default."""
+
+    output_dir: str = field(default="runs/train", metadata=_help("Run folder."))
+    ep_size: int = field(default=1, metadata=_help(
+        "Expert-parallel size: ranks that share one copy of the experts (divides num_experts and world size)."))
+    max_seq_length: int = field(default=128, metadata=_help("Maximum tokens per sequence."))
+    max_steps: int = field(default=-1, metadata=_help("Optimizer steps to run; -1 means num_epochs full passes."))
+    num_epochs: float = field(default=1.0, metadata=_help("Passes over the data when max_steps is -1."))
+    micro_batch_size: Optional[int] = field(default=None, metadata=_help(
+        "Sequences per rank per micro-step (overrides ds_config train_micro_batch_size_per_gpu)."))
+    grad_accum: Optional[int] = field(default=None, metadata=_help(
+        "Micro-steps per optimizer step (overrides ds_config gradient_accumulation_steps)."))
+    lr: Optional[float] = field(default=None, metadata=_help("Peak learning rate (overrides the ds_config)."))
+    warmup_ratio: float = field(default=0.01, metadata=_help("Fraction of steps for linear warmup."))
+    weight_decay: Optional[float] = field(default=None, metadata=_help(
+        "AdamW weight decay, not applied to biases and LayerNorm (overrides the ds_config)."))
+    gradient_clipping: Optional[float] = field(default=None, metadata=_help(
+        "Global grad-norm clip (overrides the ds_config; DeepSpeed's silent default is 1.0, ours is 5)."))
+    precision: str = field(default="auto", metadata=_help(
+        "fp32, bf16, fp16, or auto (whatever the ds_config enables)."))
+    seed: int = field(default=776, metadata=_help("Random seed."))
+    ds_config: str = field(default="ds_configs/zero2_moe.json", metadata=_help("DeepSpeed config of the trained model."))
+    load_balance_weight: float = field(default=0.01, metadata=_help("Weight of the load-balance loss (MoE models)."))
+    log_every: int = field(default=10, metadata=_help("Log metrics every N optimizer steps."))
+    wandb: str = field(default="offline", metadata=_help("wandb mode: offline, online or disabled."))
+    wandb_project: str = field(default="minimoe", metadata=_help("wandb project name."))
+
+    def validate(self):
+        for name in ("max_seq_length", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} {getattr(self, name)} is invalid: must be >= 1")
+        if self.max_seq_length < 8:
+            raise ConfigError(f"--max_seq_length {self.max_seq_length} is too short: must be >= 8")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"--max_steps {self.max_steps} is invalid: must be > 0, or -1 for num_epochs")
+        if self.max_steps == -1 and self.num_epochs <= 0:
+            raise ConfigError(f"--num_epochs {self.num_epochs} must be > 0 when --max_steps is -1")
+        if self.ep_size < 1:
+            raise ConfigError(f"--ep_size {self.ep_size} is invalid: must be >= 1")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"--warmup_ratio {self.warmup_ratio} must be in [0, 1)")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"--precision {self.precision!r} is invalid: allowed auto, fp32, bf16, fp16")
+        if self.wandb not in ("offline", "online", "disabled"):
+            raise ConfigError(f"--wandb {self.wandb!r} is invalid: allowed offline, online, disabled")
+        for name in ("micro_batch_size", "grad_accum"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"--{name} {v} is invalid: must be >= 1")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"--lr {self.lr} must be > 0")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DistillConfig(TrainConfig):
     """Task-agnostic distillation of a Hugging Face teacher into a MiniMoE student (MiniLMv2 relations).
 
     With no flags it runs the embedded default: the packaged MiniLM-L6-H384 teacher, the packaged
@@ -123,87 +183,46 @@ class DistillConfig:
     streaming: bool = field(default=False, metadata=_help(
         "Stream the corpus, tokenising on the fly, instead of tokenising it once into the cache (for "
         "corpora larger than memory; needs --max_steps)."))
-    max_seq_length: int = field(default=128, metadata=_help("Maximum tokens per segment pair."))
     short_seq_prob: float = field(default=0.1, metadata=_help("Probability of a shorter target length (BERT)."))
     cache_dir: str = field(default="", metadata=_help(
         "Where tokenised corpora are cached. Default: $MINIMOE_CACHE or ~/.cache/minimoe."))
     output_dir: str = field(default="runs/distill", metadata=_help(
         "Run folder: checkpoints/, student/ (the export), metrics.jsonl, run_config.json."))
-    ep_size: int = field(default=1, metadata=_help(
-        "Expert-parallel size: ranks that share one copy of the experts (divides num_experts and world size)."))
     relation_heads: int = field(default=32, metadata=_help(
         "Relation heads R for Q-Q/K-K/V-V relations (must divide both hidden sizes)."))
-    load_balance_weight: float = field(default=0.01, metadata=_help("Weight of the load-balance loss."))
     max_steps: int = field(default=60, metadata=_help(
         "Optimizer steps to run; -1 means num_epochs full passes."))
-    num_epochs: float = field(default=1.0, metadata=_help("Passes over the corpus when max_steps is -1."))
-    micro_batch_size: Optional[int] = field(default=None, metadata=_help(
-        "Sequences per rank per micro-step (overrides ds_config train_micro_batch_size_per_gpu)."))
-    grad_accum: Optional[int] = field(default=None, metadata=_help(
-        "Micro-steps per optimizer step (overrides ds_config gradient_accumulation_steps)."))
-    lr: Optional[float] = field(default=None, metadata=_help("Peak learning rate (overrides the ds_config)."))
-    warmup_ratio: float = field(default=0.01, metadata=_help("Fraction of steps for linear warmup."))
-    weight_decay: Optional[float] = field(default=None, metadata=_help(
-        "AdamW weight decay, not applied to biases and LayerNorm (overrides the ds_config)."))
-    gradient_clipping: Optional[float] = field(default=None, metadata=_help(
-        "Global grad-norm clip (overrides the ds_config; DeepSpeed's silent default is 1.0, ours is 5)."))
-    precision: str = field(default="auto", metadata=_help(
-        "fp32, bf16, fp16, or auto (whatever the ds_config enables)."))
     seed: int = field(default=776, metadata=_help("Random seed (paper: 776)."))
-    ds_config: str = field(default="ds_configs/zero2_moe.json", metadata=_help("DeepSpeed config of the student."))
     teacher_ds_config: str = field(default="ds_configs/zero3_teacher.json", metadata=_help(
         "DeepSpeed config of the frozen teacher (ZeRO-3 inference, no optimizer)."))
     resume: Union[bool, str] = field(default=False, metadata=_help(
         "Resume: True for the latest checkpoint in output_dir, or a checkpoint folder."))
     save_every: int = field(default=20, metadata=_help("Save a checkpoint every N optimizer steps (0: only at the end)."))
     keep_checkpoints: int = field(default=2, metadata=_help("Checkpoints kept on disk (older ones are deleted)."))
-    log_every: int = field(default=10, metadata=_help("Log metrics every N optimizer steps."))
-    wandb: str = field(default="offline", metadata=_help("wandb mode: offline, online or disabled."))
-    wandb_project: str = field(default="minimoe", metadata=_help("wandb project name."))
     student: StudentConfig = field(default_factory=StudentConfig, metadata=_help("Student architecture."))
 
     def validate(self) -> "DistillConfig":
+        super().validate()
         self.student.validate()
-        positive = ("max_seq_length", "relation_heads", "log_every", "keep_checkpoints")
-        for name in positive:
+        for name in ("relation_heads", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} {getattr(self, name)} is invalid: must be >= 1")
-        if self.max_seq_length < 8:
-            raise ConfigError(f"--max_seq_length {self.max_seq_length} is too short: must be >= 8")
         if self.max_seq_length > self.student.max_position_embeddings:
             raise ConfigError(f"--max_seq_length {self.max_seq_length} exceeds the student's "
                               f"{self.student.max_position_embeddings} positions")
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise ConfigError(f"--max_steps {self.max_steps} is invalid: must be > 0, or -1 for num_epochs")
         if self.streaming and self.max_steps == -1:
             raise ConfigError("--streaming needs --max_steps > 0 (a stream's length is unknown up front)")
-        if self.max_steps == -1 and self.num_epochs <= 0:
-            raise ConfigError(f"--num_epochs {self.num_epochs} must be > 0 when --max_steps is -1")
-        if self.ep_size < 1 or self.student.num_experts % self.ep_size:
+        if self.student.num_experts % self.ep_size:
             raise ConfigError(f"--ep_size {self.ep_size} must divide --num_experts {self.student.num_experts}")
         if self.student.hidden_size % self.relation_heads:
             raise ConfigError(f"--relation_heads {self.relation_heads} must divide the student hidden size "
                               f"{self.student.hidden_size}")
         if not 0.0 <= self.short_seq_prob <= 1.0:
             raise ConfigError(f"--short_seq_prob {self.short_seq_prob} must be in [0, 1]")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"--warmup_ratio {self.warmup_ratio} must be in [0, 1)")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"--precision {self.precision!r} is invalid: allowed auto, fp32, bf16, fp16")
-        if self.wandb not in ("offline", "online", "disabled"):
-            raise ConfigError(f"--wandb {self.wandb!r} is invalid: allowed offline, online, disabled")
-        for name in ("micro_batch_size", "grad_accum"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ConfigError(f"--{name} {v} is invalid: must be >= 1")
-        if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"--lr {self.lr} must be > 0")
         if self.save_every < 0:
             raise ConfigError(f"--save_every {self.save_every} must be >= 0")
         return self
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,10 +230,12 @@ class DistillConfig:
 
 
 def _cli_fields(cls) -> list[tuple[Optional[str], dataclasses.Field]]:
-    """(section, field) for every flag: top-level fields, then the fields of nested dataclasses."""
+    """(section, field) for every flag: the launcher's own fields, the nested dataclasses' (the student),
+    then the shared ones inherited from TrainConfig."""
     out = []
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    own = set(cls.__dict__.get("__annotations__", {}))
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
         if dataclasses.is_dataclass(hints[f.name]):
             out += [(f.name, g) for g in dataclasses.fields(hints[f.name]) if g.metadata.get("cli", True)]
         elif f.metadata.get("cli", True):

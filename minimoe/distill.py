@@ -63,7 +63,7 @@ def plan(cfg: DistillConfig) -> Plan:
     if tokenizer.pad_token_id is None:
         raise ConfigError(f"tokenizer of {teacher!r} has no padding token")
     student = dataclasses.replace(cfg.student, vocab_size=info.vocab_size, pad_token_id=tokenizer.pad_token_id)
-    student_ds_config(cfg, world, accel)          # validates; the schedule is filled in later
+    student_ds_config(cfg, world, accel, student.num_experts)  # validates; the schedule is filled in later
     teacher_ds_config(cfg, world, 1, accel)
     data = assets.resolve_corpus(cfg.data, cfg.cache_dir)
     corpus_lib.local_files(data)                   # raises on missing local files
@@ -136,7 +136,7 @@ def run(cfg: DistillConfig) -> dict:
     _seed_all(cfg.seed)
     dev = device()
 
-    s_ds = student_ds_config(cfg, p.world_size, p.accelerator)
+    s_ds = student_ds_config(cfg, p.world_size, p.accelerator, p.student.num_experts)
     micro, accum = s_ds["train_micro_batch_size_per_gpu"], s_ds["gradient_accumulation_steps"]
     if cfg.streaming:
         batches, corpus_size = _streaming_batches(cfg, p, dist_info.rank, micro, accum), None

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .config import ConfigError, DistillConfig, load_json
+from .config import ConfigError, DistillConfig, TrainConfig, load_json
 
 DEFAULT_MICRO_BATCH = 32
 PAPER_GRAD_CLIP = 5.0
@@ -38,14 +38,14 @@ def dtype_of(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def student_ds_config(cfg: DistillConfig, world_size: int, accelerator: str) -> dict:
-    """Load, merge and validate the student's ds_config (the schedule's autos: ``fill_schedule``)."""
+def student_ds_config(cfg: TrainConfig, world_size: int, accelerator: str, num_experts: int) -> dict:
+    """Load, merge and validate the trained model's ds_config (the schedule's autos: ``fill_schedule``)."""
     ds = copy.deepcopy(load_json(cfg.ds_config, "--ds_config"))
     what = f"--ds_config {cfg.ds_config}"
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{what}: zero_optimization.stage {stage} is invalid; allowed 0, 1, 2")
-    if stage == 3 and cfg.student.num_experts > 1:
+    if stage == 3 and num_experts > 1:
         raise ConfigError(f"{what}: ZeRO stage 3 is not supported for a MoE student (DeepSpeed MoE refuses it); "
                           "use stage 1 or 2, e.g. ds_configs/zero2_moe.json")
     if stage == 0 and cfg.ep_size > 1:
@@ -82,7 +82,7 @@ def student_ds_config(cfg: DistillConfig, world_size: int, accelerator: str) -> 
     return ds
 
 
-def fill_schedule(ds: dict, cfg: DistillConfig, total_steps: int) -> dict:
+def fill_schedule(ds: dict, cfg: TrainConfig, total_steps: int) -> dict:
     """Fill the scheduler's ``"auto"`` step counts and peak lr from the run, then reject other autos."""
     sched = ds.get("scheduler")
     if sched is not None:

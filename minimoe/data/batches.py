@@ -61,15 +61,18 @@ class GlobalBatches:
             self._perm = (epoch, torch.randperm(len(self.corpus), generator=g))
         return self._perm[1]
 
-    def micro_batches(self, step: int) -> list[dict]:
+    def indices(self, step: int) -> list[list[int]]:
+        """The example indices of this rank's ``grad_accum`` micro-batches at global step ``step``."""
         epoch, s = divmod(step, self.steps_per_epoch)
         perm = self._permutation(epoch)
         out = []
         for m in range(self.grad_accum):
             start = s * self.global_batch + (m * self.world_size + self.rank) * self.micro_batch
-            idx = perm[start:start + self.micro_batch].tolist()
-            out.append(collate([self.corpus.example(i) for i in idx], self.pad_id))
+            out.append(perm[start:start + self.micro_batch].tolist())
         return out
+
+    def micro_batches(self, step: int) -> list[dict]:
+        return [collate([self.corpus.example(i) for i in idx], self.pad_id) for idx in self.indices(step)]
 
 
 class StreamingBatches:
