@@ -225,6 +225,40 @@ class DistillConfig(TrainConfig):
 
 
 
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """Task-specific fine-tuning of a distilled MiniMoE student (experts included, any --ep_size) or a
+    dense Hugging Face encoder, with evaluation on the dev set and early stopping on the task's metric.
+
+    Tasks: sst2 mrpc stsb qqp mnli qnli rte cola conll2003 (hub, or --data DIR with GLUE TSV / CoNLL
+    files), and the offline sentiment and wnut16 tasks (`make tasks` prepares them in data/tasks/).
+    """
+
+    model: str = field(default="runs/demo/student", metadata=_help(
+        "An exported MiniMoE student folder, or a hub name / local folder of a dense HF encoder."))
+    task: str = field(default="sentiment", metadata=_help("Task name (see above)."))
+    data: str = field(default="", metadata=_help(
+        "Local task folder (train/dev[/test] .tsv or CoNLL .txt). Default: the hub, or data/tasks/<task>."))
+    output_dir: str = field(default="runs/finetune", metadata=_help(
+        "Run folder: model/ (the best fine-tuned model), results.json, results.md, metrics.jsonl."))
+    num_epochs: float = field(default=3.0, metadata=_help("Training epochs when max_steps is -1."))
+    lr: Optional[float] = field(default=5e-5, metadata=_help("Peak learning rate (overrides the ds_config)."))
+    warmup_ratio: float = field(default=0.1, metadata=_help("Fraction of steps for linear warmup."))
+    seed: int = field(default=42, metadata=_help("Random seed."))
+    eval_every: int = field(default=0, metadata=_help("Evaluate every N optimizer steps (0: at each epoch's end)."))
+    patience: int = field(default=2, metadata=_help(
+        "Stop after this many evaluations without a better dev score (0: never stop early)."))
+    classifier_dropout: float = field(default=0.1, metadata=_help("Dropout in the task head."))
+
+    def validate(self) -> "FinetuneConfig":
+        super().validate()
+        if self.eval_every < 0 or self.patience < 0:
+            raise ConfigError(f"--eval_every {self.eval_every} and --patience {self.patience} must be >= 0")
+        if not 0.0 <= self.classifier_dropout < 1.0:
+            raise ConfigError(f"--classifier_dropout {self.classifier_dropout} must be in [0, 1)")
+        return self
+
+
 # ----------------------------------------------------------------------------------------------
 # Flags -> dataclasses. One flat namespace over a config and its nested dataclasses (the student).
 

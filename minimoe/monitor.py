@@ -30,7 +30,7 @@ class Monitor:
     """Writes metrics on the main rank only; every other rank gets a no-op monitor."""
 
     def __init__(self, output_dir: str, enabled: bool, total_steps: int, start_step: int, wandb_mode: str,
-                 wandb_project: str, run_config: dict):
+                 wandb_project: str, run_config: dict, desc: str = "distill"):
         self.enabled = enabled
         self._file = None
         self._bar = None
@@ -40,7 +40,7 @@ class Monitor:
         os.makedirs(output_dir, exist_ok=True)
         self._file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
         from tqdm import tqdm
-        self._bar = tqdm(total=total_steps, initial=start_step, desc="distill", unit="step", dynamic_ncols=True)
+        self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
         if wandb_mode != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
             import wandb
             self._wandb = wandb.init(project=wandb_project, mode=wandb_mode, dir=output_dir, config=run_config,
@@ -54,7 +54,7 @@ class Monitor:
             record["experts"] = utilisation
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "relation", "tokens_per_s")})
+        self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "relation", "tokens_per_s", "train_loss")})
         if self._wandb is not None:
             flat = dict(metrics)
             for layer, u in (utilisation or {}).items():

@@ -83,6 +83,14 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
+def offline_dir(task: Task) -> str:
+    """Where `make tasks` puts an offline task."""
+    path = os.path.join(DEFAULT_TASK_DIR, task.name)
+    if not os.path.isdir(path):
+        raise ConfigError(f"task {task.name} is prepared offline: run `make tasks` or pass --data DIR")
+    return path
+
+
 def split_file(task: Task, data_dir: str, split: str) -> str:
     """The local file of ``split`` ('train', 'dev', 'test', or MNLI's 'dev_matched'/'dev_mismatched')."""
     ext = ".txt" if task.kind == "ner" else ".tsv"
@@ -101,9 +109,7 @@ def dev_split_names(task: Task, local: bool) -> list[str]:
 def load_split(task: Task, split: str, data_dir: Optional[str]) -> list[dict]:
     """Examples of one split from ``data_dir`` (local layout) or the hub (split names as on the hub)."""
     if data_dir is None and task.hub is None:
-        data_dir = os.path.join(DEFAULT_TASK_DIR, task.name)
-        if not os.path.isdir(data_dir):
-            raise ConfigError(f"task {task.name} is prepared offline: run `make tasks` or pass --data DIR")
+        data_dir = offline_dir(task)
     if data_dir is not None:
         path = split_file(task, data_dir, split)
         examples = read_conll(path) if task.kind == "ner" else read_tsv(task, path)

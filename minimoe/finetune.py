@@ -1,0 +1,275 @@
+"""Task-specific fine-tuning: a distilled MiniMoE student (or a dense HF encoder) + a task head, trained
+with DeepSpeed (ZeRO-1/2, experts over ``ep_size`` ranks), evaluated on dev, early-stopped, exported.
+
+Order of work: validate (no process group) -> process group -> task data, tokenised -> task model and
+engine -> loop with periodic evaluation (every rank runs the same number of forwards; predictions are
+gathered so every rank takes the same early-stopping decision) -> export of the best model on rank 0.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint
+from .config import ConfigError, FinetuneConfig
+from .data.assets import resolve_model
+from .data.batches import GlobalBatches
+from .data.tasks import Task, dev_split_names, get_task, load_split, offline_dir, split_file
+from .distributed import accelerator_name, device, env_world_size, init_distributed
+from .engine import build_student_engine, fill_schedule, pop_precision, student_ds_config
+from .heads import TaskModel, is_minimoe_folder, load_encoder, save_task_model, tokenizer_for
+from .monitor import Monitor, peak_rss_mib
+
+IGNORE = -100
+
+
+# ---------------------------------------------------------------------- data
+
+
+def encode(task: Task, examples: list[dict], tokenizer, max_len: int) -> list[dict]:
+    """Tokenise once. NER labels sit on each word's first WordPiece (``IGNORE`` elsewhere); ``words``
+    maps those positions back to word indices, so predictions are scored on the original words."""
+    if task.kind == "ner":
+        enc = tokenizer([ex["tokens"] for ex in examples], is_split_into_words=True, truncation=True,
+                        max_length=max_len, return_token_type_ids=True)
+        tag_id = {t: i for i, t in enumerate(task.labels)}
+        out = []
+        for i, ex in enumerate(examples):
+            labels, words, prev = [], [], None
+            for w in enc.word_ids(i):
+                first = w is not None and w != prev
+                labels.append(tag_id[ex["tags"][w]] if first else IGNORE)
+                if first:
+                    words.append(w)
+                prev = w
+            out.append({"ids": enc["input_ids"][i], "types": enc["token_type_ids"][i], "label": labels,
+                        "words": words, "gold": ex["tags"]})
+        return out
+    pairs = [ex["text_pair"] for ex in examples] if examples[0]["text_pair"] is not None else None
+    enc = tokenizer([ex["text"] for ex in examples], pairs, truncation=True, max_length=max_len,
+                    return_token_type_ids=True)
+    return [{"ids": enc["input_ids"][i], "types": enc["token_type_ids"][i], "label": ex["label"], "gold": ex["label"]}
+            for i, ex in enumerate(examples)]
+
+
+def collate(batch: list[dict], pad_id: int, kind: str, dev) -> dict:
+    length = max(len(ex["ids"]) for ex in batch)
+    out = {"input_ids": torch.full((len(batch), length), pad_id, dtype=torch.long),
+           "token_type_ids": torch.zeros((len(batch), length), dtype=torch.long),
+           "attention_mask": torch.zeros((len(batch), length), dtype=torch.long)}
+    for r, ex in enumerate(batch):
+        n = len(ex["ids"])
+        out["input_ids"][r, :n] = torch.tensor(ex["ids"])
+        out["token_type_ids"][r, :n] = torch.tensor(ex["types"])
+        out["attention_mask"][r, :n] = 1
+    if kind == "ner":
+        labels = torch.full((len(batch), length), IGNORE, dtype=torch.long)
+        for r, ex in enumerate(batch):
+            labels[r, :len(ex["label"])] = torch.tensor(ex["label"])
+    else:
+        labels = torch.tensor([ex["label"] for ex in batch], dtype=torch.float if kind == "regression" else torch.long)
+    out["labels"] = labels
+    return {k: v.to(dev) for k, v in out.items()}
+
+
+def task_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    if kind == "regression":
+        return F.mse_loss(logits.squeeze(-1), labels)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
+
+
+# ---------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict(engine, task: Task, data: list[dict], micro: int, rank: int, world: int, pad_id: int, dev) -> list:
+    """Predictions for every example, the same list on every rank.
+
+    Each rank runs the same number of batches (expert-parallel all-to-alls need every rank to take part):
+    its share of the examples is padded with repeats of its last one, whose predictions are dropped.
+    """
+    import torch.distributed as dist
+    mine = list(range(rank, len(data), world))
+    per_rank = math.ceil(len(data) / world)
+    padded = mine + [mine[-1] if mine else 0] * (per_rank - len(mine))
+    was_training = engine.training
+    engine.eval()
+    preds = []
+    for s in range(0, per_rank, micro):
+        idx = padded[s:s + micro]
+        batch = collate([data[i] for i in idx], pad_id, task.kind, dev)
+        logits, _ = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        logits = logits.float().cpu()
+        for j, i in enumerate(idx):
+            if s + j >= len(mine):
+                continue
+            if task.kind == "regression":
+                preds.append((i, float(logits[j, 0])))
+            elif task.kind == "classification":
+                preds.append((i, int(logits[j].argmax())))
+            else:
+                ex = data[i]
+                first = (batch["labels"][j] != IGNORE).nonzero().flatten().cpu()
+                tags = ["O"] * len(ex["gold"])
+                for w, pos in zip(ex["words"], first.tolist()):
+                    tags[w] = task.labels[int(logits[j, pos].argmax())]
+                preds.append((i, tags))
+    engine.train(was_training)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, preds)
+    by_index = dict(p for part in gathered for p in part)
+    return [by_index[i] for i in range(len(data))]
+
+
+def evaluate(engine, task: Task, splits: dict, micro: int, rank: int, world: int, pad_id: int, dev) -> dict:
+    return {name: task.score(predict(engine, task, data, micro, rank, world, pad_id, dev), [ex["gold"] for ex in data])
+            for name, data in splits.items()}
+
+
+# ---------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Plan:
+    model: str
+    task: Task
+    tokenizer: object
+    encoder_type: str
+    num_experts: int
+    world_size: int
+    accelerator: str
+    data_dir: object
+
+
+def plan(cfg: FinetuneConfig) -> Plan:
+    task = get_task(cfg.task)
+    world, accel = env_world_size(), accelerator_name()
+    model = resolve_model(cfg.model)
+    minimoe = is_minimoe_folder(model)
+    num_experts = 1
+    if minimoe:
+        with open(os.path.join(model, "config.json")) as fh:
+            num_experts = json.load(fh)["num_experts"]
+        if num_experts % cfg.ep_size:
+            raise ConfigError(f"--ep_size {cfg.ep_size} must divide the student's {num_experts} experts")
+    elif cfg.ep_size != 1:
+        raise ConfigError(f"--ep_size {cfg.ep_size} needs a MiniMoE student; {cfg.model!r} is a dense model")
+    tokenizer = tokenizer_for(model)
+    student_ds_config(cfg, world, accel, num_experts)
+    data_dir = cfg.data or (offline_dir(task) if task.hub is None else None)
+    if data_dir is not None:
+        if not os.path.isdir(data_dir):
+            raise ConfigError(f"--data {data_dir!r} is not a folder")
+        for split in ["train", *dev_split_names(task, local=True)]:
+            split_file(task, data_dir, split)  # raises, naming the missing file
+    return Plan(model, task, tokenizer, "minimoe" if minimoe else "hf", num_experts, world, accel, data_dir)
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    p = plan(cfg)
+    info = init_distributed()
+    import torch.distributed as dist
+    torch.manual_seed(cfg.seed)
+    dev = device()
+    task, tok = p.task, p.tokenizer
+    train = encode(task, load_split(task, "train", p.data_dir), tok, cfg.max_seq_length)
+    dev_names = dev_split_names(task, p.data_dir is not None)
+    dev_sets = {n: encode(task, load_split(task, n, p.data_dir), tok, cfg.max_seq_length) for n in dev_names}
+
+    encoder, _ = load_encoder(p.model, cfg.ep_size, info.rank % cfg.ep_size)
+    model = TaskModel(encoder, p.encoder_type, task.kind, task.num_labels, cfg.classifier_dropout)
+    ds = student_ds_config(cfg, p.world_size, p.accelerator, p.num_experts)
+    pop_precision(ds)
+    micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+    batches = GlobalBatches(train, micro, accum, p.world_size, info.rank, cfg.seed, tok.pad_token_id)
+    if batches.steps_per_epoch == 0:
+        raise ConfigError(f"task {task.name}: {len(train)} training examples are fewer than one global batch of "
+                          f"{batches.global_batch}; lower --micro_batch_size")
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * batches.steps_per_epoch)
+    eval_every = cfg.eval_every or batches.steps_per_epoch
+    torch.manual_seed(cfg.seed + info.rank)
+    engine = build_student_engine(model, fill_schedule(ds, cfg, total))
+
+    run_config = {**cfg.to_dict(), "encoder_type": p.encoder_type, "world_size": p.world_size,
+                  "global_batch": batches.global_batch, "total_steps": total, "train_examples": len(train)}
+    if info.is_main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+    monitor = Monitor(cfg.output_dir, info.is_main, total, 0, cfg.wandb, cfg.wandb_project, run_config,
+                      desc=f"finetune {task.name}")
+    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+    history, best, bad_evals = [], None, 0
+    loss_sum, n_loss, t0 = 0.0, 0, time.perf_counter()
+    engine.train()
+    for step in range(total):
+        for idx in batches.indices(step):
+            batch = collate([train[i] for i in idx], tok.pad_token_id, task.kind, dev)
+            logits, aux = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            loss = task_loss(task.kind, logits, batch["labels"])
+            engine.backward(loss + cfg.load_balance_weight * aux)
+            engine.step()
+            loss_sum, n_loss = loss_sum + float(loss.detach()), n_loss + 1
+        monitor.advance()
+        done = step + 1
+        if done % cfg.log_every == 0:
+            monitor.log(done, {"train_loss": loss_sum / n_loss, "lr": engine.get_lr()[0]})
+            loss_sum, n_loss = 0.0, 0
+        if done % eval_every == 0 or done == total:
+            scores = evaluate(engine, task, dev_sets, micro, info.rank, p.world_size, tok.pad_token_id, dev)
+            main = scores[dev_names[0]][task.main_metric]
+            history.append({"step": done, "epoch": done / batches.steps_per_epoch, "dev": scores})
+            monitor.log(done, {f"dev/{s}/{k}": v for s, m in scores.items() for k, v in m.items()})
+            monitor.write(f"step {done}: dev {task.main_metric} {main:.4f}")
+            if best is None or main > best["main"]:
+                best, bad_evals = {"step": done, "main": main, "dev": scores}, 0
+                engine.save_checkpoint(ckpt_root, tag="best", save_latest=False)
+                dist.barrier()
+            else:
+                bad_evals += 1
+                if cfg.patience and bad_evals >= cfg.patience:
+                    monitor.write(f"early stop: no better dev {task.main_metric} in {bad_evals} evaluations")
+                    break
+    wall = time.perf_counter() - t0
+    rss = [None] * p.world_size
+    dist.all_gather_object(rss, peak_rss_mib())
+    results = {"task": task.name, "model": cfg.model, "encoder_type": p.encoder_type, "main_metric": task.main_metric,
+               "best": best, "history": history, "wall_s": wall, "steps": history[-1]["step"] if history else 0,
+               "train_examples": len(train), "world_size": p.world_size, "ep_size": cfg.ep_size,
+               "peak_rss_mib_per_rank": [round(r, 1) for r in rss]}
+    if info.is_main:
+        state = checkpoint.gather_state_dict(os.path.join(ckpt_root, "best"))
+        save_task_model(os.path.join(cfg.output_dir, "model"), state, task, p.encoder_type, p.model, tok,
+                        cfg.classifier_dropout)
+        shutil.rmtree(ckpt_root, ignore_errors=True)  # the export holds the best weights
+        write_results(cfg.output_dir, results)
+        monitor.write(f"best dev {task.main_metric} {best['main']:.4f} at step {best['step']} ({wall:.0f} s); "
+                      f"model in {os.path.join(cfg.output_dir, 'model')}")
+    monitor.close({"best_" + task.main_metric: best["main"]})
+    dist.barrier()
+    return results
+
+
+def write_results(output_dir: str, results: dict) -> None:
+    with open(os.path.join(output_dir, "results.json"), "w") as fh:
+        json.dump(results, fh, indent=2)
+    with open(os.path.join(output_dir, "results.md"), "w") as fh:
+        fh.write(results_table([results]))
+
+
+def results_table(rows: list[dict]) -> str:
+    """A markdown table of best dev scores, one row per run, with the average of the main metrics."""
+    lines = ["| task | model | split | metrics | best step |", "|---|---|---|---|---|"]
+    for r in rows:
+        for split, m in r["best"]["dev"].items():
+            scores = ", ".join(f"{k} {100 * v:.2f}" for k, v in m.items())
+            lines.append(f"| {r['task']} | {r['model']} | {split} | {scores} | {r['best']['step']} |")
+    mains = [r["best"]["main"] for r in rows]
+    lines.append(f"\naverage of the main metrics: {100 * sum(mains) / len(mains):.2f}\n")
+    return "\n".join(lines)
