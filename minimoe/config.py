@@ -259,6 +259,44 @@ class FinetuneConfig(TrainConfig):
         return self
 
 
+@dataclass
+class EvaluateConfig:
+    """Score a fine-tuned model folder (launchers/finetune.py's output_dir/model) on a split, in one
+    plain process (experts gathered, no launcher). Writes a JSON and a markdown table."""
+
+    model: str = field(default="runs/finetune/model", metadata=_help("A fine-tuned model folder (task.json inside)."))
+    split: str = field(default="dev", metadata=_help("dev or test (local files), or a hub split name."))
+    data: str = field(default="", metadata=_help("Local task folder. Default: the hub, or data/tasks/<task>."))
+    max_seq_length: int = field(default=128, metadata=_help("Maximum tokens per sequence."))
+    batch_size: int = field(default=64, metadata=_help("Sequences per forward."))
+    output: str = field(default="", metadata=_help("Result JSON path. Default: <model>/../eval_<split>.json."))
+
+    def validate(self) -> "EvaluateConfig":
+        if self.batch_size < 1 or self.max_seq_length < 8:
+            raise ConfigError(f"--batch_size {self.batch_size} must be >= 1 and --max_seq_length >= 8")
+        return self
+
+
+@dataclass
+class SweepConfig:
+    """Fine-tune several models on several tasks and seeds (one launcher run each) and print the table
+    the paper reports: the main dev metric per task (mean over seeds) and the average over tasks."""
+
+    models: str = field(default="runs/demo/student", metadata=_help("Comma-separated models (students or HF)."))
+    tasks: str = field(default="sentiment,wnut16", metadata=_help("Comma-separated task names."))
+    seeds: str = field(default="42", metadata=_help("Comma-separated seeds."))
+    output_dir: str = field(default="runs/sweep", metadata=_help("Root folder: <model>/<task>/seed<S>/ per run."))
+    launcher: str = field(default="python", metadata=_help(
+        "How each run starts, e.g. 'python' or 'deepspeed --num_gpus 8'."))
+    extra: str = field(default="", metadata=_help("Extra finetune flags for every run, e.g. '--num_epochs 5'."))
+
+    def validate(self) -> "SweepConfig":
+        for name in ("models", "tasks", "seeds"):
+            if not str(getattr(self, name)).strip():
+                raise ConfigError(f"--{name} is empty")
+        return self
+
+
 # ----------------------------------------------------------------------------------------------
 # Flags -> dataclasses. One flat namespace over a config and its nested dataclasses (the student).
 

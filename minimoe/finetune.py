@@ -123,8 +123,10 @@ def predict(engine, task: Task, data: list[dict], micro: int, rank: int, world: 
                     tags[w] = task.labels[int(logits[j, pos].argmax())]
                 preds.append((i, tags))
     engine.train(was_training)
-    gathered = [None] * world
-    dist.all_gather_object(gathered, preds)
+    gathered = [preds]
+    if dist.is_initialized():
+        gathered = [None] * world
+        dist.all_gather_object(gathered, preds)
     by_index = dict(p for part in gathered for p in part)
     return [by_index[i] for i in range(len(data))]
 
@@ -273,3 +275,20 @@ def results_table(rows: list[dict]) -> str:
     mains = [r["best"]["main"] for r in rows]
     lines.append(f"\naverage of the main metrics: {100 * sum(mains) / len(mains):.2f}\n")
     return "\n".join(lines)
+
+
+def evaluate_folder(folder: str, split: str, data_dir, max_len: int, batch_size: int) -> dict:
+    """Score a fine-tuned model folder on one split in this process (no process group needed)."""
+    from .heads import load_task_model
+    model, meta = load_task_model(folder)
+    task = get_task(meta["task"])
+    tok = tokenizer_for(os.path.join(folder, "encoder"))
+    if data_dir is None and task.hub is None:
+        data_dir = offline_dir(task)
+    hub_split = {"dev": task.dev_splits[0]}.get(split, split) if data_dir is None else split
+    data = encode(task, load_split(task, hub_split, data_dir), tok, max_len)
+    t = time.perf_counter()
+    scores = task.score(predict(model, task, data, batch_size, 0, 1, tok.pad_token_id, torch.device("cpu")),
+                        [ex["gold"] for ex in data])
+    return {"task": task.name, "model": folder, "split": split, "examples": len(data), "scores": scores,
+            "main_metric": task.main_metric, "seconds": time.perf_counter() - t}

@@ -1,0 +1,68 @@
+"""Fine-tune several models on several tasks and seeds, then print the paper-style table.
+
+    python launchers/sweep.py --models runs/demo/student,packaged:all-MiniLM-L6-v2 --tasks sentiment,wnut16
+    python launchers/sweep.py --models runs/bert-4L/student --tasks sst2,mrpc,stsb,qqp,mnli,qnli,rte,cola \
+        --seeds 1,2,3 --launcher "deepspeed --num_gpus 8" --extra "--num_epochs 5 --lr 1e-4"
+
+Each run is one launchers/finetune.py process in <output_dir>/<model>/<task>/seed<S>/ (a run whose
+results.json exists is not run again, so a sweep can be resumed). Writes sweep.json and sweep.md.
+"""
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from minimoe.cli import main  # noqa: E402
+from minimoe.config import ConfigError, SweepConfig  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _items(v) -> list[str]:
+    return [str(x).strip() for x in (v if isinstance(v, (tuple, list)) else str(v).split(",")) if str(x).strip()]
+
+
+def _name(model: str) -> str:
+    return model.rstrip("/").replace("packaged:", "").replace("/", "_").replace(":", "_")
+
+
+def run(cfg: SweepConfig) -> None:
+    from minimoe.data.tasks import get_task
+    models, tasks, seeds = _items(cfg.models), _items(cfg.tasks), _items(cfg.seeds)
+    for t in tasks:
+        get_task(t)  # unknown task names fail before any run
+    scores = {}
+    for m in models:
+        for t in tasks:
+            for s in seeds:
+                out = os.path.join(cfg.output_dir, _name(m), t, f"seed{s}")
+                res = os.path.join(out, "results.json")
+                if not os.path.isfile(res):
+                    cmd = [*shlex.split(cfg.launcher), os.path.join(HERE, "finetune.py"), "--model", m, "--task", t,
+                           "--seed", s, "--output_dir", out, *shlex.split(cfg.extra)]
+                    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+                    if subprocess.run(cmd).returncode != 0:
+                        raise ConfigError(f"the run for model {m}, task {t}, seed {s} failed (see above)")
+                with open(res) as fh:
+                    r = json.load(fh)
+                scores.setdefault(m, {}).setdefault(t, []).append(r["best"]["main"])
+    table = ["| model | " + " | ".join(tasks) + " | avg |", "|---|" + "---|" * (len(tasks) + 1)]
+    summary = {}
+    for m in models:
+        means = {t: sum(v) / len(v) for t, v in scores[m].items()}
+        summary[m] = {"per_task": means, "average": sum(means.values()) / len(means), "runs": scores[m]}
+        table.append(f"| {m} | " + " | ".join(f"{100 * means[t]:.2f}" for t in tasks)
+                     + f" | {100 * summary[m]['average']:.2f} |")
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with open(os.path.join(cfg.output_dir, "sweep.json"), "w") as fh:
+        json.dump(summary, fh, indent=2)
+    with open(os.path.join(cfg.output_dir, "sweep.md"), "w") as fh:
+        fh.write("\n".join(table) + "\n")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    sys.exit(main(SweepConfig, run, "launchers/sweep.py"))

@@ -1,0 +1,124 @@
+"""Fine-tuning for real: 2 ranks with ep_size 2 on small task files written here, the exported model
+scored in one plain process, a dense HF baseline, and bad input."""
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO, TOKENIZER_FILES, read_jsonl, spawn, tiny_teacher
+from minimoe import MiniMoEModel, StudentConfig
+from minimoe.config import PACKAGED_TEACHER, ConfigError, FinetuneConfig, from_flags
+from minimoe.data.assets import resolve_model
+
+GOOD = ["great", "wonderful", "moving", "brilliant", "fun", "superb"]
+BAD = ["awful", "boring", "dull", "terrible", "bland", "weak"]
+
+
+def sentiment_dir(path):
+    rng = random.Random(0)
+    os.makedirs(path, exist_ok=True)
+    for split, n in (("train", 96), ("dev", 24), ("test", 24)):
+        with open(os.path.join(path, f"{split}.tsv"), "w") as fh:
+            fh.write("sentence\tlabel\n")
+            for _ in range(n):
+                y = rng.randint(0, 1)
+                fh.write(f"the film was {rng.choice(GOOD if y else BAD)} and the cast {rng.choice(['too', 'also'])}\t{y}\n")
+    return str(path)
+
+
+def ner_dir(path):
+    rng = random.Random(1)
+    os.makedirs(path, exist_ok=True)
+    names = ["Alice", "Bob", "Carol", "Dave"]
+    places = ["Paris", "Oslo", "Lima"]
+    for split, n in (("train", 80), ("dev", 20)):
+        with open(os.path.join(path, f"{split}.txt"), "w") as fh:
+            for _ in range(n):
+                fh.write(f"{rng.choice(names)}\tB-person\nvisited\tO\n{rng.choice(places)}\tB-geo-loc\ntoday\tO\n\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ft")
+    student = tmp / "student"
+    MiniMoEModel(StudentConfig(num_layers=2, hidden_size=64, num_heads=4, ffn_size=128, num_experts=4)).save_pretrained(str(student))
+    for f in TOKENIZER_FILES:
+        shutil.copy(os.path.join(resolve_model(PACKAGED_TEACHER), f), student)
+    return {"tmp": tmp, "student": str(student), "sentiment": sentiment_dir(tmp / "sent"), "ner": ner_dir(tmp / "ner")}
+
+
+def flags(fx, out, **kw):
+    f = {"model": fx["student"], "output_dir": str(out), "micro_batch_size": 8, "max_seq_length": 32, "lr": 1e-3,
+         "max_steps": 60, "eval_every": 30, "log_every": 10, "wandb": "disabled", "patience": 0}
+    f.update(kw)
+    return f
+
+
+def _worker(rank, f):
+    from minimoe.finetune import run
+    run(from_flags(FinetuneConfig, f))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task,data", [("sentiment", "sentiment"), ("wnut16", "ner")])
+def test_two_rank_ep2_finetune_exports_a_model_that_scores_the_same(fx, task, data):
+    from minimoe.finetune import evaluate_folder
+    out = fx["tmp"] / f"run_{task}"
+    spawn(_worker, 2, flags(fx, out, task=task, data=fx[data], ep_size=2))
+    res = json.load(open(out / "results.json"))
+    assert [h["step"] for h in res["history"]] == [30, 60]
+    assert res["best"]["main"] >= 0.9  # the patterns in these files are easy: the student must learn them
+    losses = [m["train_loss"] for m in read_jsonl(out / "metrics.jsonl") if "train_loss" in m]
+    assert losses[-1] < losses[0]
+    meta = json.load(open(out / "model" / "task.json"))
+    assert meta["encoder_type"] == "minimoe" and meta["task"] == task
+    # the exported model (experts gathered, ep_size 1, one process) gives the ep_size-2 engine's dev score
+    again = evaluate_folder(str(out / "model"), "dev", fx[data], 32, 16)
+    assert again["scores"] == pytest.approx(res["best"]["dev"]["dev"])
+    assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_dense_hf_baseline_through_the_same_code(fx):
+    teacher = tiny_teacher(str(fx["tmp"] / "bert"), hidden=64, layers=2)
+    out = fx["tmp"] / "dense"
+    spawn(_worker, 1, flags(fx, out, model=teacher, task="sentiment", data=fx["sentiment"], max_steps=6))
+    res = json.load(open(out / "results.json"))
+    assert res["encoder_type"] == "hf" and 0.0 <= res["best"]["main"] <= 1.0
+    assert os.path.isfile(out / "model" / "encoder" / "config.json")
+
+
+def test_finetune_plan_errors(fx, tmp_path):
+    from minimoe.finetune import plan
+    with pytest.raises(ConfigError, match="--task 'glue' is unknown"):
+        plan(from_flags(FinetuneConfig, flags(fx, tmp_path, task="glue")))
+    with pytest.raises(ConfigError, match="has no dev.tsv for task sentiment"):
+        os.makedirs(tmp_path / "only_train")
+        shutil.copy(os.path.join(fx["sentiment"], "train.tsv"), tmp_path / "only_train")
+        plan(from_flags(FinetuneConfig, flags(fx, tmp_path, task="sentiment", data=str(tmp_path / "only_train"))))
+    with pytest.raises(ConfigError, match="--ep_size 3 must divide the student's 4 experts"):
+        plan(from_flags(FinetuneConfig, flags(fx, tmp_path, task="sentiment", data=fx["sentiment"], ep_size=3)))
+    with pytest.raises(ConfigError, match="--ep_size 2 needs a MiniMoE student"):
+        plan(from_flags(FinetuneConfig, flags(fx, tmp_path, model=resolve_model(PACKAGED_TEACHER), task="sentiment",
+                                              data=fx["sentiment"], ep_size=2)))
+    with pytest.raises(ConfigError, match="is neither a MiniMoE student folder nor|has no loadable tokenizer"):
+        plan(from_flags(FinetuneConfig, flags(fx, tmp_path, model="/nope", task="sentiment", data=fx["sentiment"])))
+
+
+def test_label_set_mismatch_fails_with_one_line(fx, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(fx["sentiment"], bad)
+    with open(bad / "train.tsv", "a") as fh:
+        fh.write("a film\t3\n")
+    p = subprocess.run([sys.executable, os.path.join(REPO, "launchers/finetune.py"), "--model", fx["student"],
+                        "--task", "sentiment", "--data", str(bad), "--output_dir", str(tmp_path / "o"),
+                        "--wandb", "disabled"], env=dict(os.environ, DS_ACCELERATOR="cpu"),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+    assert errors == ["error: task sentiment: train has labels [3]; allowed 0..1"]
