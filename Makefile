@@ -10,7 +10,7 @@ export PATH := $(BIN):$(PATH)
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 NPROC ?= 2
 
-.PHONY: venv demo tasks test test-fast clean
+.PHONY: venv demo tasks finetune-demo test test-fast clean
 
 venv: $(VENV)/.installed
 
@@ -36,6 +36,12 @@ tasks: data/tasks/.prepared
 data/tasks/.prepared: venv minimoe/data/prepare_tasks.py
 	$(BIN)/python -m minimoe.data.prepare_tasks --out data/tasks
 	touch $@
+
+# The demo student fine-tuned on both offline tasks.
+finetune-demo: tasks
+	test -f runs/demo/student/model.safetensors || $(MAKE) demo
+	$(BIN)/python launchers/finetune.py --model runs/demo/student --task sentiment --lr 1e-4 --output_dir runs/finetune-sentiment
+	$(BIN)/python launchers/finetune.py --model runs/demo/student --task wnut16 --lr 1e-4 --output_dir runs/finetune-wnut16
 
 test: venv
 	$(BIN)/python -m pytest tests

@@ -249,9 +249,18 @@ class FinetuneConfig(TrainConfig):
     patience: int = field(default=2, metadata=_help(
         "Stop after this many evaluations without a better dev score (0: never stop early)."))
     classifier_dropout: float = field(default=0.1, metadata=_help("Dropout in the task head."))
+    teacher: str = field(default="", metadata=_help(
+        "Task-specific distillation: a fine-tuned model folder (launchers/finetune.py's output_dir/model) "
+        "for the same task and tokenizer, whose logits the student also learns."))
+    kd_weight: float = field(default=0.5, metadata=_help(
+        "With --teacher: loss = (1 - kd_weight) * task loss + kd_weight * logits KD."))
+    temperature: float = field(default=1.0, metadata=_help("With --teacher: softmax temperature of the KD."))
 
     def validate(self) -> "FinetuneConfig":
         super().validate()
+        if not 0.0 <= self.kd_weight <= 1.0 or self.temperature <= 0:
+            raise ConfigError(f"--kd_weight {self.kd_weight} must be in [0, 1] and --temperature "
+                              f"{self.temperature} > 0")
         if self.eval_every < 0 or self.patience < 0:
             raise ConfigError(f"--eval_every {self.eval_every} and --patience {self.patience} must be >= 0")
         if not 0.0 <= self.classifier_dropout < 1.0:

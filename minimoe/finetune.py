@@ -25,6 +25,7 @@ from .data.tasks import Task, dev_split_names, get_task, load_split, offline_dir
 from .distributed import accelerator_name, device, env_world_size, init_distributed
 from .engine import build_student_engine, fill_schedule, pop_precision, student_ds_config
 from .heads import TaskModel, is_minimoe_folder, load_encoder, save_task_model, tokenizer_for
+from .losses import logits_kd
 from .monitor import Monitor, peak_rss_mib
 
 IGNORE = -100
@@ -166,6 +167,8 @@ def plan(cfg: FinetuneConfig) -> Plan:
         raise ConfigError(f"--ep_size {cfg.ep_size} needs a MiniMoE student; {cfg.model!r} is a dense model")
     tokenizer = tokenizer_for(model)
     student_ds_config(cfg, world, accel, num_experts)
+    if cfg.teacher:
+        _check_teacher(cfg.teacher, task, tokenizer)
     data_dir = cfg.data or (offline_dir(task) if task.hub is None else None)
     if data_dir is not None:
         if not os.path.isdir(data_dir):
@@ -173,6 +176,18 @@ def plan(cfg: FinetuneConfig) -> Plan:
         for split in ["train", *dev_split_names(task, local=True)]:
             split_file(task, data_dir, split)  # raises, naming the missing file
     return Plan(model, task, tokenizer, "minimoe" if minimoe else "hf", num_experts, world, accel, data_dir)
+
+
+def _check_teacher(folder: str, task: Task, tokenizer) -> None:
+    meta_path = os.path.join(folder, "task.json")
+    if not os.path.isfile(meta_path):
+        raise ConfigError(f"--teacher {folder!r} is not a fine-tuned model folder (no task.json)")
+    with open(meta_path) as fh:
+        meta = json.load(fh)
+    if meta["task"] != task.name:
+        raise ConfigError(f"--teacher {folder!r} was fine-tuned on {meta['task']}, not {task.name}")
+    if tokenizer_for(os.path.join(folder, "encoder")).get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"--teacher {folder!r} has another tokenizer than --model: the logits would not align")
 
 
 def run(cfg: FinetuneConfig) -> dict:
@@ -186,6 +201,10 @@ def run(cfg: FinetuneConfig) -> dict:
     dev_names = dev_split_names(task, p.data_dir is not None)
     dev_sets = {n: encode(task, load_split(task, n, p.data_dir), tok, cfg.max_seq_length) for n in dev_names}
 
+    teacher = None
+    if cfg.teacher:  # small next to training; every rank keeps a plain copy in eval mode
+        from .heads import load_task_model
+        teacher = load_task_model(cfg.teacher)[0].to(dev).requires_grad_(False)
     encoder, _ = load_encoder(p.model, cfg.ep_size, info.rank % cfg.ep_size)
     model = TaskModel(encoder, p.encoder_type, task.kind, task.num_labels, cfg.classifier_dropout)
     ds = student_ds_config(cfg, p.world_size, p.accelerator, p.num_experts)
@@ -208,21 +227,32 @@ def run(cfg: FinetuneConfig) -> dict:
                       desc=f"finetune {task.name}")
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     history, best, bad_evals = [], None, 0
-    loss_sum, n_loss, t0 = 0.0, 0, time.perf_counter()
+    loss_sum, kd_sum, n_loss, t0 = 0.0, 0.0, 0, time.perf_counter()
     engine.train()
     for step in range(total):
         for idx in batches.indices(step):
             batch = collate([train[i] for i in idx], tok.pad_token_id, task.kind, dev)
             logits, aux = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
             loss = task_loss(task.kind, logits, batch["labels"])
-            engine.backward(loss + cfg.load_balance_weight * aux)
+            total_loss = loss
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits, _ = teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+                tokens = batch["labels"] != IGNORE if task.kind == "ner" else None
+                kd = logits_kd(logits, t_logits, cfg.temperature, tokens)
+                total_loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd
+                kd_sum += float(kd.detach())
+            engine.backward(total_loss + cfg.load_balance_weight * aux)
             engine.step()
             loss_sum, n_loss = loss_sum + float(loss.detach()), n_loss + 1
         monitor.advance()
         done = step + 1
         if done % cfg.log_every == 0:
-            monitor.log(done, {"train_loss": loss_sum / n_loss, "lr": engine.get_lr()[0]})
-            loss_sum, n_loss = 0.0, 0
+            logged = {"train_loss": loss_sum / n_loss, "lr": engine.get_lr()[0]}
+            if teacher is not None:
+                logged["kd_loss"] = kd_sum / n_loss
+            monitor.log(done, logged)
+            loss_sum, kd_sum, n_loss = 0.0, 0.0, 0
         if done % eval_every == 0 or done == total:
             scores = evaluate(engine, task, dev_sets, micro, info.rank, p.world_size, tok.pad_token_id, dev)
             main = scores[dev_names[0]][task.main_metric]

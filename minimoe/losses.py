@@ -54,3 +54,20 @@ def relation_kl(teacher_qkv: Sequence[torch.Tensor], student_qkv: Sequence[torch
         ce = F.cross_entropy(s_scores.view(-1, l), t_p.view(-1, l), reduction="none")
         losses.append(((ce + neg_entropy) * row_weight).sum())
     return torch.stack(losses).mean()
+
+
+def logits_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Task-specific distillation: ``T^2 * KL(softmax(t / T) || softmax(s / T))`` averaged over rows
+    (sequences, or the tokens where ``mask`` is true for token tasks). One logit per row (regression)
+    gives the squared error to the teacher's prediction instead."""
+    s, t = student_logits.float(), teacher_logits.detach().float()
+    if mask is not None:
+        s, t = s[mask], t[mask]
+    if s.shape[-1] == 1:
+        return F.mse_loss(s, t)
+    t_logp = F.log_softmax(t / temperature, dim=-1)
+    s_logp = F.log_softmax(s / temperature, dim=-1)
+    kl = F.kl_div(s_logp.reshape(-1, s.shape[-1]), t_logp.reshape(-1, t.shape[-1]), log_target=True,
+                  reduction="batchmean")
+    return kl * temperature ** 2

@@ -122,3 +122,19 @@ def test_label_set_mismatch_fails_with_one_line(fx, tmp_path):
     assert p.returncode == 2
     errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
     assert errors == ["error: task sentiment: train has labels [3]; allowed 0..1"]
+
+
+@pytest.mark.slow
+def test_task_specific_distillation_from_a_fine_tuned_teacher(fx):
+    """The sentence model fine-tuned above teaches a fresh student (2 ranks, ep_size 2) through its logits."""
+    teacher = fx["tmp"] / "run_sentiment" / "model"
+    if not teacher.is_dir():
+        spawn(_worker, 2, flags(fx, fx["tmp"] / "run_sentiment", task="sentiment", data=fx["sentiment"], ep_size=2))
+    out = fx["tmp"] / "kd"
+    spawn(_worker, 2, flags(fx, out, task="sentiment", data=fx["sentiment"], ep_size=2, teacher=str(teacher),
+                            kd_weight=0.7, temperature=2.0))
+    logged = [m for m in read_jsonl(out / "metrics.jsonl") if "kd_loss" in m]
+    assert logged and logged[-1]["kd_loss"] < logged[0]["kd_loss"]
+    from minimoe.finetune import plan
+    with pytest.raises(ConfigError, match="was fine-tuned on sentiment, not wnut16"):
+        plan(from_flags(FinetuneConfig, flags(fx, out, task="wnut16", data=fx["ner"], teacher=str(teacher))))

@@ -74,3 +74,20 @@ def test_load_balance_ignores_padding_tokens():
     counts = torch.bincount(logits[:4].argmax(-1), minlength=3)
     masked = load_balance_loss(logits, counts, used)
     assert masked.item() == pytest.approx(load_balance_loss(logits[:4], counts).item(), rel=1e-6)
+
+
+def test_logits_kd_matches_the_definition():
+    from minimoe.losses import logits_kd
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    temp = 2.0
+    p, q = torch.softmax(t / temp, -1), torch.softmax(s / temp, -1)
+    want = (p * (p.log() - q.log())).sum(-1).mean() * temp ** 2
+    assert logits_kd(s, t, temp).item() == pytest.approx(want.item(), rel=1e-5)
+    assert logits_kd(t, t, 3.0).item() == pytest.approx(0.0, abs=1e-6)
+    # token tasks: only the masked positions count
+    s3, t3 = torch.randn(2, 4, 3, generator=g), torch.randn(2, 4, 3, generator=g)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    assert logits_kd(s3, t3, 1.0, mask).item() == pytest.approx(logits_kd(s3[mask], t3[mask]).item())
+    # regression: squared error to the teacher
+    assert logits_kd(torch.tensor([[1.0], [2.0]]), torch.tensor([[0.0], [4.0]])).item() == pytest.approx(2.5)
