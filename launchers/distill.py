@@ -11,15 +11,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from minimoe.cli import main  # noqa: E402
 from minimoe.config import DistillConfig  # noqa: E402
 
-
-def run(cfg: DistillConfig) -> None:
-    from minimoe.distill import run as distill
-    distill(cfg)
-
-
 if __name__ == "__main__":
-    sys.exit(main(DistillConfig, run, "launchers/distill.py"))
+    sys.exit(main(DistillConfig, "minimoe.distill:run", "launchers/distill.py"))

@@ -11,15 +11,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from minimoe.cli import main  # noqa: E402
 from minimoe.config import FinetuneConfig  # noqa: E402
 
-
-def run(cfg: FinetuneConfig) -> None:
-    from minimoe.finetune import run as finetune
-    finetune(cfg)
-
-
 if __name__ == "__main__":
-    sys.exit(main(FinetuneConfig, run, "launchers/finetune.py"))
+    sys.exit(main(FinetuneConfig, "minimoe.finetune:run", "launchers/finetune.py"))

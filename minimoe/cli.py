@@ -24,7 +24,9 @@ def _strip_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
-def main(config_cls, run: Callable, prog: str, argv: list[str] | None = None) -> int:
+def main(config_cls, run: Callable | str, prog: str, argv: list[str] | None = None) -> int:
+    """Parse flags into ``config_cls`` and call ``run(config)``. ``run`` may be "module:function", imported
+    only after --help and flag parsing, so both answer without loading torch and DeepSpeed."""
     import fire
     argv = _strip_local_rank(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
@@ -32,7 +34,13 @@ def main(config_cls, run: Callable, prog: str, argv: list[str] | None = None) ->
         return 0
 
     def entry(**flags):
-        run(from_flags(config_cls, flags))
+        cfg = from_flags(config_cls, flags)
+        fn = run
+        if isinstance(fn, str):
+            import importlib
+            module, _, name = fn.partition(":")
+            fn = getattr(importlib.import_module(module), name)
+        fn(cfg)
 
     try:
         fire.Fire(entry, command=argv, name=prog)
