@@ -2,7 +2,7 @@
 
     python launchers/sweep.py --models runs/demo/student,packaged:all-MiniLM-L6-v2 --tasks sentiment,wnut16
     python launchers/sweep.py --models runs/bert-4L/student --tasks sst2,mrpc,stsb,qqp,mnli,qnli,rte,cola \
-        --seeds 1,2,3 --launcher "deepspeed --num_gpus 8" --extra "--num_epochs 5 --lr 1e-4"
+        --seeds 1,2,3 --launcher "deepspeed --num_gpus 8" --extra="--num_epochs 5 --lr 1e-4"
 
 Each run is one launchers/finetune.py process in <output_dir>/<model>/<task>/seed<S>/ (a run whose
 results.json exists is not run again, so a sweep can be resumed). Writes sweep.json and sweep.md.

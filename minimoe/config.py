@@ -297,7 +297,8 @@ class SweepConfig:
     output_dir: str = field(default="runs/sweep", metadata=_help("Root folder: <model>/<task>/seed<S>/ per run."))
     launcher: str = field(default="python", metadata=_help(
         "How each run starts, e.g. 'python' or 'deepspeed --num_gpus 8'."))
-    extra: str = field(default="", metadata=_help("Extra finetune flags for every run, e.g. '--num_epochs 5'."))
+    extra: str = field(default="", metadata=_help(
+        "Extra finetune flags for every run, given with '=': --extra='--num_epochs 5 --lr 1e-4'."))
 
     def validate(self) -> "SweepConfig":
         for name in ("models", "tasks", "seeds"):
