@@ -138,3 +138,21 @@ def test_task_specific_distillation_from_a_fine_tuned_teacher(fx):
     from minimoe.finetune import plan
     with pytest.raises(ConfigError, match="was fine-tuned on sentiment, not wnut16"):
         plan(from_flags(FinetuneConfig, flags(fx, out, task="wnut16", data=fx["ner"], teacher=str(teacher))))
+
+
+def test_sweep_table_averages_seeds_then_tasks(tmp_path):
+    """Runs whose results.json exists are not run again; the table averages seeds, then tasks."""
+    sys.path.insert(0, os.path.join(REPO, "launchers"))
+    import sweep
+    from minimoe.config import SweepConfig
+    scores = {("a", "sentiment", "1"): 0.80, ("a", "sentiment", "2"): 0.90, ("a", "wnut16", "1"): 0.30,
+              ("a", "wnut16", "2"): 0.50, ("b", "sentiment", "1"): 0.60, ("b", "sentiment", "2"): 0.60,
+              ("b", "wnut16", "1"): 0.20, ("b", "wnut16", "2"): 0.20}
+    for (m, t, s), v in scores.items():
+        d = tmp_path / m / t / f"seed{s}"
+        d.mkdir(parents=True)
+        (d / "results.json").write_text(json.dumps({"best": {"main": v}}))
+    sweep.run(SweepConfig(models="a,b", tasks="sentiment,wnut16", seeds="1,2", output_dir=str(tmp_path)))
+    table = (tmp_path / "sweep.md").read_text().splitlines()
+    assert table[2] == "| a | 85.00 | 40.00 | 62.50 |"
+    assert table[3] == "| b | 60.00 | 20.00 | 40.00 |"
