@@ -22,7 +22,7 @@ from . import checkpoint
 from .config import ConfigError, DistillConfig, StudentConfig
 from .data import assets, corpus as corpus_lib
 from .data.batches import GlobalBatches, StreamingBatches
-from .distributed import DistInfo, accelerator_name, device, env_world_size, init_distributed
+from .distributed import accelerator_name, agree, device, env_world_size, init_distributed
 from .engine import (build_student_engine, dtype_of, fill_schedule, pop_precision, student_ds_config,
                      teacher_ds_config)
 from .losses import relation_kl
@@ -86,20 +86,11 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _load_corpus(cfg: DistillConfig, p: Plan, dist_info: DistInfo):
+def _load_corpus(cfg: DistillConfig, p: Plan):
     """Rank 0 tokenises (or finds the cache); the others wait, then load. Errors reach every rank."""
-    import torch.distributed as dist
     cache = assets.default_cache_dir(cfg.cache_dir)
     args = (p.data, cfg.text_column, p.tokenizer, cfg.max_seq_length, cfg.short_seq_prob, cfg.seed, cache)
-    error = [None]
-    if dist_info.is_main:
-        try:
-            corpus_lib.build_or_load(*args, progress=True)
-        except ConfigError as e:
-            error = [str(e)]
-    dist.broadcast_object_list(error, src=0)
-    if error[0]:
-        raise ConfigError(error[0])
+    agree(lambda: corpus_lib.build_or_load(*args, progress=True), main_only=True)
     return corpus_lib.build_or_load(*args)
 
 
@@ -115,20 +106,6 @@ def _streaming_batches(cfg: DistillConfig, p: Plan, rank: int, micro: int, accum
     return StreamingBatches(make_examples, micro, accum, p.world_size, rank, cfg.seed, p.tokenizer.pad_token_id)
 
 
-def _first_step(batches, step: int) -> list:
-    """The first step's micro-batches, read on every rank; a failure on any rank stops all of them."""
-    import torch.distributed as dist
-    try:
-        first, error = batches.micro_batches(step), None
-    except ConfigError as e:
-        first, error = None, str(e)
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    if any(errors):
-        raise ConfigError(next(e for e in errors if e))
-    return first
-
-
 def run(cfg: DistillConfig) -> dict:
     p = plan(cfg)
     dist_info = init_distributed()
@@ -142,7 +119,7 @@ def run(cfg: DistillConfig) -> dict:
         batches, corpus_size = _streaming_batches(cfg, p, dist_info.rank, micro, accum), None
         total_steps = cfg.max_steps
     else:
-        corpus = _load_corpus(cfg, p, dist_info)
+        corpus = _load_corpus(cfg, p)
         corpus_size = len(corpus)
         batches = GlobalBatches(corpus, micro, accum, p.world_size, dist_info.rank, cfg.seed, p.tokenizer.pad_token_id)
         if batches.steps_per_epoch == 0:
@@ -186,8 +163,8 @@ def run(cfg: DistillConfig) -> dict:
     window = _Window(cfg.load_balance_weight)
     history = []
     wall0 = time.perf_counter()
-    step = start_step
-    first = _first_step(batches, start_step) if start_step < total_steps else None
+    # The first step's batches are read on every rank first: an empty stream shard on one rank stops all.
+    first = agree(lambda: batches.micro_batches(start_step)) if start_step < total_steps else None
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         for batch in (first if step == start_step else batches.micro_batches(step)):

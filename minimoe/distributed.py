@@ -53,6 +53,26 @@ def init_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, local_world)
 
 
+def agree(fn, main_only: bool = False):
+    """Call ``fn`` on every rank (or on rank 0 only) so that a user error anywhere stops every rank:
+    a ConfigError raised on one rank is raised on all of them, instead of leaving the others waiting
+    in the next collective."""
+    import torch.distributed as dist
+    from .config import ConfigError
+    result, error = None, None
+    if not main_only or dist.get_rank() == 0:
+        try:
+            result = fn()
+        except ConfigError as e:
+            error = str(e)
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise ConfigError(first)
+    return result
+
+
 def shutdown(wait: bool = True) -> None:
     """Leave the process group (together, with ``wait``): a rank that exits while gloo's group is
     alive can abort at interpreter exit instead of returning its exit code."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Optional
 
 import torch
 

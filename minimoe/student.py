@@ -7,7 +7,6 @@ rank's place among them, because DeepSpeed's MoE layer builds only the local exp
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from typing import Optional

@@ -9,7 +9,7 @@ from minimoe.moe import load_balance_loss
 
 def reference_relation_kl(t_qkv, s_qkv, mask, r):
     """Plain loops over samples and heads on the unpadded tokens only, in float64."""
-    total, rows = 0.0, 0
+    total = 0.0
     for t_x, s_x in zip(t_qkv, s_qkv):
         part, n = 0.0, 0
         for b in range(mask.shape[0]):
