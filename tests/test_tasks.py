@@ -52,3 +52,19 @@ def test_bad_task_input(tmp_path):
     write(tmp_path / "train.txt", "Paris B-CITY\n")
     with pytest.raises(ConfigError, match=r"tags \['B-CITY'\] outside the label set"):
         load_split(get_task("conll2003"), "train", str(tmp_path))
+
+
+def test_offline_task_preparation_parsers():
+    from minimoe.data.prepare_tasks import sentiment, wnut
+    raw = '\ufeff"1","a fine film . \n"\n"-1","a dull\tfilm . "\n"1","a fine film . \n"\n' + "".join(
+        f'"{1 if i % 2 else -1}","review number {i}"\n' for i in range(20))
+    s = sentiment(raw, seed=13)
+    rows = s["train"] + s["dev"] + s["test"]
+    assert len(rows) == 22  # the duplicate is dropped
+    assert ("a dull film .", 0) in rows and ("a fine film .", 1) in rows
+    assert (len(s["train"]), len(s["dev"]), len(s["test"])) == (17, 2, 3)
+    assert sentiment(raw, seed=13) == s  # fixed splits
+    ner = "A\tB-person\nsaid\tO\n\t\nParis\tB-geo-loc\n\nhi\tO\n"
+    w = wnut(ner, seed=1)
+    sents = w["train"] + w["dev"] + w["test"]
+    assert sorted(sents) == sorted([[("A", "B-person"), ("said", "O")], [("Paris", "B-geo-loc")], [("hi", "O")]])
