@@ -140,6 +140,9 @@ def run(cfg: DistillConfig) -> dict:
     if p.resume:
         client = checkpoint.load(engine, *p.resume, dist_info.rank)
         start_step = int(client["minimoe_step"])
+        if start_step > total_steps:
+            raise ConfigError(f"--resume: the checkpoint is at step {start_step}, past this run's {total_steps} steps; "
+                              "raise --max_steps")
         if client.get("minimoe_global_batch") != batches.global_batch:
             raise ConfigError(f"--resume: the checkpoint was trained with global batch "
                               f"{client.get('minimoe_global_batch')}, this run has {batches.global_batch}")
@@ -270,9 +273,10 @@ def _summary(cfg, p, history, wall, steps, rss, tinfo, global_batch) -> dict:
 
 
 def format_summary(s: dict) -> str:
-    lines = [f"done: {s['steps']} steps in {s['wall_s']:.1f} s ({s['steps_per_s']:.3f} steps/s, "
-             f"{s['tokens_per_s']:.0f} tokens/s), relation loss {s['relation_first']:.4f} -> {s['relation_last']:.4f}",
-             f"peak RSS per rank (MiB): {s['peak_rss_mib_per_rank']}",
+    done = (f"done: {s['steps']} steps in {s['wall_s']:.1f} s ({s['steps_per_s']:.3f} steps/s, "
+            f"{s['tokens_per_s']:.0f} tokens/s), relation loss {s['relation_first']:.4f} -> {s['relation_last']:.4f}"
+            if s["relation_first"] is not None else "done: the checkpoint was already at the last step; exported it")
+    lines = [done, f"peak RSS per rank (MiB): {s['peak_rss_mib_per_rank']}",
              f"{'model':<12}{'params':>10}{'active':>10}{'paper GFLOPs':>14}{'fwd GFLOPs':>12}"]
     for name, m in s["models"].items():
         lines.append(f"{name:<12}{m['params_total_M']:>9.1f}M{m['params_active_M']:>9.1f}M"

@@ -1,6 +1,7 @@
 """The main job for real: the launchers, 2 ranks with ep_size 2, kill and resume, export."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,3 +166,14 @@ def test_resume_refuses_another_student_or_a_fresh_start_over_old_checkpoints(as
         plan(from_flags(DistillConfig, flag_dict(assets, straight_run, resume=True, num_experts=2, ep_size=1)))
     with pytest.raises(ConfigError, match="holds checkpoints of an earlier run; pass --resume"):
         plan(from_flags(DistillConfig, flag_dict(assets, straight_run, ep_size=1)))
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_re_exports_and_a_shorter_one_is_refused(assets, straight_run):
+    out = assets / "finished"
+    shutil.copytree(straight_run, out)
+    before = (out / "student" / "model.safetensors").read_bytes()
+    spawn(_run_worker, 2, flag_dict(assets, out, resume=True))
+    assert (out / "student" / "model.safetensors").read_bytes() == before
+    with pytest.raises(AssertionError, match=f"the checkpoint is at step {STEPS}, past this run's 4 steps"):
+        spawn(_run_worker, 2, flag_dict(assets, out, resume=True, max_steps=4))
