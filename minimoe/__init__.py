@@ -1,7 +1,17 @@
-"""minimoe: DeepSpeed knowledge distillation of Hugging Face encoders into MiniMoE students."""
-from .config import ConfigError, DistillConfig, StudentConfig
-from .student import MiniMoEModel, count_parameters, flops_per_sequence
+"""minimoe: DeepSpeed knowledge distillation of Hugging Face encoders into MiniMoE students.
+
+The model classes are imported on first use, so ``launchers/*.py --help`` and config validation do not
+load torch and DeepSpeed.
+"""
+from .config import ConfigError, DistillConfig, FinetuneConfig, StudentConfig
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "DistillConfig", "StudentConfig", "MiniMoEModel", "count_parameters",
-           "flops_per_sequence", "__version__"]
+_LAZY = {"MiniMoEModel": "student", "count_parameters": "student", "flops_per_sequence": "student"}
+__all__ = ["ConfigError", "DistillConfig", "FinetuneConfig", "StudentConfig", *_LAZY, "__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'minimoe' has no attribute {name!r}")
