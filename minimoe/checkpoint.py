@@ -15,6 +15,7 @@ reading them lets any checkpoint become an ep_size-1 student folder in one plain
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import random
@@ -131,11 +132,20 @@ def export_student(tag_dir: str, out_dir: str, student_config, tokenizer=None) -
     if missing or unexpected:
         raise ConfigError(f"checkpoint {tag_dir!r} does not match the student config: "
                           f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with staged_folder(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return out_dir
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: str):
+    """Yield a sibling folder to fill; on success it replaces ``out_dir``, so readers never see a
+    half-written export and a crash leaves the previous one in place."""
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=model.state_dict())
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+    os.makedirs(tmp)
+    yield tmp
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
-    return out_dir

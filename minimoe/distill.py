@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 import time
@@ -26,7 +25,7 @@ from .distributed import accelerator_name, agree, device, env_world_size, init_d
 from .engine import (build_student_engine, dtype_of, fill_schedule, pop_precision, student_ds_config,
                      teacher_ds_config)
 from .losses import relation_kl
-from .monitor import Monitor, expert_utilisation, peak_rss_mib
+from .monitor import Monitor, expert_utilisation, gather_peak_rss
 from .student import MiniMoEModel, count_parameters, flops_per_sequence
 from .teacher import Teacher, resolve_layer, teacher_info
 
@@ -122,10 +121,7 @@ def run(cfg: DistillConfig) -> dict:
         corpus = _load_corpus(cfg, p)
         corpus_size = len(corpus)
         batches = GlobalBatches(corpus, micro, accum, p.world_size, dist_info.rank, cfg.seed, p.tokenizer.pad_token_id)
-        if batches.steps_per_epoch == 0:
-            raise ConfigError(f"--data has {len(corpus)} training pairs, fewer than one global batch of "
-                              f"{batches.global_batch}; lower --micro_batch_size or add text")
-        total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * batches.steps_per_epoch)
+        total_steps = batches.total_steps(cfg.max_steps, cfg.num_epochs, f"--data {cfg.data!r}")
 
     t_ds = teacher_ds_config(cfg, p.world_size, micro, p.accelerator)
     teacher = Teacher(p.teacher, t_ds, cfg.teacher_layer, dtype_of(pop_precision(t_ds)))
@@ -199,9 +195,8 @@ def run(cfg: DistillConfig) -> dict:
     if dist_info.is_main:
         final = os.path.join(ckpt_root, checkpoint.tag_for(total_steps))
         checkpoint.export_student(final, student_dir, p.student, p.tokenizer)
-    rss = [None] * dist_info.world_size
-    dist.all_gather_object(rss, peak_rss_mib())
-    summary = _summary(cfg, p, history, wall, total_steps - start_step, rss, teacher.info, batches.global_batch)
+    summary = _summary(cfg, p, history, wall, total_steps - start_step, gather_peak_rss(), teacher.info,
+                       batches.global_batch)
     if dist_info.is_main:
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
@@ -266,7 +261,7 @@ def _summary(cfg, p, history, wall, steps, rss, tinfo, global_batch) -> dict:
         "relation_first": history[0]["relation"] if history else None,
         "relation_last": history[-1]["relation"] if history else None,
         "global_batch": global_batch, "world_size": p.world_size, "ep_size": cfg.ep_size,
-        "peak_rss_mib_per_rank": [round(r, 1) for r in rss],
+        "peak_rss_mib_per_rank": rss,
         "teacher": {"name": p.teacher, "hidden_size": tinfo.hidden_size, "layers": tinfo.num_layers},
         "models": table,
     }

@@ -26,7 +26,7 @@ from .distributed import accelerator_name, device, env_world_size, init_distribu
 from .engine import build_student_engine, fill_schedule, pop_precision, student_ds_config
 from .heads import TaskModel, is_minimoe_folder, load_encoder, save_task_model, tokenizer_for
 from .losses import logits_kd
-from .monitor import Monitor, peak_rss_mib
+from .monitor import Monitor, gather_peak_rss
 
 IGNORE = -100
 
@@ -211,10 +211,7 @@ def run(cfg: FinetuneConfig) -> dict:
     pop_precision(ds)
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
     batches = GlobalBatches(train, micro, accum, p.world_size, info.rank, cfg.seed, tok.pad_token_id)
-    if batches.steps_per_epoch == 0:
-        raise ConfigError(f"task {task.name}: {len(train)} training examples are fewer than one global batch of "
-                          f"{batches.global_batch}; lower --micro_batch_size")
-    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * batches.steps_per_epoch)
+    total = batches.total_steps(cfg.max_steps, cfg.num_epochs, f"task {task.name} train split")
     eval_every = cfg.eval_every or batches.steps_per_epoch
     torch.manual_seed(cfg.seed + info.rank)
     engine = build_student_engine(model, fill_schedule(ds, cfg, total))
@@ -269,12 +266,10 @@ def run(cfg: FinetuneConfig) -> dict:
                     monitor.write(f"early stop: no better dev {task.main_metric} in {bad_evals} evaluations")
                     break
     wall = time.perf_counter() - t0
-    rss = [None] * p.world_size
-    dist.all_gather_object(rss, peak_rss_mib())
     results = {"task": task.name, "model": cfg.model, "encoder_type": p.encoder_type, "main_metric": task.main_metric,
                "best": best, "history": history, "wall_s": wall, "steps": history[-1]["step"] if history else 0,
                "train_examples": len(train), "world_size": p.world_size, "ep_size": cfg.ep_size,
-               "peak_rss_mib_per_rank": [round(r, 1) for r in rss]}
+               "peak_rss_mib_per_rank": gather_peak_rss()}
     if info.is_main:
         state = checkpoint.gather_state_dict(os.path.join(ckpt_root, "best"))
         save_task_model(os.path.join(cfg.output_dir, "model"), state, task, p.encoder_type, p.model, tok,

@@ -80,24 +80,21 @@ class TaskModel(nn.Module):
 def save_task_model(folder: str, state: dict, task, encoder_type: str, source: str, tokenizer,
                     dropout: float) -> str:
     """Write a fine-tuned model folder from a full state dict (experts under global ids)."""
-    import shutil
     from safetensors.torch import save_file
-    tmp = folder.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    from .checkpoint import staged_folder
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
     head = {k: v.contiguous() for k, v in state.items() if not k.startswith("encoder.")}
-    base, _ = load_encoder(source)  # the architecture (ep_size 1), then the fine-tuned weights
-    base.load_state_dict(enc, strict=True)
-    base.save_pretrained(os.path.join(tmp, "encoder"))
-    tokenizer.save_pretrained(os.path.join(tmp, "encoder"))
-    save_file(head, os.path.join(tmp, "head.safetensors"))
-    with open(os.path.join(tmp, "task.json"), "w") as fh:
-        json.dump({"task": task.name, "kind": task.kind, "labels": list(task.labels), "num_labels": task.num_labels,
-                   "encoder_type": encoder_type, "source": source, "classifier_dropout": dropout}, fh, indent=2)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    with staged_folder(folder) as tmp:
+        base, _ = load_encoder(source)  # the architecture (ep_size 1), then the fine-tuned weights
+        base.load_state_dict(enc, strict=True)
+        base.save_pretrained(os.path.join(tmp, "encoder"))
+        tokenizer.save_pretrained(os.path.join(tmp, "encoder"))
+        save_file(head, os.path.join(tmp, "head.safetensors"))
+        with open(os.path.join(tmp, "task.json"), "w") as fh:
+            json.dump({"task": task.name, "kind": task.kind, "labels": list(task.labels),
+                       "num_labels": task.num_labels, "encoder_type": encoder_type, "source": source,
+                       "classifier_dropout": dropout}, fh, indent=2)
     return folder
 
 

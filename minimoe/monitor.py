@@ -14,6 +14,14 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def gather_peak_rss() -> list[float]:
+    """Every rank's peak RSS (MiB), on every rank."""
+    import torch.distributed as dist
+    rss = [None] * dist.get_world_size()
+    dist.all_gather_object(rss, round(peak_rss_mib(), 1))
+    return rss
+
+
 def expert_utilisation(counts: list[torch.Tensor]) -> dict:
     """Per MoE layer: the share of routed tokens each expert took, and the busiest expert's load
     relative to a perfect balance (1.0 = balanced; E = one expert takes all). Dropless dispatch runs

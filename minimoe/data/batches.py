@@ -5,6 +5,7 @@ step ``step``. Every rank runs the same number of steps (expert-parallel all-to-
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
@@ -54,6 +55,14 @@ class GlobalBatches:
     @property
     def steps_per_epoch(self) -> int:
         return len(self.corpus) // self.global_batch
+
+    def total_steps(self, max_steps: int, num_epochs: float, what: str) -> int:
+        """The run's optimizer steps: ``max_steps``, or ``num_epochs`` passes when it is -1. ``what`` names
+        the data in the error raised when it holds less than one global batch."""
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"{what}: {len(self.corpus)} examples are fewer than one global batch of "
+                              f"{self.global_batch}; lower --micro_batch_size or add data")
+        return max_steps if max_steps > 0 else math.ceil(num_epochs * self.steps_per_epoch)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if self._perm is None or self._perm[0] != epoch:
