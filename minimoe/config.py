@@ -102,6 +102,8 @@ class StudentConfig:
 
 
 PACKAGED_TEACHER = "packaged:all-MiniLM-L6-v2"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TEACHER_PLACEMENTS = ("auto", "replicated", "zero3", "zero3_offload")
 PACKAGED_CORPUS = "packaged:wikipedia"
 
 
@@ -149,8 +151,8 @@ class TrainConfig:
             raise ConfigError(f"--ep_size {self.ep_size} is invalid: must be >= 1")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"--warmup_ratio {self.warmup_ratio} must be in [0, 1)")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"--precision {self.precision!r} is invalid: allowed auto, fp32, bf16, fp16")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision {self.precision!r} is invalid: allowed {', '.join(PRECISIONS)}")
         if self.wandb not in ("offline", "online", "disabled"):
             raise ConfigError(f"--wandb {self.wandb!r} is invalid: allowed offline, online, disabled")
         for name in ("micro_batch_size", "grad_accum"):
@@ -193,8 +195,15 @@ class DistillConfig(TrainConfig):
     max_steps: int = field(default=60, metadata=_help(
         "Optimizer steps to run; -1 means num_epochs full passes."))
     seed: int = field(default=776, metadata=_help("Random seed (paper: 776)."))
-    teacher_ds_config: str = field(default="ds_configs/zero3_teacher.json", metadata=_help(
-        "DeepSpeed config of the frozen teacher (ZeRO-3 inference, no optimizer)."))
+    teacher_placement: str = field(default="auto", metadata=_help(
+        "Where the teacher's weights live: replicated (a copy per rank, fastest), zero3 (1/N per rank, "
+        "gathered a layer at a time), zero3_offload (GPU runs: partitions in pinned host memory), or auto "
+        "(the teacher ds_config's ZeRO stage if it states one, else by teacher size vs memory per rank)."))
+    teacher_precision: str = field(default="auto", metadata=_help(
+        "Teacher weights and compute: fp32, bf16, fp16 (GPU), or auto (the same as --precision)."))
+    teacher_ds_config: str = field(default="ds_configs/teacher.json", metadata=_help(
+        "DeepSpeed config of the frozen teacher (inference, no optimizer): ZeRO-3 knobs; the stage "
+        "follows --teacher_placement."))
     resume: Union[bool, str] = field(default=False, metadata=_help(
         "Resume: True for the latest checkpoint in output_dir, or a checkpoint folder."))
     save_every: int = field(default=20, metadata=_help("Save a checkpoint every N optimizer steps (0: only at the end)."))
@@ -221,6 +230,12 @@ class DistillConfig(TrainConfig):
             raise ConfigError(f"--short_seq_prob {self.short_seq_prob} must be in [0, 1]")
         if self.save_every < 0:
             raise ConfigError(f"--save_every {self.save_every} must be >= 0")
+        if self.teacher_placement not in TEACHER_PLACEMENTS:
+            raise ConfigError(f"--teacher_placement {self.teacher_placement!r} is invalid: allowed "
+                              f"{', '.join(TEACHER_PLACEMENTS)}")
+        if self.teacher_precision not in PRECISIONS:
+            raise ConfigError(f"--teacher_precision {self.teacher_precision!r} is invalid: allowed "
+                              f"{', '.join(PRECISIONS)}")
         return self
 
 

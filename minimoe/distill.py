@@ -21,13 +21,15 @@ from . import checkpoint
 from .config import ConfigError, DistillConfig, StudentConfig
 from .data import assets, corpus as corpus_lib
 from .data.batches import GlobalBatches, StreamingBatches
-from .distributed import accelerator_name, agree, device, env_world_size, init_distributed
+from . import placement as placement_lib
+from .distributed import accelerator_name, agree, device, env_local_world_size, env_world_size, init_distributed
 from .engine import (build_student_engine, dtype_of, fill_schedule, pop_precision, student_ds_config,
                      teacher_ds_config)
 from .losses import relation_kl
 from .monitor import Monitor, expert_utilisation, gather_peak_rss
 from .student import MiniMoEModel, count_parameters, flops_per_sequence
-from .teacher import Teacher, resolve_layer, teacher_info
+from .placement import Placement
+from .teacher import Teacher, parameter_count, resolve_layer, teacher_info, truncated_config
 
 
 @dataclass
@@ -41,6 +43,8 @@ class Plan:
     tokenizer: object
     student: StudentConfig
     resume: Optional[tuple]
+    placement: Placement
+    teacher_bytes: int
 
 
 def plan(cfg: DistillConfig) -> Plan:
@@ -49,7 +53,6 @@ def plan(cfg: DistillConfig) -> Plan:
     accel = accelerator_name()
     teacher = assets.resolve_model(cfg.teacher)
     info = teacher_info(teacher)
-    resolve_layer(cfg.teacher_layer, info.num_layers)
     if info.hidden_size % cfg.relation_heads:
         raise ConfigError(f"--relation_heads {cfg.relation_heads} must divide the teacher hidden size {info.hidden_size}")
     try:
@@ -63,7 +66,11 @@ def plan(cfg: DistillConfig) -> Plan:
         raise ConfigError(f"tokenizer of {teacher!r} has no padding token")
     student = dataclasses.replace(cfg.student, vocab_size=info.vocab_size, pad_token_id=tokenizer.pad_token_id)
     student_ds_config(cfg, world, accel, student.num_experts)  # validates; the schedule is filled in later
-    teacher_ds_config(cfg, world, 1, accel)
+    t_ds = teacher_ds_config(cfg, world, 1, accel)
+    layer = resolve_layer(cfg.teacher_layer, info.num_layers)
+    teacher_bytes = parameter_count(truncated_config(teacher, layer)) * dtype_of(pop_precision(t_ds)).itemsize
+    placement = placement_lib.choose(cfg.teacher_placement, placement_lib.file_placement(t_ds), teacher_bytes,
+                                     world, accel, *placement_lib.memory_per_rank(env_local_world_size()))
     data = assets.resolve_corpus(cfg.data, cfg.cache_dir)
     corpus_lib.local_files(data)                   # raises on missing local files
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
@@ -76,7 +83,7 @@ def plan(cfg: DistillConfig) -> Plan:
     if resume is None and checkpoint.list_tags(ckpt_root):
         raise ConfigError(f"--output_dir {cfg.output_dir!r} holds checkpoints of an earlier run; pass --resume "
                           "to continue it or choose another --output_dir")
-    return Plan(world, accel, teacher, data, tokenizer, student, resume)
+    return Plan(world, accel, teacher, data, tokenizer, student, resume, placement, teacher_bytes)
 
 
 def _seed_all(seed: int) -> None:
@@ -124,7 +131,9 @@ def run(cfg: DistillConfig) -> dict:
         total_steps = batches.total_steps(cfg.max_steps, cfg.num_epochs, f"--data {cfg.data!r}")
 
     t_ds = teacher_ds_config(cfg, p.world_size, micro, p.accelerator)
-    teacher = Teacher(p.teacher, t_ds, cfg.teacher_layer, dtype_of(pop_precision(t_ds)))
+    if dist_info.is_main:
+        print(f"teacher placement: {p.placement.kind} ({p.placement.reason})", flush=True)
+    teacher = Teacher(p.teacher, t_ds, cfg.teacher_layer, dtype_of(pop_precision(t_ds)), p.placement)
 
     model = MiniMoEModel(p.student, ep_size=cfg.ep_size, ep_rank=dist_info.rank % cfg.ep_size)
     model.pooler.requires_grad_(False)  # not part of the distillation loss; fine-tuning trains it
@@ -146,7 +155,10 @@ def run(cfg: DistillConfig) -> dict:
         torch.manual_seed(cfg.seed + dist_info.rank)  # per-rank dropout / gate-noise streams
 
     run_config = {**cfg.to_dict(), "student": p.student.to_dict(), "world_size": p.world_size,
-                  "global_batch": batches.global_batch, "total_steps": total_steps, "corpus_pairs": corpus_size}
+                  "global_batch": batches.global_batch, "total_steps": total_steps, "corpus_pairs": corpus_size,
+                  "teacher_placement": {"kind": p.placement.kind, "reason": p.placement.reason,
+                                        "teacher_bytes": p.teacher_bytes,
+                                        "bytes_per_rank": teacher.bytes_per_rank()}}
     if dist_info.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "run_config.json"), "w") as fh:
@@ -195,7 +207,7 @@ def run(cfg: DistillConfig) -> dict:
     if dist_info.is_main:
         final = os.path.join(ckpt_root, checkpoint.tag_for(total_steps))
         checkpoint.export_student(final, student_dir, p.student, p.tokenizer)
-    summary = _summary(cfg, p, history, wall, total_steps - start_step, gather_peak_rss(), teacher.info,
+    summary = _summary(cfg, p, history, wall, total_steps - start_step, gather_peak_rss(), teacher,
                        batches.global_batch)
     if dist_info.is_main:
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
@@ -246,7 +258,7 @@ class _Window:
         return metrics, util
 
 
-def _summary(cfg, p, history, wall, steps, rss, tinfo, global_batch) -> dict:
+def _summary(cfg, p, history, wall, steps, rss, teacher, global_batch) -> dict:
     dense = dataclasses.replace(p.student, num_experts=1, relation_projection=False)
     table = {}
     for name, sc in (("student", p.student), ("dense_twin", dense)):
@@ -262,7 +274,8 @@ def _summary(cfg, p, history, wall, steps, rss, tinfo, global_batch) -> dict:
         "relation_last": history[-1]["relation"] if history else None,
         "global_batch": global_batch, "world_size": p.world_size, "ep_size": cfg.ep_size,
         "peak_rss_mib_per_rank": rss,
-        "teacher": {"name": p.teacher, "hidden_size": tinfo.hidden_size, "layers": tinfo.num_layers},
+        "teacher": {"name": p.teacher, "hidden_size": teacher.info.hidden_size, "layers": teacher.info.num_layers,
+                    "placement": teacher.placement.kind, "bytes_per_rank": teacher.bytes_per_rank()},
         "models": table,
     }
 

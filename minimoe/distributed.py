@@ -24,6 +24,14 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def env_local_world_size() -> int:
+    """Processes on this node: torchrun says LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "WORLD_SIZE"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 1
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -39,7 +47,7 @@ def init_distributed() -> DistInfo:
     if "RANK" not in os.environ:  # plain `python`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    local_world = env_local_world_size()
     accel = get_accelerator()
     if accel.device_name() == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # N ranks on one host share its cores; oversubscribing threads slows every rank down.

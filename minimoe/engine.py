@@ -96,12 +96,14 @@ def fill_schedule(ds: dict, cfg: TrainConfig, total_steps: int) -> dict:
 
 
 def teacher_ds_config(cfg: DistillConfig, world_size: int, micro_batch: int, accelerator: str) -> dict:
-    """Load and validate the teacher's inference config: no optimizer, batch sizes from the student."""
+    """Load and validate the teacher's inference config: no optimizer, batch sizes from the student,
+    precision from --teacher_precision (auto: the student's). The ZeRO stage is the placement's."""
     ds = copy.deepcopy(load_json(cfg.teacher_ds_config, "--teacher_ds_config"))
     what = f"--teacher_ds_config {cfg.teacher_ds_config}"
     if "optimizer" in ds or "scheduler" in ds:
         raise ConfigError(f"{what}: the teacher is frozen; remove its optimizer/scheduler blocks")
-    precision = _precision(ds, cfg.precision, accelerator, what)
+    precision = cfg.precision if cfg.teacher_precision == "auto" else cfg.teacher_precision
+    precision = _precision(ds, precision, accelerator, what)
     ds["train_micro_batch_size_per_gpu"] = micro_batch
     ds["gradient_accumulation_steps"] = 1
     ds["train_batch_size"] = micro_batch * world_size

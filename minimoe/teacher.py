@@ -1,8 +1,11 @@
-"""The frozen teacher: any Hugging Face encoder, partitioned under ZeRO-3 as it loads, with the
-Q/K/V of one layer captured by forward hooks (no edits to transformers' code).
+"""The frozen teacher *model*: any Hugging Face encoder, built with only the layers up to the distilled
+one, filled from its checkpoint, with the Q/K/V of that layer captured by forward hooks (no edits to
+transformers' code). Where its weights live (replicated, or ZeRO-3 partitions) is ``placement.py``'s.
 
-Layers above the distilled one are cut off before the engine is built: their output is never
-used, so they cost neither memory nor compute.
+Loading never materialises the whole teacher on a rank: the model is built with uninitialised
+weights (partitioned from the start under ZeRO-3), and each rank reads from the memory-mapped
+checkpoint only the elements it keeps (``weights.LazyCheckpoint``). Layers above the distilled one
+and the pooler are never built: their output is never used.
 """
 from __future__ import annotations
 
@@ -13,7 +16,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import placement as placement_lib
 from .config import ConfigError
+from .weights import LazyCheckpoint, local_folder
 
 # Names of the Q/K/V projections inside one layer, by architecture family.
 QKV_NAMES = (
@@ -34,13 +39,78 @@ class TeacherInfo:
     model_type: str
 
 
-def teacher_info(name: str) -> TeacherInfo:
+def _hf_config(name: str):
     from transformers import AutoConfig
     try:
-        cfg = AutoConfig.from_pretrained(name)
+        return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--teacher {name!r} is not a loadable Hugging Face model: {str(e).splitlines()[0]}")
+
+
+def teacher_info(name: str) -> TeacherInfo:
+    cfg = _hf_config(name)
     return TeacherInfo(cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.model_type)
+
+
+def truncated_config(name: str, layer: int):
+    """The teacher's HF config with only the layers up to ``layer`` (an index from resolve_layer)."""
+    cfg = _hf_config(name)
+    cfg.num_hidden_layers = layer + 1
+    return cfg
+
+
+def build_encoder(hf_config, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """The encoder without a pooler (unused), weights left uninitialised: the checkpoint fills them."""
+    from transformers import AutoModel
+    from transformers.initialization import no_init_weights
+    kwargs = {"dtype": dtype} if dtype else {}
+    with no_init_weights():
+        try:
+            return AutoModel.from_config(hf_config, add_pooling_layer=False, **kwargs)
+        except TypeError:  # models without a pooler option (DistilBERT, DeBERTa)
+            return AutoModel.from_config(hf_config, **kwargs)
+
+
+def parameter_count(hf_config) -> int:
+    """Parameters of the (truncated) teacher, counted on the meta device: no memory, no weights read."""
+    with torch.device("meta"):
+        model = build_encoder(hf_config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _checkpoint_key(name: str, keys: set, prefix: str) -> Optional[str]:
+    """The checkpoint's name for a model parameter: as is, under the task model's prefix (``bert.``,
+    ``roberta.``, as saved by ...ForMaskedLM), or with LayerNorm's legacy gamma/beta names."""
+    legacy = name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+    for candidate in (name, legacy):
+        for key in (candidate, f"{prefix}.{candidate}" if prefix else None):
+            if key in keys:
+                return key
+    return None
+
+
+def load_weights(model: nn.Module, ckpt: LazyCheckpoint, partitioned: bool) -> None:
+    """Fill ``model``'s parameters from ``ckpt``: each rank reads only its partition when ``partitioned``."""
+    keys = set(ckpt.keys())
+    prefix = getattr(model, "base_model_prefix", "")
+    missing = [n for n, _ in model.named_parameters() if _checkpoint_key(n, keys, prefix) is None]
+    if missing:
+        raise ConfigError(f"teacher checkpoint {ckpt.folder!r} lacks {len(missing)} weights the encoder needs, "
+                          f"e.g. {missing[:3]}")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            key = _checkpoint_key(name, keys, prefix)
+            shape = ckpt.shape(key)
+            if tuple(shape) != tuple(param.ds_shape if partitioned else param.shape):
+                raise ConfigError(f"teacher checkpoint {ckpt.folder!r}: {key} has shape {tuple(shape)}, the "
+                                  f"config says {tuple(param.ds_shape if partitioned else param.shape)}")
+            if partitioned:
+                part, start, count = placement_lib.local_partition(param)
+                if count:
+                    ckpt.read_into(key, part.narrow(0, 0, count), start)
+            else:
+                ckpt.read_into(key, param.data)
+        # Buffers the checkpoint holds (e.g. old position_ids) keep the values the config built.
 
 
 def resolve_layer(layer: int, num_layers: int) -> int:
@@ -103,26 +173,46 @@ def truncate_and_capture(model: nn.Module, num_layers: int, layer: int) -> QKVCa
 
 
 class Teacher:
-    """A frozen encoder in a DeepSpeed inference engine; ``qkv(batch)`` returns the captured Q/K/V."""
+    """A frozen encoder in a DeepSpeed inference engine, placed as ``placement`` says; ``qkv(batch)``
+    returns the captured Q/K/V of the distilled layer."""
 
-    def __init__(self, name: str, ds_config: dict, layer: int = -1, dtype: Optional[torch.dtype] = None):
+    def __init__(self, name: str, ds_config: dict, layer: int = -1, dtype: Optional[torch.dtype] = None,
+                 placement: Optional[placement_lib.Placement] = None):
         import deepspeed
-        from transformers import AutoModel
-        from transformers.integrations import HfDeepSpeedConfig
-
         info = teacher_info(name)
+        self.info = info
         self.layer = resolve_layer(layer, info.num_layers)
-        self.zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
-        # Kept alive: while it exists, from_pretrained partitions each weight as it is loaded, so no
-        # rank ever holds the whole teacher.
-        self._hf_ds_config = HfDeepSpeedConfig(ds_config) if self.zero3 else None
-        model = AutoModel.from_pretrained(name, dtype=dtype) if dtype else AutoModel.from_pretrained(name)
+        if placement is None:  # the ds_config's stage decides (tests, benchmarks)
+            kind = placement_lib.file_placement(ds_config) or "replicated"
+            placement = placement_lib.Placement(kind, "from the ds_config")
+        self.placement = placement
+        ds_config = placement_lib.apply(dict(ds_config), placement)
+        hf_config = truncated_config(name, self.layer)
+        with LazyCheckpoint(local_folder(name)) as ckpt:
+            if placement.partitioned:
+                with placement_lib.partitioned_construction(ds_config):
+                    model = build_encoder(hf_config, dtype)
+            else:
+                model = build_encoder(hf_config, dtype)
+            load_weights(model, ckpt, placement.partitioned)
         model.eval().requires_grad_(False)
-        self.capture = truncate_and_capture(model, info.num_layers, self.layer)
+        stack = find_layer_stack(model, self.layer + 1)[2]
+        self.capture = QKVCapture(stack[self.layer])
         self._accepts_token_types = "token_type_ids" in inspect.signature(model.forward).parameters
         self.engine, *_ = deepspeed.initialize(model=model, config=ds_config)
         self.engine.eval()
-        self.info = info
+
+    def bytes_per_rank(self) -> int:
+        """Teacher weight bytes this rank keeps (its partitions, or the whole replicated teacher)."""
+        total = 0
+        for p in self.engine.module.parameters():
+            if hasattr(p, "ds_tensor"):
+                total += p.ds_tensor.numel() * p.ds_tensor.element_size()
+                if p.ds_persist:  # small weights ZeRO-3 keeps whole on every rank (persistence threshold)
+                    total += p.ds_numel * p.ds_tensor.element_size()
+            else:
+                total += p.numel() * p.element_size()
+        return total
 
     @torch.no_grad()
     def qkv(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
