@@ -108,6 +108,30 @@ PACKAGED_CORPUS = "packaged:wikipedia"
 
 
 @dataclass
+class LaunchConfig:
+    """Planning a job without starting it: the world it will run on and the commands that start it."""
+
+    dry_run: bool = field(default=False, metadata=_help(
+        "Print the run's layout (ranks, expert groups, batch, memory per rank, teacher placement) and the "
+        "launch commands for every node, then exit without starting a process group."))
+    hostfile: str = field(default="", metadata=_help(
+        "With --dry_run: the job's DeepSpeed hostfile ('hostname slots=N' lines)."))
+    num_nodes: int = field(default=0, metadata=_help("With --dry_run: nodes of the planned job."))
+    gpus_per_node: int = field(default=0, metadata=_help("With --dry_run: processes (GPUs) per node."))
+    master_port: int = field(default=29500, metadata=_help("With --dry_run: the rendezvous port in the commands."))
+
+    def validate(self) -> "LaunchConfig":
+        if self.num_nodes < 0 or self.gpus_per_node < 0:
+            raise ConfigError(f"--num_nodes {self.num_nodes} and --gpus_per_node {self.gpus_per_node} must be >= 1")
+        if not 1 <= self.master_port <= 65535:
+            raise ConfigError(f"--master_port {self.master_port} is invalid: must be in 1..65535")
+        if (self.hostfile or self.num_nodes or self.gpus_per_node) and not self.dry_run:
+            raise ConfigError("--hostfile, --num_nodes and --gpus_per_node plan a job with --dry_run; a real "
+                              "multi-node run takes them from its launcher (deepspeed --hostfile, torchrun --nnodes)")
+        return self
+
+
+@dataclass
 class TrainConfig:
     """Settings every training launcher shares: the run folder, the DeepSpeed engine and its overrides,
     the step budget, logging. Launchers subclass it and may redeclare a field to change its default."""
@@ -136,8 +160,10 @@ class TrainConfig:
     log_every: int = field(default=10, metadata=_help("Log metrics every N optimizer steps."))
     wandb: str = field(default="offline", metadata=_help("wandb mode: offline, online or disabled."))
     wandb_project: str = field(default="minimoe", metadata=_help("wandb project name."))
+    launch: LaunchConfig = field(default_factory=LaunchConfig, metadata=_help("Job planning (--dry_run)."))
 
     def validate(self):
+        self.launch.validate()
         for name in ("max_seq_length", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} {getattr(self, name)} is invalid: must be >= 1")
@@ -221,8 +247,6 @@ class DistillConfig(TrainConfig):
                               f"{self.student.max_position_embeddings} positions")
         if self.streaming and self.max_steps == -1:
             raise ConfigError("--streaming needs --max_steps > 0 (a stream's length is unknown up front)")
-        if self.student.num_experts % self.ep_size:
-            raise ConfigError(f"--ep_size {self.ep_size} must divide --num_experts {self.student.num_experts}")
         if self.student.hidden_size % self.relation_heads:
             raise ConfigError(f"--relation_heads {self.relation_heads} must divide the student hidden size "
                               f"{self.student.hidden_size}")
@@ -409,3 +433,17 @@ def load_json(path: str, what: str) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path!r} must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def to_flags(cfg, skip_sections: tuple = ("launch",)) -> list[tuple[str, Any]]:
+    """(flag, value) for every setting of ``cfg`` that differs from its default: the command line that
+    rebuilds it (what --dry_run prints into the launch commands)."""
+    default = type(cfg)()
+    out = []
+    for section, f in _cli_fields(type(cfg)):
+        if section in skip_sections:
+            continue
+        value = getattr(getattr(cfg, section) if section else cfg, f.name)
+        if value != getattr(getattr(default, section) if section else default, f.name):
+            out.append((f.name, value))
+    return out

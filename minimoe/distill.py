@@ -6,6 +6,7 @@ Order of work (data flows one way): validate everything that can be checked with
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -22,13 +23,15 @@ from .config import ConfigError, DistillConfig, StudentConfig
 from .data import assets, corpus as corpus_lib
 from .data.batches import GlobalBatches, StreamingBatches
 from . import placement as placement_lib
-from .distributed import accelerator_name, agree, device, env_local_world_size, env_world_size, init_distributed
+from .commands import dry_run_report
+from .config import to_flags
+from .distributed import accelerator_name, agree, device, init_distributed
 from .engine import (build_student_engine, dtype_of, fill_schedule, pop_precision, student_ds_config,
-                     teacher_ds_config)
+                     teacher_ds_config, zero_stage)
+from .layout import Layout, plan_layout, run_world
 from .losses import relation_kl
 from .monitor import Monitor, expert_utilisation, gather_peak_rss
-from .student import MiniMoEModel, count_parameters, flops_per_sequence
-from .placement import Placement
+from .student import MiniMoEModel, count_parameters, flops_per_sequence, student_shape
 from .teacher import Teacher, parameter_count, resolve_layer, teacher_info, truncated_config
 
 
@@ -36,20 +39,24 @@ from .teacher import Teacher, parameter_count, resolve_layer, teacher_info, trun
 class Plan:
     """Everything validated before the process group starts."""
 
-    world_size: int
     accelerator: str
     teacher: str
     data: str
     tokenizer: object
     student: StudentConfig
     resume: Optional[tuple]
-    placement: Placement
-    teacher_bytes: int
+    layout: Layout
+    student_ds: dict            # merged; the schedule's step counts are filled once the data is known
+    teacher_ds: dict
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
 
 
 def plan(cfg: DistillConfig) -> Plan:
     from transformers import AutoTokenizer
-    world = env_world_size()
+    world = run_world(cfg.launch, dict(os.environ))
     accel = accelerator_name()
     teacher = assets.resolve_model(cfg.teacher)
     info = teacher_info(teacher)
@@ -65,12 +72,15 @@ def plan(cfg: DistillConfig) -> Plan:
     if tokenizer.pad_token_id is None:
         raise ConfigError(f"tokenizer of {teacher!r} has no padding token")
     student = dataclasses.replace(cfg.student, vocab_size=info.vocab_size, pad_token_id=tokenizer.pad_token_id)
-    student_ds_config(cfg, world, accel, student.num_experts)  # validates; the schedule is filled in later
-    t_ds = teacher_ds_config(cfg, world, 1, accel)
+    s_ds = student_ds_config(cfg, world.size, accel)
+    precision = pop_precision(s_ds)
+    t_ds = teacher_ds_config(cfg, world.size, s_ds["train_micro_batch_size_per_gpu"], accel)
     layer = resolve_layer(cfg.teacher_layer, info.num_layers)
-    teacher_bytes = parameter_count(truncated_config(teacher, layer)) * dtype_of(pop_precision(t_ds)).itemsize
+    teacher_bytes = parameter_count(truncated_config(teacher, layer)) * dtype_of(t_ds["_minimoe_precision"]).itemsize
     placement = placement_lib.choose(cfg.teacher_placement, placement_lib.file_placement(t_ds), teacher_bytes,
-                                     world, accel, *placement_lib.memory_per_rank(env_local_world_size()))
+                                     world.size, accel, *placement_lib.memory_per_rank(world.hosts[0][1]))
+    layout = plan_layout(world, cfg.ep_size, student_shape(student), s_ds["train_micro_batch_size_per_gpu"],
+                         s_ds["gradient_accumulation_steps"], zero_stage(s_ds), precision, placement, teacher_bytes)
     data = assets.resolve_corpus(cfg.data, cfg.cache_dir)
     corpus_lib.local_files(data)                   # raises on missing local files
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
@@ -80,10 +90,10 @@ def plan(cfg: DistillConfig) -> Plan:
         diff = sorted(k for k, v in student.to_dict().items() if saved.get(k) != v)
         if diff:
             raise ConfigError(f"--resume: the checkpoint's student differs from this run's in {diff}")
-    if resume is None and checkpoint.list_tags(ckpt_root):
+    if resume is None and checkpoint.list_tags(ckpt_root) and not cfg.launch.dry_run:
         raise ConfigError(f"--output_dir {cfg.output_dir!r} holds checkpoints of an earlier run; pass --resume "
                           "to continue it or choose another --output_dir")
-    return Plan(world, accel, teacher, data, tokenizer, student, resume, placement, teacher_bytes)
+    return Plan(accel, teacher, data, tokenizer, student, resume, layout, s_ds, t_ds)
 
 
 def _seed_all(seed: int) -> None:
@@ -114,13 +124,16 @@ def _streaming_batches(cfg: DistillConfig, p: Plan, rank: int, micro: int, accum
 
 def run(cfg: DistillConfig) -> dict:
     p = plan(cfg)
+    if cfg.launch.dry_run:
+        print(dry_run_report(p.layout, to_flags(cfg), "launchers/distill.py", cfg.launch.master_port))
+        return {"dry_run": True, "world_size": p.world_size, "global_batch": p.layout.global_batch}
     dist_info = init_distributed()
     import torch.distributed as dist
     _seed_all(cfg.seed)
     dev = device()
 
-    s_ds = student_ds_config(cfg, p.world_size, p.accelerator, p.student.num_experts)
-    micro, accum = s_ds["train_micro_batch_size_per_gpu"], s_ds["gradient_accumulation_steps"]
+    s_ds, t_ds = copy.deepcopy(p.student_ds), copy.deepcopy(p.teacher_ds)
+    micro, accum = p.layout.micro_batch, p.layout.grad_accum
     if cfg.streaming:
         batches, corpus_size = _streaming_batches(cfg, p, dist_info.rank, micro, accum), None
         total_steps = cfg.max_steps
@@ -130,14 +143,13 @@ def run(cfg: DistillConfig) -> dict:
         batches = GlobalBatches(corpus, micro, accum, p.world_size, dist_info.rank, cfg.seed, p.tokenizer.pad_token_id)
         total_steps = batches.total_steps(cfg.max_steps, cfg.num_epochs, f"--data {cfg.data!r}")
 
-    t_ds = teacher_ds_config(cfg, p.world_size, micro, p.accelerator)
+    placement = p.layout.placement
     if dist_info.is_main:
-        print(f"teacher placement: {p.placement.kind} ({p.placement.reason})", flush=True)
-    teacher = Teacher(p.teacher, t_ds, cfg.teacher_layer, dtype_of(pop_precision(t_ds)), p.placement)
+        print(f"teacher placement: {placement.kind} ({placement.reason})", flush=True)
+    teacher = Teacher(p.teacher, t_ds, cfg.teacher_layer, dtype_of(pop_precision(t_ds)), placement)
 
-    model = MiniMoEModel(p.student, ep_size=cfg.ep_size, ep_rank=dist_info.rank % cfg.ep_size)
+    model = MiniMoEModel(p.student, ep_size=cfg.ep_size, ep_rank=p.layout.ep_rank(dist_info.rank))
     model.pooler.requires_grad_(False)  # not part of the distillation loss; fine-tuning trains it
-    pop_precision(s_ds)
     engine = build_student_engine(model, fill_schedule(s_ds, cfg, total_steps))
 
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
@@ -156,9 +168,10 @@ def run(cfg: DistillConfig) -> dict:
 
     run_config = {**cfg.to_dict(), "student": p.student.to_dict(), "world_size": p.world_size,
                   "global_batch": batches.global_batch, "total_steps": total_steps, "corpus_pairs": corpus_size,
-                  "teacher_placement": {"kind": p.placement.kind, "reason": p.placement.reason,
-                                        "teacher_bytes": p.teacher_bytes,
-                                        "bytes_per_rank": teacher.bytes_per_rank()}}
+                  "teacher_placement": {"kind": placement.kind, "reason": placement.reason,
+                                        "teacher_bytes": p.layout.teacher_bytes,
+                                        "bytes_per_rank": teacher.bytes_per_rank()},
+                  "layout": p.layout.describe().splitlines()}
     if dist_info.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "run_config.json"), "w") as fh:

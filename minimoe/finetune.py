@@ -7,6 +7,7 @@ gathered so every rank takes the same early-stopping decision) -> export of the 
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -18,15 +19,19 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint
-from .config import ConfigError, FinetuneConfig
+from .commands import dry_run_report
+from .config import ConfigError, FinetuneConfig, StudentConfig, to_flags
 from .data.assets import resolve_model
 from .data.batches import GlobalBatches
 from .data.tasks import Task, dev_split_names, get_task, load_split, offline_dir, split_file
-from .distributed import accelerator_name, device, env_world_size, init_distributed
-from .engine import build_student_engine, fill_schedule, pop_precision, student_ds_config
+from .distributed import accelerator_name, device, init_distributed
+from .engine import build_student_engine, fill_schedule, pop_precision, student_ds_config, zero_stage
 from .heads import TaskModel, is_minimoe_folder, load_encoder, save_task_model, tokenizer_for
+from .layout import Layout, StudentShape, plan_layout, run_world
 from .losses import logits_kd
 from .monitor import Monitor, gather_peak_rss
+from .student import student_shape
+from .teacher import parameter_count
 
 IGNORE = -100
 
@@ -146,27 +151,27 @@ class Plan:
     task: Task
     tokenizer: object
     encoder_type: str
-    num_experts: int
-    world_size: int
     accelerator: str
     data_dir: object
+    layout: Layout
+    ds: dict                    # merged; the schedule's step counts are filled once the data is known
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
 
 
 def plan(cfg: FinetuneConfig) -> Plan:
     task = get_task(cfg.task)
-    world, accel = env_world_size(), accelerator_name()
+    world, accel = run_world(cfg.launch, dict(os.environ)), accelerator_name()
     model = resolve_model(cfg.model)
     minimoe = is_minimoe_folder(model)
-    num_experts = 1
-    if minimoe:
-        with open(os.path.join(model, "config.json")) as fh:
-            num_experts = json.load(fh)["num_experts"]
-        if num_experts % cfg.ep_size:
-            raise ConfigError(f"--ep_size {cfg.ep_size} must divide the student's {num_experts} experts")
-    elif cfg.ep_size != 1:
-        raise ConfigError(f"--ep_size {cfg.ep_size} needs a MiniMoE student; {cfg.model!r} is a dense model")
     tokenizer = tokenizer_for(model)
-    student_ds_config(cfg, world, accel, num_experts)
+    shape = _student_shape(model, minimoe)
+    ds = student_ds_config(cfg, world.size, accel)
+    precision = pop_precision(ds)
+    layout = plan_layout(world, cfg.ep_size, shape, ds["train_micro_batch_size_per_gpu"],
+                         ds["gradient_accumulation_steps"], zero_stage(ds), precision)
     if cfg.teacher:
         _check_teacher(cfg.teacher, task, tokenizer)
     data_dir = cfg.data or (offline_dir(task) if task.hub is None else None)
@@ -175,7 +180,21 @@ def plan(cfg: FinetuneConfig) -> Plan:
             raise ConfigError(f"--data {data_dir!r} is not a folder")
         for split in ["train", *dev_split_names(task, local=True)]:
             split_file(task, data_dir, split)  # raises, naming the missing file
-    return Plan(model, task, tokenizer, "minimoe" if minimoe else "hf", num_experts, world, accel, data_dir)
+    return Plan(model, task, tokenizer, "minimoe" if minimoe else "hf", accel, data_dir, layout, ds)
+
+
+def _student_shape(model: str, minimoe: bool) -> StudentShape:
+    """The trained encoder's parameters, for the memory plan: a MiniMoE student's from its config, a
+    dense HF encoder's counted on the meta device (no weights read)."""
+    if minimoe:
+        with open(os.path.join(model, "config.json")) as fh:
+            student = StudentConfig.from_dict(json.load(fh))
+        return student_shape(student)
+    from transformers import AutoConfig
+    try:
+        return StudentShape(parameter_count(AutoConfig.from_pretrained(model)), 0, 1)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--model {model!r} is not a loadable Hugging Face model: {str(e).splitlines()[0]}")
 
 
 def _check_teacher(folder: str, task: Task, tokenizer) -> None:
@@ -192,6 +211,9 @@ def _check_teacher(folder: str, task: Task, tokenizer) -> None:
 
 def run(cfg: FinetuneConfig) -> dict:
     p = plan(cfg)
+    if cfg.launch.dry_run:
+        print(dry_run_report(p.layout, to_flags(cfg), "launchers/finetune.py", cfg.launch.master_port))
+        return {"dry_run": True, "world_size": p.world_size, "global_batch": p.layout.global_batch}
     info = init_distributed()
     import torch.distributed as dist
     torch.manual_seed(cfg.seed)
@@ -205,11 +227,10 @@ def run(cfg: FinetuneConfig) -> dict:
     if cfg.teacher:  # small next to training; every rank keeps a plain copy in eval mode
         from .heads import load_task_model
         teacher = load_task_model(cfg.teacher)[0].to(dev).requires_grad_(False)
-    encoder, _ = load_encoder(p.model, cfg.ep_size, info.rank % cfg.ep_size)
+    encoder, _ = load_encoder(p.model, cfg.ep_size, p.layout.ep_rank(info.rank))
     model = TaskModel(encoder, p.encoder_type, task.kind, task.num_labels, cfg.classifier_dropout)
-    ds = student_ds_config(cfg, p.world_size, p.accelerator, p.num_experts)
-    pop_precision(ds)
-    micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+    ds = copy.deepcopy(p.ds)
+    micro, accum = p.layout.micro_batch, p.layout.grad_accum
     batches = GlobalBatches(train, micro, accum, p.world_size, info.rank, cfg.seed, tok.pad_token_id)
     total = batches.total_steps(cfg.max_steps, cfg.num_epochs, f"task {task.name} train split")
     eval_every = cfg.eval_every or batches.steps_per_epoch

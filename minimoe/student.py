@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError, StudentConfig
+from .layout import StudentShape
 from .moe import DenseFeedForward, MoEFeedForward, moefy_
 
 CONFIG_NAME = "config.json"
@@ -240,6 +241,12 @@ def count_parameters(cfg: StudentConfig) -> dict:
         "experts": cfg.num_layers * e * expert,
         "distillation_only": relation,
     }
+
+
+def student_shape(cfg: StudentConfig) -> StudentShape:
+    """Parameters the student trains, outside and inside its experts (for the run's memory plan)."""
+    c = count_parameters(cfg)
+    return StudentShape(c["total"] - c["experts"] + c["distillation_only"], c["experts"], cfg.num_experts)
 
 
 def flops_per_sequence(cfg: StudentConfig, seq_len: int = 128) -> dict:

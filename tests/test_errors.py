@@ -39,7 +39,6 @@ def test_flags_are_typed_and_known():
 
 
 @pytest.mark.parametrize("flags,message", [
-    ({"ep_size": 3}, "--ep_size 3 must divide --num_experts 4"),
     ({"relation_heads": 7}, "--relation_heads 7 must divide the student hidden size 64"),
     ({"precision": "fp8"}, "--precision 'fp8' is invalid: allowed auto, fp32, bf16, fp16"),
     ({"max_steps": 0}, "--max_steps 0 is invalid"),
@@ -73,6 +72,8 @@ def test_plan_errors(teacher, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="--ep_size 2 must divide the world size 3"):
         plan(cfg(teacher, tmp_path, ep_size=2))
     monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ConfigError, match="--ep_size 3 must divide the student's 4 experts"):
+        plan(cfg(teacher, tmp_path, ep_size=3))
     with pytest.raises(ConfigError, match="--relation_heads 32 must divide the teacher hidden size 48"):
         plan(cfg(tiny_teacher(str(tmp_path / "t48"), hidden=48, layers=2), tmp_path, relation_heads=32,
                  hidden_size=128))
@@ -123,7 +124,7 @@ def test_launcher_errors_are_one_line_with_exit_2_and_no_output(teacher, tmp_pat
     out = tmp_path / "out"
     p = launch([f"--teacher={teacher}", "--ep_size=3", f"--output_dir={out}"])
     assert p.returncode == 2
-    assert stderr_lines(p) == ["error: --ep_size 3 must divide --num_experts 4"]
+    assert stderr_lines(p) == ["error: --ep_size 3 must divide the student's 4 experts"]
     assert not out.exists()
     # Found only after the process group started (rank 0 tokenises): still one line, exit 2, no output.
     empty = write(tmp_path / "empty.txt", "\n")

@@ -103,7 +103,7 @@ def test_finetune_plan_errors(fx, tmp_path):
         plan(from_flags(FinetuneConfig, flags(fx, tmp_path, task="sentiment", data=str(tmp_path / "only_train"))))
     with pytest.raises(ConfigError, match="--ep_size 3 must divide the student's 4 experts"):
         plan(from_flags(FinetuneConfig, flags(fx, tmp_path, task="sentiment", data=fx["sentiment"], ep_size=3)))
-    with pytest.raises(ConfigError, match="--ep_size 2 needs a MiniMoE student"):
+    with pytest.raises(ConfigError, match="--ep_size 2 needs a MiniMoE student with experts"):
         plan(from_flags(FinetuneConfig, flags(fx, tmp_path, model=resolve_model(PACKAGED_TEACHER), task="sentiment",
                                               data=fx["sentiment"], ep_size=2)))
     with pytest.raises(ConfigError, match="is neither a MiniMoE student folder nor|has no loadable tokenizer"):
