@@ -232,6 +232,9 @@ class DistillConfig(TrainConfig):
         "follows --teacher_placement."))
     resume: Union[bool, str] = field(default=False, metadata=_help(
         "Resume: True for the latest checkpoint in output_dir, or a checkpoint folder."))
+    resume_weights_only: bool = field(default=False, metadata=_help(
+        "With --resume: restore the student's weights, step, schedule and data position but start the "
+        "optimizer state afresh (for a checkpoint whose optimizer state cannot be carried over)."))
     save_every: int = field(default=20, metadata=_help("Save a checkpoint every N optimizer steps (0: only at the end)."))
     keep_checkpoints: int = field(default=2, metadata=_help("Checkpoints kept on disk (older ones are deleted)."))
     student: StudentConfig = field(default_factory=StudentConfig, metadata=_help("Student architecture."))
@@ -254,6 +257,8 @@ class DistillConfig(TrainConfig):
             raise ConfigError(f"--short_seq_prob {self.short_seq_prob} must be in [0, 1]")
         if self.save_every < 0:
             raise ConfigError(f"--save_every {self.save_every} must be >= 0")
+        if self.resume_weights_only and self.resume in (False, "", "false", "False"):
+            raise ConfigError("--resume_weights_only needs --resume")
         if self.teacher_placement not in TEACHER_PLACEMENTS:
             raise ConfigError(f"--teacher_placement {self.teacher_placement!r} is invalid: allowed "
                               f"{', '.join(TEACHER_PLACEMENTS)}")

@@ -48,6 +48,7 @@ class Plan:
     layout: Layout
     student_ds: dict            # merged; the schedule's step counts are filled once the data is known
     teacher_ds: dict
+    resume_client: dict         # the checkpoint's loop state (step, global batch, student, layout)
 
     @property
     def world_size(self) -> int:
@@ -85,15 +86,24 @@ def plan(cfg: DistillConfig) -> Plan:
     corpus_lib.local_files(data)                   # raises on missing local files
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     resume = checkpoint.resolve(cfg.resume, ckpt_root)
+    resume_client = {}
     if resume is not None:
-        saved = checkpoint.client_state(os.path.join(*resume)).get("minimoe_student") or {}
+        resume_client = checkpoint.client_state(os.path.join(*resume))
+        saved = resume_client.get("minimoe_student") or {}
         diff = sorted(k for k, v in student.to_dict().items() if saved.get(k) != v)
         if diff:
             raise ConfigError(f"--resume: the checkpoint's student differs from this run's in {diff}")
+        if resume_client.get("minimoe_global_batch") != layout.global_batch:
+            # The data position is the step number: it means the same samples only at the same global batch.
+            raise ConfigError(f"--resume: the checkpoint was trained with global batch "
+                              f"{resume_client.get('minimoe_global_batch')}, this run has {layout.global_batch} "
+                              f"({layout.micro_batch} x {layout.grad_accum} x {layout.world_size} ranks); set "
+                              "--micro_batch_size / --grad_accum so that they match")
+
     if resume is None and checkpoint.list_tags(ckpt_root) and not cfg.launch.dry_run:
         raise ConfigError(f"--output_dir {cfg.output_dir!r} holds checkpoints of an earlier run; pass --resume "
                           "to continue it or choose another --output_dir")
-    return Plan(accel, teacher, data, tokenizer, student, resume, layout, s_ds, t_ds)
+    return Plan(accel, teacher, data, tokenizer, student, resume, layout, s_ds, t_ds, resume_client)
 
 
 def _seed_all(seed: int) -> None:
@@ -155,14 +165,11 @@ def run(cfg: DistillConfig) -> dict:
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     start_step = 0
     if p.resume:
-        client = checkpoint.load(engine, *p.resume, dist_info.rank)
-        start_step = int(client["minimoe_step"])
+        start_step = int(p.resume_client["minimoe_step"])
         if start_step > total_steps:
             raise ConfigError(f"--resume: the checkpoint is at step {start_step}, past this run's {total_steps} steps; "
                               "raise --max_steps")
-        if client.get("minimoe_global_batch") != batches.global_batch:
-            raise ConfigError(f"--resume: the checkpoint was trained with global batch "
-                              f"{client.get('minimoe_global_batch')}, this run has {batches.global_batch}")
+        checkpoint.load(engine, *p.resume, dist_info.rank, p.layout, cfg.resume_weights_only)
     else:
         torch.manual_seed(cfg.seed + dist_info.rank)  # per-rank dropout / gate-noise streams
 
@@ -181,7 +188,8 @@ def run(cfg: DistillConfig) -> dict:
 
     def client_state(step: int) -> dict:
         return {"minimoe_step": step, "minimoe_global_batch": batches.global_batch,
-                "minimoe_student": p.student.to_dict(), "minimoe_samples_seen": step * batches.global_batch}
+                "minimoe_student": p.student.to_dict(), "minimoe_samples_seen": step * batches.global_batch,
+                "minimoe_world_size": p.world_size, "minimoe_ep_size": cfg.ep_size}
 
     engine.train()
     window = _Window(cfg.load_balance_weight)

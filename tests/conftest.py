@@ -4,6 +4,8 @@ import time
 
 import pytest
 
+from helpers import deepspeed_cmd, flags, run_ok, tiny_teacher, wiki_slice
+
 # CPU DeepSpeed, quietly; no wandb network; all tests offline.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -24,3 +26,20 @@ def sweep_deepspeed_shm():
                 os.unlink(f)
         except OSError:
             pass
+
+
+# The distillation launcher's shared fixtures (tests/test_distill.py, tests/test_multinode.py).
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distill")
+    tiny_teacher(str(tmp / "teacher"), "bert", hidden=64, layers=3)
+    wiki_slice(str(tmp / "wiki.jsonl"), docs=10)
+    return tmp
+
+
+@pytest.fixture(scope="session")
+def straight_run(assets):
+    """Uninterrupted reference run under the deepspeed launcher: 2 ranks, 4 experts split 2 + 2."""
+    out = assets / "straight"
+    run_ok(deepspeed_cmd(flags(assets, out)))
+    return out

@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import traceback
 
 import torch
@@ -75,3 +77,45 @@ def spawn(fn, world: int, *args) -> None:
 def read_jsonl(path: str) -> list[dict]:
     with open(path) as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# The distillation launcher for real: a tiny student and teacher, 2 ranks with ep_size 2.
+
+BIN = os.path.dirname(sys.executable)
+STEPS = 24
+
+
+def flags(tmp, out, **extra):
+    return [f"--{k}={v}" for k, v in flag_dict(tmp, out, **extra).items()]
+
+
+def flag_dict(tmp, out, **extra):
+    f = {"teacher": tmp / "teacher", "data": tmp / "wiki.jsonl", "cache_dir": tmp / "cache", "output_dir": out,
+         "num_layers": 2, "hidden_size": 64, "num_heads": 4, "ffn_size": 128, "num_experts": 4,
+         "relation_heads": 8, "micro_batch_size": 4, "max_seq_length": 64, "max_steps": STEPS,
+         "log_every": 1, "save_every": 4, "keep_checkpoints": 50, "wandb": "disabled", "ep_size": 2}
+    f.update(extra)
+    return {k: str(v) if hasattr(v, "parent") else v for k, v in f.items()}
+
+
+def env():
+    e = dict(os.environ, DS_ACCELERATOR="cpu", PATH=f"{BIN}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
+    e.pop("RANK", None)
+    return e
+
+
+def deepspeed_cmd(args):
+    return [f"{BIN}/deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
+            f"{REPO}/launchers/distill.py", *args]
+
+
+def torchrun_cmd(args):
+    return [f"{BIN}/torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            f"{REPO}/launchers/distill.py", *args]
+
+
+def run_ok(cmd):
+    p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p

@@ -4,68 +4,14 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import REPO, free_port, read_jsonl, spawn, tiny_teacher, wiki_slice
-
-BIN = os.path.dirname(sys.executable)
-STEPS = 24
-
-
-def flags(tmp, out, **extra):
-    return [f"--{k}={v}" for k, v in flag_dict(tmp, out, **extra).items()]
-
-
-def flag_dict(tmp, out, **extra):
-    f = {"teacher": tmp / "teacher", "data": tmp / "wiki.jsonl", "cache_dir": tmp / "cache", "output_dir": out,
-         "num_layers": 2, "hidden_size": 64, "num_heads": 4, "ffn_size": 128, "num_experts": 4,
-         "relation_heads": 8, "micro_batch_size": 4, "max_seq_length": 64, "max_steps": STEPS,
-         "log_every": 1, "save_every": 4, "keep_checkpoints": 50, "wandb": "disabled", "ep_size": 2}
-    f.update(extra)
-    return {k: str(v) if hasattr(v, "parent") else v for k, v in f.items()}
-
-
-def env():
-    e = dict(os.environ, DS_ACCELERATOR="cpu", PATH=f"{BIN}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
-    e.pop("RANK", None)
-    return e
-
-
-def deepspeed_cmd(args):
-    return [f"{BIN}/deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
-            f"{REPO}/launchers/distill.py", *args]
-
-
-def torchrun_cmd(args):
-    return [f"{BIN}/torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()),
-            f"{REPO}/launchers/distill.py", *args]
-
-
-def run_ok(cmd):
-    p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("distill")
-    tiny_teacher(str(tmp / "teacher"), "bert", hidden=64, layers=3)
-    wiki_slice(str(tmp / "wiki.jsonl"), docs=10)
-    return tmp
-
-
-@pytest.fixture(scope="module")
-def straight_run(assets):
-    """Uninterrupted reference run under the deepspeed launcher: 2 ranks, 4 experts split 2 + 2."""
-    out = assets / "straight"
-    run_ok(deepspeed_cmd(flags(assets, out)))
-    return out
+from helpers import (STEPS, deepspeed_cmd, env, flag_dict, flags, read_jsonl, run_ok, spawn,
+                     torchrun_cmd)
 
 
 @pytest.mark.slow
@@ -166,6 +112,10 @@ def test_resume_refuses_another_student_or_a_fresh_start_over_old_checkpoints(as
         plan(from_flags(DistillConfig, flag_dict(assets, straight_run, resume=True, num_experts=2, ep_size=1)))
     with pytest.raises(ConfigError, match="holds checkpoints of an earlier run; pass --resume"):
         plan(from_flags(DistillConfig, flag_dict(assets, straight_run, ep_size=1)))
+    with pytest.raises(ConfigError, match=r"global batch 8, this run has 4 \(4 x 1 x 1 ranks\)"):
+        plan(from_flags(DistillConfig, flag_dict(assets, straight_run, resume=True, ep_size=1)))
+    with pytest.raises(ConfigError, match="--resume_weights_only needs --resume"):
+        from_flags(DistillConfig, flag_dict(assets, straight_run / "x", resume_weights_only=True))
 
 
 @pytest.mark.slow

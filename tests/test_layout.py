@@ -10,7 +10,6 @@ import pytest
 from helpers import REPO, spawn
 from minimoe.config import ConfigError
 from minimoe.layout import StudentShape, World, expand_nodelist, plan_layout, run_world
-from minimoe.placement import GiB, Placement
 
 MOE16 = StudentShape(dense_params=20_000_000, expert_params=16 * 4 * 1_200_000, num_experts=16)
 

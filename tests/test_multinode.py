@@ -1,0 +1,137 @@
+"""Two "nodes" on one machine, as a multi-node job runs them: each node's launcher started on its own
+(deepspeed --no_ssh --node_rank, torchrun --nnodes 2 --node_rank), one process per node, the experts
+split across the nodes (ep_size 2). Same losses as one node; a dead rank ends every rank; a resume
+continues from the last committed checkpoint; a kill inside a save leaves ``latest`` where it was."""
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import BIN, REPO, STEPS, deepspeed_cmd, env, flag_dict, flags, free_port, read_jsonl, run_ok, spawn
+
+pytestmark = pytest.mark.slow
+
+
+def node_cmds(launcher: str, args: list[str], tmp) -> list[list[str]]:
+    port = str(free_port())
+    if launcher == "deepspeed":
+        hostfile = tmp / "hostfile"
+        hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+        return [[f"{BIN}/deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(i),
+                 "--master_addr", "127.0.0.1", "--master_port", port, f"{REPO}/launchers/distill.py", *args]
+                for i in range(2)]
+    return [[f"{BIN}/torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(i),
+             "--master_addr", "127.0.0.1", "--master_port", port, f"{REPO}/launchers/distill.py", *args]
+            for i in range(2)]
+
+
+def start_nodes(cmds, tmp):
+    logs = [open(tmp / f"node{i}.log", "w") for i in range(len(cmds))]
+    return [subprocess.Popen(c, env=env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            for c, log in zip(cmds, logs)]
+
+
+def wait_all(procs, timeout):
+    deadline = time.time() + timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(0.1, deadline - time.time())))
+        except subprocess.TimeoutExpired:
+            codes.append(None)
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    return codes
+
+
+def assert_same_weights(a, b, tol=1e-6):
+    want, got = load_file(a / "student" / "model.safetensors"), load_file(b / "student" / "model.safetensors")
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=tol, rtol=tol, msg=k)
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_two_nodes_give_the_one_node_losses(assets, straight_run, launcher, tmp_path):
+    out = tmp_path / "two_nodes"
+    codes = wait_all(start_nodes(node_cmds(launcher, flags(assets, out), tmp_path), tmp_path), 600)
+    assert codes == [0, 0], [(tmp_path / f"node{i}.log").read_text()[-3000:] for i in range(2)]
+    one = [m["relation"] for m in read_jsonl(straight_run / "metrics.jsonl")]
+    two = [m["relation"] for m in read_jsonl(out / "metrics.jsonl")]
+    assert len(two) == STEPS
+    assert two == pytest.approx(one, rel=1e-5, abs=1e-8)
+    assert_same_weights(straight_run, out, tol=1e-5)
+
+
+def _rank_pids(rank: int) -> list[int]:
+    """Processes of the distillation launcher running as global rank ``rank`` (read from /proc)."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if b"launchers/distill.py" not in fh.read():
+                    continue
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if f"RANK={rank}".encode() in fh.read().split(b"\0"):
+                    pids.append(int(pid))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_a_dead_rank_ends_every_node_and_resume_continues(assets, straight_run, launcher, tmp_path):
+    out = tmp_path / "killed"
+    latest = out / "checkpoints" / "latest"
+    procs = start_nodes(node_cmds(launcher, flags(assets, out), tmp_path), tmp_path)
+    deadline = time.time() + 300
+    while not latest.exists() and time.time() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.02)
+    victims = _rank_pids(1)
+    assert victims, "rank 1 was not found running"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    killed = time.time()
+    codes = wait_all(procs, 60)
+    ended = time.time() - killed
+    assert None not in codes and all(c != 0 for c in codes), (codes, ended)
+    assert ended < 60
+    assert latest.read_text() != f"step_{STEPS:08d}", "the run finished before it could be killed"
+    # Resume on one node: the position, optimizer and RNG streams live in the checkpoint.
+    run_ok(deepspeed_cmd(flags(assets, out, resume=True)))
+    assert_same_weights(straight_run, out)
+
+
+def _save_killer_worker(rank, cfg_flags, kill_tag):
+    """Distil with rank 1 SIGKILLed right after it wrote its part of ``kill_tag``, before the commit."""
+    import deepspeed
+    from minimoe.config import DistillConfig, from_flags
+    from minimoe.distill import run
+    original = deepspeed.DeepSpeedEngine.save_checkpoint
+
+    def save_then_die(self, save_dir, tag=None, **kw):
+        result = original(self, save_dir, tag=tag, **kw)
+        if rank == 1 and tag == kill_tag:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    deepspeed.DeepSpeedEngine.save_checkpoint = save_then_die
+    run(from_flags(DistillConfig, cfg_flags))
+
+
+def test_a_kill_inside_a_save_leaves_latest_on_the_last_complete_checkpoint(assets, straight_run, tmp_path):
+    out = tmp_path / "save_killed"
+    with pytest.raises(AssertionError):
+        spawn(_save_killer_worker, 2, flag_dict(assets, out), "step_00000008")
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000004"
+    assert (out / "checkpoints" / "step_00000008").is_dir()  # the interrupted save's files are there ...
+    run_ok(deepspeed_cmd(flags(assets, out, resume=True)))     # ... and ignored: resume from step 4
+    assert_same_weights(straight_run, out)
+    steps = [m["step"] for m in read_jsonl(out / "metrics.jsonl")]
+    assert steps[-(STEPS - 4):] == list(range(5, STEPS + 1))
