@@ -6,7 +6,8 @@ import os
 import sys
 from typing import Callable
 
-from .config import ConfigError, from_flags, help_text
+from .config import ConfigError
+from .flags import from_flags, help_text
 
 
 def _strip_local_rank(argv: list[str]) -> list[str]:

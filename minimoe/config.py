@@ -1,19 +1,17 @@
 """Typed configuration: what a student *is*, and what a distillation run *does*.
 
 Every user-facing setting lives in one dataclass field with its default and its help text; the
-launchers build their ``--help`` and their flag parsing from these fields, and ``validate()`` is the
-one place that checks them. Validation happens before any process group starts, so a bad value
+launchers build their ``--help`` and their flag parsing from these fields (``flags.py``), and
+``validate()`` is the one place that checks them. Validation happens before any process group starts, so a bad value
 costs a one-line error and no partial output.
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import os
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 
 class ConfigError(ValueError):
@@ -352,77 +350,6 @@ class SweepConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Flags -> dataclasses. One flat namespace over a config and its nested dataclasses (the student).
-
-
-def _cli_fields(cls) -> list[tuple[Optional[str], dataclasses.Field]]:
-    """(section, field) for every flag: the launcher's own fields, the nested dataclasses' (the student),
-    then the shared ones inherited from TrainConfig."""
-    out = []
-    hints = typing.get_type_hints(cls)
-    own = set(cls.__dict__.get("__annotations__", {}))
-    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):
-        if dataclasses.is_dataclass(hints[f.name]):
-            out += [(f.name, g) for g in dataclasses.fields(hints[f.name]) if g.metadata.get("cli", True)]
-        elif f.metadata.get("cli", True):
-            out.append((None, f))
-    return out
-
-
-def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    """Convert a fire-parsed value to the field's type, or raise a one-line ConfigError."""
-    origin = typing.get_origin(annotation)
-    options = typing.get_args(annotation) if origin is Union else (annotation,)
-    if value is None and type(None) in options:
-        return None
-    for t in options:
-        if t is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
-        elif t is int:
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-        elif t is float:
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-        elif t is str:
-            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-                return str(value)
-            if isinstance(value, (tuple, list)):  # fire splits "a.txt,b.txt" into a tuple
-                return ",".join(str(v) for v in value)
-    allowed = " or ".join(getattr(t, "__name__", str(t)) for t in options)
-    raise ConfigError(f"--{name} {value!r} is invalid: expected {allowed}")
-
-
-def from_flags(cls, flags: dict):
-    """Build ``cls`` from a flat ``{flag: value}`` dict (as fire gives it) and validate it."""
-    fields = {f.name: (section, f) for section, f in _cli_fields(cls)}
-    hints = typing.get_type_hints(cls)
-    top, nested = {}, {}
-    for name, value in flags.items():
-        name = name.replace("-", "_")
-        if name not in fields:
-            raise ConfigError(f"unknown flag --{name}; see --help for the allowed flags")
-        section, f = fields[name]
-        owner = hints[section] if section else cls
-        value = _coerce(name, value, typing.get_type_hints(owner)[f.name])
-        (nested.setdefault(section, {}) if section else top)[name] = value
-    for section, values in nested.items():
-        top[section] = hints[section](**values)
-    return cls(**top).validate()
-
-
-def help_text(cls, prog: str) -> str:
-    """The --help page, generated from the dataclass docstrings and field metadata."""
-    lines = [f"usage: {prog} [--flag value ...]", "", inspect.cleandoc(cls.__doc__ or ""), "", "flags:"]
-    for _, f in _cli_fields(cls):
-        lines.append(f"  --{f.name:<24} {f.metadata['help']} [default: {f.default}]")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
 # Files
 
 
@@ -438,17 +365,3 @@ def load_json(path: str, what: str) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path!r} must hold a JSON object, got {type(data).__name__}")
     return data
-
-
-def to_flags(cfg, skip_sections: tuple = ("launch",)) -> list[tuple[str, Any]]:
-    """(flag, value) for every setting of ``cfg`` that differs from its default: the command line that
-    rebuilds it (what --dry_run prints into the launch commands)."""
-    default = type(cfg)()
-    out = []
-    for section, f in _cli_fields(type(cfg)):
-        if section in skip_sections:
-            continue
-        value = getattr(getattr(cfg, section) if section else cfg, f.name)
-        if value != getattr(getattr(default, section) if section else default, f.name):
-            out.append((f.name, value))
-    return out

@@ -18,16 +18,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import checkpoint
+from . import checkpoint, placement as placement_lib
+from .commands import dry_run_report
 from .config import ConfigError, DistillConfig, StudentConfig
 from .data import assets, corpus as corpus_lib
 from .data.batches import GlobalBatches, StreamingBatches
-from . import placement as placement_lib
-from .commands import dry_run_report
-from .config import to_flags
 from .distributed import accelerator_name, agree, device, init_distributed
 from .engine import (build_student_engine, dtype_of, fill_schedule, pop_precision, student_ds_config,
                      teacher_ds_config, zero_stage)
+from .flags import to_flags
 from .layout import Layout, plan_layout, run_world
 from .losses import relation_kl
 from .monitor import Monitor, expert_utilisation, gather_peak_rss

@@ -20,12 +20,13 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from .commands import dry_run_report
-from .config import ConfigError, FinetuneConfig, StudentConfig, to_flags
+from .config import ConfigError, FinetuneConfig, StudentConfig
 from .data.assets import resolve_model
 from .data.batches import GlobalBatches
 from .data.tasks import Task, dev_split_names, get_task, load_split, offline_dir, split_file
 from .distributed import accelerator_name, device, init_distributed
 from .engine import build_student_engine, fill_schedule, pop_precision, student_ds_config, zero_stage
+from .flags import to_flags
 from .heads import TaskModel, is_minimoe_folder, load_encoder, save_task_model, tokenizer_for
 from .layout import Layout, StudentShape, plan_layout, run_world
 from .losses import logits_kd

@@ -89,7 +89,8 @@ def test_exported_student_matches_the_ep2_engine(straight_run):
 
 
 def _run_worker(rank, flags):
-    from minimoe.config import DistillConfig, from_flags
+    from minimoe.config import DistillConfig
+    from minimoe.flags import from_flags
     from minimoe.distill import run
     run(from_flags(DistillConfig, flags))
 
@@ -106,7 +107,8 @@ def test_streaming_run_over_two_ranks(assets):
 
 @pytest.mark.slow
 def test_resume_refuses_another_student_or_a_fresh_start_over_old_checkpoints(assets, straight_run):
-    from minimoe.config import ConfigError, DistillConfig, from_flags
+    from minimoe.config import ConfigError, DistillConfig
+    from minimoe.flags import from_flags
     from minimoe.distill import plan
     with pytest.raises(ConfigError, match=r"student differs from this run's in \['num_experts'\]"):
         plan(from_flags(DistillConfig, flag_dict(assets, straight_run, resume=True, num_experts=2, ep_size=1)))

@@ -14,7 +14,8 @@ STEPS, SAVE_AT = 12, 6
 
 
 def _run_worker(rank, flags):
-    from minimoe.config import DistillConfig, from_flags
+    from minimoe.config import DistillConfig
+    from minimoe.flags import from_flags
     from minimoe.distill import run
     run(from_flags(DistillConfig, flags))
 

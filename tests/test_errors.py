@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from helpers import REPO, tiny_teacher, wiki_slice
-from minimoe.config import ConfigError, DistillConfig, from_flags
+from minimoe.config import ConfigError, DistillConfig
+from minimoe.flags import from_flags
 from minimoe.data.corpus import build_or_load
 from minimoe.distill import plan
 

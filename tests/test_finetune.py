@@ -11,7 +11,8 @@ import pytest
 
 from helpers import REPO, TOKENIZER_FILES, read_jsonl, spawn, tiny_teacher
 from minimoe import MiniMoEModel, StudentConfig
-from minimoe.config import PACKAGED_TEACHER, ConfigError, FinetuneConfig, from_flags
+from minimoe.config import PACKAGED_TEACHER, ConfigError, FinetuneConfig
+from minimoe.flags import from_flags
 from minimoe.data.assets import resolve_model
 
 GOOD = ["great", "wonderful", "moving", "brilliant", "fun", "superb"]

@@ -111,7 +111,8 @@ def test_a_dead_rank_ends_every_node_and_resume_continues(assets, straight_run, 
 def _save_killer_worker(rank, cfg_flags, kill_tag):
     """Distil with rank 1 SIGKILLed right after it wrote its part of ``kill_tag``, before the commit."""
     import deepspeed
-    from minimoe.config import DistillConfig, from_flags
+    from minimoe.config import DistillConfig
+    from minimoe.flags import from_flags
     from minimoe.distill import run
     original = deepspeed.DeepSpeedEngine.save_checkpoint
 
