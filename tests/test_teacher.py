@@ -47,11 +47,12 @@ def test_capture_and_truncate_on_a_plain_model(tmp_path, kind):
         torch.testing.assert_close(got, exp)
 
 
-def _zero3_worker(rank, path, want):
+def _zero3_worker(rank, path, want, bf16=False):
     from minimoe.distributed import init_distributed
     from minimoe.teacher import Teacher
     init_distributed()
-    teacher = Teacher(path, dict(ZERO3), layer=-1)
+    ds = dict(ZERO3, bf16={"enabled": True}) if bf16 else dict(ZERO3)
+    teacher = Teacher(path, ds, layer=-1, dtype=torch.bfloat16 if bf16 else None)
     # Really partitioned: each rank holds half of every weight matrix, never the whole model.
     params = list(teacher.engine.module.parameters())
     held = sum(p.ds_tensor.numel() for p in params)
@@ -59,7 +60,11 @@ def _zero3_worker(rank, path, want):
     assert held <= total / 2 + 64 * len(params), (held, total)
     got = teacher.qkv(_batch())
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        if bf16:  # weights rounded to bf16 and bf16 matmuls: agreement to bf16's ~3 significant digits
+            assert g.dtype == torch.bfloat16 and all(p.ds_tensor.dtype == torch.bfloat16 for p in params)
+            torch.testing.assert_close(g.float(), w, atol=3e-2, rtol=3e-2)
+        else:
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -68,6 +73,12 @@ def test_zero3_teacher_over_two_ranks_matches_the_plain_model(tmp_path, kind):
     path = tiny_teacher(str(tmp_path / kind), kind)
     want = _plain_qkv(path, 2)
     spawn(_zero3_worker, 2, path, want)
+
+
+@pytest.mark.slow
+def test_a_bf16_teacher_is_partitioned_in_bf16(tmp_path):
+    path = tiny_teacher(str(tmp_path / "bert"), "bert")
+    spawn(_zero3_worker, 2, path, _plain_qkv(path, 2), True)
 
 
 # ---------------------------------------------------------------------------------------------
