@@ -1,12 +1,12 @@
 """The shared command-line front of every launcher: --help from the config dataclass, fire for the
-flags, DeepSpeed's ``--local_rank`` taken out, and user errors as one line with exit code 2."""
+flags, DeepSpeed's ``--local_rank`` taken out, and every failure as one line with an exit code."""
 from __future__ import annotations
 
-import os
 import sys
 from typing import Callable
 
 from .config import ConfigError
+from .errors import report
 from .flags import from_flags, help_text
 
 
@@ -25,17 +25,39 @@ def _strip_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+def _check_positionals(argv: list[str]) -> None:
+    """Every value belongs to a flag. fire would hand a stray one (an unquoted glob the shell expanded:
+    ``--data dir/*.txt``) to the run's *result* after the whole run, and only then fail."""
+    previous = None
+    for token in argv:
+        if token.startswith("--"):
+            previous = token if "=" not in token else None
+        elif previous is not None:
+            previous = None  # the value of the flag before it
+        else:
+            raise ConfigError(f"unexpected argument {token!r}: every value belongs to a --flag; quote a glob and "
+                              "join files with commas (--data 'dir/*.txt' or --data a.txt,b.txt)")
+
+
 def main(config_cls, run: Callable | str, prog: str, argv: list[str] | None = None) -> int:
     """Parse flags into ``config_cls`` and call ``run(config)``. ``run`` may be "module:function", imported
-    only after --help and flag parsing, so both answer without loading torch and DeepSpeed."""
+    only after --help and flag parsing, so both answer without loading torch and DeepSpeed.
+
+    Whatever stops the run ends in one line and an exit code (``errors.report``): 2 for bad input, 1 for
+    a failure of the environment (files, disk, a peer rank), the traceback in a log file (``--debug``
+    prints it too)."""
     import fire
     argv = _strip_local_rank(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(help_text(config_cls, prog))
+        print(f"  --{'debug':<24} Also print the full traceback of a failure (it always goes to a log file).")
         return 0
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    seen: dict = {}
 
     def entry(**flags):
-        cfg = from_flags(config_cls, flags)
+        cfg = seen["cfg"] = from_flags(config_cls, flags)
         fn = run
         if isinstance(fn, str):
             import importlib
@@ -43,16 +65,18 @@ def main(config_cls, run: Callable | str, prog: str, argv: list[str] | None = No
             fn = getattr(importlib.import_module(module), name)
         fn(cfg)
 
+    from .distributed import shutdown
     try:
+        _check_positionals(argv)
         fire.Fire(entry, command=argv, name=prog)
-    except ConfigError as e:
-        if int(os.environ.get("RANK", "0")) == 0:  # every rank raises the same error; say it once
-            print(f"error: {e}", file=sys.stderr)
-        from .distributed import shutdown
-        shutdown(wait=False)
-        return 2
     except fire.core.FireExit as e:
         return int(e.code or 0)
-    from .distributed import shutdown
+    except KeyboardInterrupt:
+        shutdown(wait=False)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place every failure is turned into a line and a code
+        code = report(e, getattr(seen.get("cfg"), "output_dir", None), debug)
+        shutdown(wait=False)
+        return code
     shutdown()
     return 0

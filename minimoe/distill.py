@@ -153,8 +153,8 @@ def run(cfg: DistillConfig) -> dict:
         total_steps = batches.total_steps(cfg.max_steps, cfg.num_epochs, f"--data {cfg.data!r}")
 
     placement = p.layout.placement
-    if dist_info.is_main:
-        print(f"teacher placement: {placement.kind} ({placement.reason})", flush=True)
+    if dist_info.is_main:  # the plan of the run, as --dry_run shows it (also in run_config.json)
+        print(p.layout.describe(), flush=True)
     teacher = Teacher(p.teacher, t_ds, cfg.teacher_layer, dtype_of(pop_precision(t_ds)), placement)
 
     model = MiniMoEModel(p.student, ep_size=cfg.ep_size, ep_rank=p.layout.ep_rank(dist_info.rank))

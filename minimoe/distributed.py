@@ -94,16 +94,31 @@ def shutdown(wait: bool = True) -> None:
 SHM_PREFIX = "deepspeed_allreduce_buffer"
 
 
+def _shm_name(rank) -> str:
+    return (f"/dev/shm/{SHM_PREFIX}_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
 def _unlink_shm_buffer(rank: int) -> None:
     """DeepSpeed's CPU shared-memory all-reduce op (0.19) maps a ~69 MB buffer per rank in /dev/shm,
     named by user, MASTER_ADDR, MASTER_PORT and rank, and never unlinks it: every run would leave
     RAM-backed files behind. We never use that op (it serves tensor-parallel inference), so each rank
     removes its own buffer at exit; peers that still map it keep their mapping until they exit."""
-    name = f"/dev/shm/{SHM_PREFIX}_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank}"
     try:
-        os.unlink(name)
+        os.unlink(_shm_name(rank))
     except OSError:
         pass
+
+
+def unlink_job_shm_buffers() -> None:
+    """When a peer rank died (SIGKILL, OOM) it could not remove its buffer: the survivors remove every
+    buffer of this job (this node's /dev/shm), since the job is over."""
+    import glob
+    for name in glob.glob(_shm_name("*")):
+        try:
+            os.unlink(name)
+        except OSError:
+            pass
 
 
 def device():

@@ -137,3 +137,48 @@ def test_launcher_errors_are_one_line_with_exit_2_and_no_output(teacher, tmp_pat
     assert not out.exists()
     p = launch(["--help"])
     assert p.returncode == 0 and "--ep_size" in p.stdout and "--teacher_ds_config" in p.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# One error path: every failure is one line and an exit code; the traceback goes to a log file.
+
+
+@pytest.mark.parametrize("script", ["distill", "finetune", "evaluate", "sweep"])
+def test_a_stray_argument_stops_before_any_work(tmp_path, script):
+    """An unquoted glob the shell expanded (--data dir/a.txt dir/b.txt) once trained on the first file and
+    only then failed; now every launcher refuses it at once."""
+    p = subprocess.run([sys.executable, f"launchers/{script}.py", "--output_dir", str(tmp_path / "out"), "a.txt",
+                        "b.txt"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert stderr_lines(p) == ["error: unexpected argument 'a.txt': every value belongs to a --flag; quote a glob "
+                               "and join files with commas (--data 'dir/*.txt' or --data a.txt,b.txt)"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_failures_are_classified_as_user_or_environment():
+    import errno
+    from minimoe.errors import classify
+    assert classify(ConfigError("--lr 0 must be > 0")) == (2, "--lr 0 must be > 0")
+    code, line = classify(OSError(errno.ENOSPC, "No space left on device", "/ckpt/step_00000004/x.pt"))
+    assert code == 1 and line.startswith("no space left on device writing '/ckpt/step_00000004/x.pt'")
+    code, line = classify(RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed "
+                                       "writing file data/0: file write failed"))
+    assert code == 1 and "no space left on device while saving" in line
+    code, line = classify(RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:56530: "
+                                       "Connection reset by peer. This is typically caused by ..."))
+    assert code == 1 and line.startswith("another rank of this job stopped")
+    assert classify(PermissionError(errno.EACCES, "Permission denied", "/ro/run"))[1] == \
+        "cannot write '/ro/run': Permission denied; choose a writable --output_dir"
+    assert classify(ValueError("boom\nmore"))[1] == "internal error: ValueError: boom"
+
+
+def test_an_environment_failure_prints_one_line_and_logs_the_traceback(tmp_path, capsys):
+    from minimoe.errors import report
+    try:
+        raise OSError(28, "No space left on device", str(tmp_path / "ckpt.pt"))
+    except OSError as e:
+        assert report(e, str(tmp_path), debug=False) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no space left on device writing")
+    log = err[0].rpartition("[traceback: ")[2].rstrip("]")
+    assert log.startswith(str(tmp_path / "logs")) and "Traceback (most recent call last)" in open(log).read()

@@ -2,6 +2,7 @@
 (deepspeed --no_ssh --node_rank, torchrun --nnodes 2 --node_rank), one process per node, the experts
 split across the nodes (ep_size 2). Same losses as one node; a dead rank ends every rank; a resume
 continues from the last committed checkpoint; a kill inside a save leaves ``latest`` where it was."""
+import glob
 import os
 import signal
 import subprocess
@@ -16,8 +17,8 @@ from helpers import BIN, REPO, STEPS, deepspeed_cmd, env, flag_dict, flags, free
 pytestmark = pytest.mark.slow
 
 
-def node_cmds(launcher: str, args: list[str], tmp) -> list[list[str]]:
-    port = str(free_port())
+def node_cmds(launcher: str, args: list[str], tmp, port: int = 0) -> list[list[str]]:
+    port = str(port or free_port())
     if launcher == "deepspeed":
         hostfile = tmp / "hostfile"
         hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
@@ -89,7 +90,8 @@ def _rank_pids(rank: int) -> list[int]:
 def test_a_dead_rank_ends_every_node_and_resume_continues(assets, straight_run, launcher, tmp_path):
     out = tmp_path / "killed"
     latest = out / "checkpoints" / "latest"
-    procs = start_nodes(node_cmds(launcher, flags(assets, out), tmp_path), tmp_path)
+    port = free_port()
+    procs = start_nodes(node_cmds(launcher, flags(assets, out), tmp_path, port), tmp_path)
     deadline = time.time() + 300
     while not latest.exists() and time.time() < deadline and all(p.poll() is None for p in procs):
         time.sleep(0.02)
@@ -103,6 +105,12 @@ def test_a_dead_rank_ends_every_node_and_resume_continues(assets, straight_run, 
     assert None not in codes and all(c != 0 for c in codes), (codes, ended)
     assert ended < 60
     assert latest.read_text() != f"step_{STEPS:08d}", "the run finished before it could be killed"
+    # The survivor says what happened in one line (no traceback), and removes the dead rank's shm buffer.
+    survivor = (tmp_path / "node0.log").read_text()
+    assert "error (rank 0): another rank of this job stopped" in survivor
+    if launcher == "deepspeed":  # torchrun's agent prints its own failure report for the killed rank
+        assert "Traceback" not in survivor
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*")
     # Resume on one node: the position, optimizer and RNG streams live in the checkpoint.
     run_ok(deepspeed_cmd(flags(assets, out, resume=True)))
     assert_same_weights(straight_run, out)
