@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -154,6 +155,9 @@ class TrainConfig:
         "fp32, bf16, fp16, or auto (whatever the ds_config enables)."))
     seed: int = field(default=776, metadata=_help("Random seed."))
     ds_config: str = field(default="ds_configs/zero2_moe.json", metadata=_help("DeepSpeed config of the trained model."))
+    strict_ds_config: bool = field(default=True, metadata=_help(
+        "Refuse ds_config keys DeepSpeed does not read (a misspelt key is otherwise ignored without a word); "
+        "False only warns."))
     load_balance_weight: float = field(default=0.01, metadata=_help("Weight of the load-balance loss (MoE models)."))
     log_every: int = field(default=10, metadata=_help("Log metrics every N optimizer steps."))
     wandb: str = field(default="offline", metadata=_help("wandb mode: offline, online or disabled."))
@@ -183,8 +187,18 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ConfigError(f"--{name} {v} is invalid: must be >= 1")
+        for name in ("lr", "weight_decay", "gradient_clipping", "warmup_ratio", "load_balance_weight", "num_epochs"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise ConfigError(f"--{name} {v} is invalid: must be a finite number")
         if self.lr is not None and self.lr <= 0:
             raise ConfigError(f"--lr {self.lr} must be > 0")
+        for name in ("weight_decay", "gradient_clipping", "load_balance_weight"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise ConfigError(f"--{name} {v} is invalid: must be >= 0")
+        if not 0 <= self.seed < 2 ** 32:  # numpy's seed range
+            raise ConfigError(f"--seed {self.seed} is invalid: must be in [0, 2**32)")
         return self
 
     def to_dict(self) -> dict:
@@ -365,3 +379,15 @@ def load_json(path: str, what: str) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {path!r} must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def check_output_dir(path: str, what: str = "--output_dir") -> None:
+    """The run folder must be a folder we can create or write: found now, not after the engines are built."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{what} {path!r} is a file, not a folder")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path!r} cannot be written ({existing!r} is not a writable folder); choose "
+                          "another --output_dir")

@@ -20,7 +20,7 @@ import torch
 
 from . import checkpoint, placement as placement_lib
 from .commands import dry_run_report
-from .config import ConfigError, DistillConfig, StudentConfig
+from .config import ConfigError, DistillConfig, StudentConfig, check_output_dir
 from .data import assets, corpus as corpus_lib
 from .data.batches import GlobalBatches, StreamingBatches
 from .distributed import accelerator_name, agree, device, init_distributed
@@ -66,11 +66,8 @@ def plan(cfg: DistillConfig) -> Plan:
         tokenizer = AutoTokenizer.from_pretrained(teacher)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--teacher {teacher!r} has no loadable tokenizer: {str(e).splitlines()[0]}")
-    if len(tokenizer) > info.vocab_size:
-        raise ConfigError(f"tokenizer of {teacher!r} has {len(tokenizer)} tokens but the teacher's embedding "
-                          f"table has {info.vocab_size}: teacher and tokenizer do not match")
-    if tokenizer.pad_token_id is None:
-        raise ConfigError(f"tokenizer of {teacher!r} has no padding token")
+    assets.check_tokenizer(tokenizer, info.vocab_size, teacher, "--teacher")
+    check_output_dir(cfg.output_dir)
     student = dataclasses.replace(cfg.student, vocab_size=info.vocab_size, pad_token_id=tokenizer.pad_token_id)
     s_ds = student_ds_config(cfg, world.size, accel)
     precision = pop_precision(s_ds)

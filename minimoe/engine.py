@@ -67,8 +67,10 @@ def student_ds_config(cfg: TrainConfig, world_size: int, accelerator: str) -> di
         ds["gradient_clipping"] = cfg.gradient_clipping
     ds.setdefault("gradient_clipping", PAPER_GRAD_CLIP)  # DeepSpeed's silent default would be 1.0
 
+    # Validate now, schedule filled with a stand-in length: a leftover "auto" or a key DeepSpeed does not
+    # know fails before any work.
+    check_deepspeed_keys(fill_schedule(copy.deepcopy(ds), cfg, 1), what, cfg.strict_ds_config)
     ds["_minimoe_precision"] = precision
-    fill_schedule(copy.deepcopy(ds), cfg, 1)  # validate now: a leftover "auto" fails before any work
     return ds
 
 
@@ -99,8 +101,59 @@ def teacher_ds_config(cfg: DistillConfig, world_size: int, micro_batch: int, acc
     ds["gradient_accumulation_steps"] = 1
     ds["train_batch_size"] = micro_batch * world_size
     _reject_auto(ds, what)
+    with_stage = copy.deepcopy(ds)  # the knobs are checked as ZeRO-3 knobs, whatever the placement
+    with_stage.setdefault("zero_optimization", {}).setdefault("stage", 3)
+    check_deepspeed_keys(with_stage, what, cfg.strict_ds_config)
     ds["_minimoe_precision"] = precision
     return ds
+
+
+def check_deepspeed_keys(ds: dict, what: str, strict: bool) -> None:
+    """Let DeepSpeed's own parser read the merged config (it needs no process group): its blocks reject
+    unknown nested keys, and a top-level key it never reads is unknown to it, most likely misspelt
+    (``gradient_clipingg``), which DeepSpeed itself would ignore without a word. Keys starting with
+    ``_`` are comments."""
+    import difflib
+    import warnings
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    class Recording(dict):
+        def __init__(self, d):
+            super().__init__(d)
+            self.read = set()
+
+        def get(self, key, *default):
+            self.read.add(key)
+            return super().get(key, *default)
+
+        def __getitem__(self, key):
+            self.read.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key):
+            self.read.add(key)
+            return super().__contains__(key)
+
+    # train_batch_size is ours (micro x accum x world); without a process group DeepSpeed would check it
+    # against a world of one, so it is left for DeepSpeed to derive here.
+    recorded = Recording({k: v for k, v in ds.items() if not k.startswith("_") and k != "train_batch_size"})
+    try:
+        DeepSpeedConfig(recorded)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise ConfigError(f"{what}: {e.title} {where}: {err['msg']} (input {err.get('input')!r})")
+    except (AssertionError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{what}: DeepSpeed rejects it: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    recorded.read.add("train_batch_size")
+    for key in sorted(set(recorded) - recorded.read):
+        close = difflib.get_close_matches(key, sorted(recorded.read), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        message = f"{what}: {key!r} is not a DeepSpeed setting (DeepSpeed never reads it){hint}"
+        if strict:
+            raise ConfigError(message + " Fix it, or pass --strict_ds_config False to only warn")
+        warnings.warn(message, stacklevel=2)
 
 
 def _int_or_none(v):

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from .commands import dry_run_report
-from .config import ConfigError, FinetuneConfig, StudentConfig
-from .data.assets import resolve_model
+from .config import ConfigError, FinetuneConfig, StudentConfig, check_output_dir
+from .data.assets import check_tokenizer, resolve_model
 from .data.batches import GlobalBatches
 from .data.tasks import Task, dev_split_names, get_task, load_split, offline_dir, split_file
 from .distributed import accelerator_name, device, init_distributed
@@ -168,7 +168,10 @@ def plan(cfg: FinetuneConfig) -> Plan:
     model = resolve_model(cfg.model)
     minimoe = is_minimoe_folder(model)
     tokenizer = tokenizer_for(model)
-    shape = _student_shape(model, minimoe)
+    model_cfg = _model_config(model, minimoe)
+    check_tokenizer(tokenizer, model_cfg.vocab_size, model, "--model")
+    check_output_dir(cfg.output_dir)
+    shape = student_shape(model_cfg) if minimoe else StudentShape(parameter_count(model_cfg), 0, 1)
     ds = student_ds_config(cfg, world.size, accel)
     precision = pop_precision(ds)
     layout = plan_layout(world, cfg.ep_size, shape, ds["train_micro_batch_size_per_gpu"],
@@ -184,16 +187,14 @@ def plan(cfg: FinetuneConfig) -> Plan:
     return Plan(model, task, tokenizer, "minimoe" if minimoe else "hf", accel, data_dir, layout, ds)
 
 
-def _student_shape(model: str, minimoe: bool) -> StudentShape:
-    """The trained encoder's parameters, for the memory plan: a MiniMoE student's from its config, a
-    dense HF encoder's counted on the meta device (no weights read)."""
+def _model_config(model: str, minimoe: bool):
+    """A MiniMoE student's StudentConfig, or a dense HF encoder's config (no weights read)."""
     if minimoe:
         with open(os.path.join(model, "config.json")) as fh:
-            student = StudentConfig.from_dict(json.load(fh))
-        return student_shape(student)
+            return StudentConfig.from_dict(json.load(fh))
     from transformers import AutoConfig
     try:
-        return StudentShape(parameter_count(AutoConfig.from_pretrained(model)), 0, 1)
+        return AutoConfig.from_pretrained(model)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--model {model!r} is not a loadable Hugging Face model: {str(e).splitlines()[0]}")
 

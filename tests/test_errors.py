@@ -94,7 +94,7 @@ def test_tokenizer_that_does_not_fit_the_teacher(tmp_path):
                          intermediate_size=64)).save_pretrained(path)
     for f in TOKENIZER_FILES:
         shutil.copy(os.path.join(resolve_model("packaged:all-MiniLM-L6-v2"), f), path)
-    with pytest.raises(ConfigError, match="has 30522 tokens but the teacher's embedding table has 1000"):
+    with pytest.raises(ConfigError, match="has 30522 tokens but the model's embedding table has 1000"):
         plan(cfg(str(path), tmp_path))
 
 
@@ -182,3 +182,53 @@ def test_an_environment_failure_prints_one_line_and_logs_the_traceback(tmp_path,
     assert len(err) == 1 and err[0].startswith("error: no space left on device writing")
     log = err[0].rpartition("[traceback: ")[2].rstrip("]")
     assert log.startswith(str(tmp_path / "logs")) and "Traceback (most recent call last)" in open(log).read()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checked before any work: what used to run to the end (or fail late) with a useless result.
+
+
+def test_ds_config_keys_deepspeed_does_not_know(teacher, tmp_path):
+    base = json.load(open(os.path.join(REPO, "ds_configs/zero2_moe.json")))
+    typo = write(tmp_path / "typo.json", json.dumps(dict(base, gradient_clipingg=1.0)))
+    with pytest.raises(ConfigError, match="'gradient_clipingg' is not a DeepSpeed setting .* did you mean "
+                                          "'gradient_clipping'"):
+        plan(cfg(teacher, tmp_path, ds_config=typo, ep_size=1))
+    with pytest.warns(UserWarning, match="'gradient_clipingg' is not a DeepSpeed setting"):
+        plan(cfg(teacher, tmp_path, ds_config=typo, ep_size=1, strict_ds_config=False))
+    nested = dict(base, zero_optimization=dict(base["zero_optimization"], overlap_com=True))
+    with pytest.raises(ConfigError, match="DeepSpeedZeroConfig overlap_com: Extra inputs are not permitted"):
+        plan(cfg(teacher, tmp_path, ds_config=write(tmp_path / "n.json", json.dumps(nested)), ep_size=1))
+    teacher_typo = write(tmp_path / "t.json", json.dumps({"zero_optimization": {"stage3_prefetch_bucket": 1}}))
+    with pytest.raises(ConfigError, match="--teacher_ds_config .*stage3_prefetch_bucket: Extra inputs"):
+        plan(cfg(teacher, tmp_path, teacher_ds_config=teacher_typo, ep_size=1))
+    commented = write(tmp_path / "c.json", json.dumps(dict(base, _comment="ZeRO-2 for the student")))
+    plan(cfg(teacher, tmp_path, ds_config=commented, ep_size=1))  # keys starting with _ are comments
+
+
+def test_a_model_folder_without_its_tokenizer_files(teacher, tmp_path):
+    import shutil
+    bare = tmp_path / "bare"
+    shutil.copytree(teacher, bare, ignore=shutil.ignore_patterns("vocab.txt", "tokenizer*", "special_tokens_map.json"))
+    with pytest.raises(ConfigError, match=r"the folder lacks its tokenizer files|has no loadable tokenizer"):
+        plan(cfg(str(bare), tmp_path, ep_size=1))
+
+
+@pytest.mark.parametrize("flags,message", [
+    ({"lr": float("nan")}, "--lr nan is invalid: must be a finite number"),
+    ({"gradient_clipping": float("inf")}, "--gradient_clipping inf is invalid: must be a finite number"),
+    ({"weight_decay": -0.1}, "--weight_decay -0.1 is invalid: must be >= 0"),
+    ({"seed": -1}, r"--seed -1 is invalid: must be in \[0, 2\*\*32\)"),
+    ({"seed": 2 ** 32}, "--seed 4294967296 is invalid"),
+])
+def test_values_that_cannot_work(teacher, tmp_path, flags, message):
+    with pytest.raises(ConfigError, match=message):
+        cfg(teacher, tmp_path, **flags)
+
+
+def test_an_output_dir_that_cannot_be_a_folder(teacher, tmp_path):
+    afile = write(tmp_path / "afile", "x")
+    with pytest.raises(ConfigError, match="--output_dir .*afile' is a file, not a folder"):
+        plan(cfg(teacher, tmp_path, output_dir=afile, ep_size=1))
+    with pytest.raises(ConfigError, match="cannot be written .*afile' is not a writable folder"):
+        plan(cfg(teacher, tmp_path, output_dir=os.path.join(afile, "run"), ep_size=1))

@@ -74,3 +74,19 @@ def packaged_wikipedia(cache_dir: str) -> str:
                 dst.write(json.dumps({"title": title, "text": body}) + "\n")
     os.replace(tmp, out)  # atomic: concurrent ranks or runs never read a half-written file
     return out
+
+
+def check_tokenizer(tokenizer, vocab_size: int, name: str, flag: str) -> None:
+    """The tokenizer must fit the model's embedding table: not larger (ids past the table), and not a
+    small fraction of it (a folder without its tokenizer files loads a stand-in of a few tokens, and every
+    word becomes [UNK]: the run would finish and be useless)."""
+    n = len(tokenizer)
+    if n > vocab_size:
+        raise ConfigError(f"tokenizer of {flag} {name!r} has {n} tokens but the model's embedding table has "
+                          f"{vocab_size}: model and tokenizer do not match")
+    if n < vocab_size // 2:
+        raise ConfigError(f"tokenizer of {flag} {name!r} has {n} tokens for an embedding table of {vocab_size}: "
+                          "the folder lacks its tokenizer files (tokenizer.json, vocab.txt, ...); copy them from "
+                          "the model it came from")
+    if tokenizer.pad_token_id is None:
+        raise ConfigError(f"tokenizer of {flag} {name!r} has no padding token")
