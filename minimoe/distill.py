@@ -71,9 +71,11 @@ def plan(cfg: DistillConfig) -> Plan:
     student = dataclasses.replace(cfg.student, vocab_size=info.vocab_size, pad_token_id=tokenizer.pad_token_id)
     s_ds = student_ds_config(cfg, world.size, accel)
     precision = pop_precision(s_ds)
-    t_ds = teacher_ds_config(cfg, world.size, s_ds["train_micro_batch_size_per_gpu"], accel)
     layer = resolve_layer(cfg.teacher_layer, info.num_layers)
-    teacher_bytes = parameter_count(truncated_config(teacher, layer)) * dtype_of(t_ds["_minimoe_precision"]).itemsize
+    teacher_params = parameter_count(truncated_config(teacher, layer))
+    t_ds = teacher_ds_config(cfg, world.size, s_ds["train_micro_batch_size_per_gpu"], accel,
+                             layer_params=teacher_params // (layer + 1))
+    teacher_bytes = teacher_params * dtype_of(t_ds["_minimoe_precision"]).itemsize
     placement = placement_lib.choose(cfg.teacher_placement, placement_lib.file_placement(t_ds), teacher_bytes,
                                      world.size, accel, *placement_lib.memory_per_rank(world.hosts[0][1]))
     layout = plan_layout(world, cfg.ep_size, student_shape(student), s_ds["train_micro_batch_size_per_gpu"],
