@@ -23,7 +23,8 @@ def launch_commands(world: World, script: str, flags: list[str], port: int) -> l
          "variables other than NCCL*/PYTHON*/UCX* go in .deepspeed_env)",
          [f"deepspeed --hostfile {hostfile} {rendezvous} {args}"]),
         ("deepspeed without ssh: one command per node, each started on its node",
-         [f"deepspeed --hostfile {hostfile} --no_ssh --node_rank {i} {rendezvous} {args}" for i in range(world.nodes)]),
+         [f"deepspeed --hostfile {hostfile} --no_ssh --node_rank {i} {rendezvous} {args}"
+          for i in range(world.nodes)]),
     ]
     if world.uniform:
         per_node = world.hosts[0][1]

@@ -71,7 +71,8 @@ class World:
                     continue
                 m = re.fullmatch(r"(\S+)\s+slots\s*=\s*(\d+)", line)
                 if not m or int(m.group(2)) < 1:
-                    raise ConfigError(f"--hostfile {path!r} line {lineno}: {line!r} is not 'hostname slots=N' (N >= 1)")
+                    raise ConfigError(f"--hostfile {path!r} line {lineno}: {line!r} is not 'hostname slots=N' "
+                                      "(N >= 1)")
                 if any(h == m.group(1) for h, _ in hosts):
                     raise ConfigError(f"--hostfile {path!r} line {lineno}: host {m.group(1)!r} is listed twice")
                 hosts.append((m.group(1), int(m.group(2))))
@@ -217,21 +218,22 @@ class Layout:
         return self.placement.bytes_per_rank(self.teacher_bytes, self.world_size)
 
     def describe(self) -> str:
-        w = self.world
-        lines = [f"world: {w.size} ranks = " + (f"{w.nodes} nodes x {w.hosts[0][1]}" if w.uniform else
-                                                 " + ".join(f"{h}:{s}" for h, s in w.hosts)) + f"  ({w.source})",
-                 f"batch: micro {self.micro_batch} x accum {self.grad_accum} x {w.size} ranks = global {self.global_batch}",
-                 f"experts: {self.student.num_experts} per layer, ep_size {self.ep_size}: {self.experts_per_rank} per "
-                 f"rank, each expert held by {self.expert_replicas} rank(s) (its data-parallel group)",
-                 "  rank r holds by ep_rank = r % ep_size: " +
-                 ", ".join(f"{k}: experts {_span(self.experts_of(k))}" for k in range(self.ep_size))]
-        groups = [f"ranks {_span(range(g[0], g[-1] + 1))} (node {_span(range(w.node_of(g[0]), w.node_of(g[-1]) + 1))})"
-                  for g in self.ep_groups()]
-        lines.append("  expert-parallel groups (all-to-all): " + ", ".join(groups[:8]) +
-                     (f", ... {len(groups) - 8} more" if len(groups) > 8 else ""))
-        s = self.student_bytes_per_rank()
-        lines.append(f"student per rank (ZeRO-{self.zero_stage}, {self.precision}): weights {_gib(s['weights'])}, "
-                     f"grads {_gib(s['grads'])}, optimizer {_gib(s['optimizer'])} = {_gib(s['total'])} + activations")
+        w, s = self.world, self.student_bytes_per_rank()
+        shape = f"{w.nodes} nodes x {w.hosts[0][1]}" if w.uniform else " + ".join(f"{h}:{n}" for h, n in w.hosts)
+        groups = [f"ranks {g[0]}-{g[-1]} (node {_span(range(w.node_of(g[0]), w.node_of(g[-1]) + 1))})"
+                  if len(g) > 1 else f"rank {g[0]} (node {w.node_of(g[0])})" for g in self.ep_groups()]
+        lines = [
+            f"world: {w.size} ranks = {shape}  ({w.source})",
+            f"batch: micro {self.micro_batch} x accum {self.grad_accum} x {w.size} ranks = global "
+            f"{self.global_batch}",
+            f"experts: {self.student.num_experts} per layer, ep_size {self.ep_size}: {self.experts_per_rank} per "
+            f"rank, each expert held by {self.expert_replicas} rank(s) (its data-parallel group)",
+            "  rank r holds by ep_rank = r % ep_size: "
+            + ", ".join(f"{k}: experts {_span(self.experts_of(k))}" for k in range(self.ep_size)),
+            "  expert-parallel groups (all-to-all): " + ", ".join(groups[:8])
+            + (f", ... {len(groups) - 8} more" if len(groups) > 8 else ""),
+            f"student per rank (ZeRO-{self.zero_stage}, {self.precision}): weights {_gib(s['weights'])}, grads "
+            f"{_gib(s['grads'])}, optimizer {_gib(s['optimizer'])} = {_gib(s['total'])} + activations"]
         if self.placement is not None:
             t = self.teacher_bytes_per_rank()
             where = ", ".join(f"{k} {_gib(v)}" for k, v in t.items() if v) or "0"
@@ -263,13 +265,13 @@ def plan_layout(world: World, ep_size: int, student: StudentShape, micro_batch: 
     if world.size % ep_size:
         raise ConfigError(f"--ep_size {ep_size} must divide the world size {world.size}")
     if zero_stage == 3 and e > 1:
-        raise ConfigError("ZeRO stage 3 is not supported for a MoE student (DeepSpeed MoE refuses it); use stage 1 "
-                          "or 2, e.g. ds_configs/zero2_moe.json")
+        raise ConfigError("ZeRO stage 3 is not supported for a MoE student (DeepSpeed MoE refuses it); "
+                          "use stage 1 or 2, e.g. ds_configs/zero2_moe.json")
     if zero_stage == 0 and ep_size > 1:
         # Measured on DeepSpeed 0.19.8: ZeRO-0 + expert parallelism computes the clipping norm
         # without the other ranks' experts, so clipping silently does nothing.
-        raise ConfigError(f"ZeRO stage 0 with --ep_size {ep_size} clips gradients wrongly in DeepSpeed; use stage 1 "
-                          "or 2")
+        raise ConfigError(f"ZeRO stage 0 with --ep_size {ep_size} clips gradients wrongly in DeepSpeed; "
+                          "use stage 1 or 2")
     layout = Layout(world, ep_size, student, micro_batch, grad_accum, zero_stage, precision, placement,
                     teacher_bytes)
     if any(len({world.node_of(r) for r in group}) > 1 for group in layout.ep_groups()):

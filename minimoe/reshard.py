@@ -71,8 +71,8 @@ def gather_optimizer_state(tag_dir: str, saved: SavedLayout, num_experts: int) -
         osd = _load(os.path.join(tag_dir, _SHARD.format(rank)))
         if "param_slice_mappings" not in osd:
             raise ConfigError("--resume: this checkpoint's optimizer shards carry no parameter map (an older "
-                              "DeepSpeed wrote them), so they cannot be re-partitioned; pass --resume_weights_only "
-                              "to continue with fresh optimizer state")
+                              "DeepSpeed wrote them), so they cannot be re-partitioned; pass "
+                              "--resume_weights_only to continue with fresh optimizer state")
         base = osd["base_optimizer_state"]
         for g, mapping in enumerate(osd["param_slice_mappings"]):
             expert = bool(base["param_groups"][g].get("moe"))
