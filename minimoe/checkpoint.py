@@ -139,6 +139,10 @@ def export_student(tag_dir: str, out_dir: str, student_config, tokenizer=None) -
     """
     from .student import MiniMoEModel
     state = {k: v.float() if v.is_floating_point() else v for k, v in gather_state_dict(tag_dir).items()}
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise ConfigError(f"checkpoint {tag_dir!r} holds non-finite weights ({len(broken)} tensors, e.g. "
+                          f"{broken[:2]}): not exported")
     model = MiniMoEModel(student_config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -205,6 +205,7 @@ def run(cfg: DistillConfig) -> dict:
             out = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], output_qkv=True)
             relation = relation_kl(t_qkv, out.qkv, batch["attention_mask"], cfg.relation_heads)
             loss = relation + cfg.load_balance_weight * out.aux_loss
+            _stop_if_not_finite(loss, step + 1, ckpt_root)
             engine.backward(loss)
             engine.step()
             window.add(batch, relation, out, teacher_s=t2 - t1)
@@ -235,6 +236,23 @@ def run(cfg: DistillConfig) -> dict:
     monitor.close(summary)
     dist.barrier()
     return summary
+
+
+def _stop_if_not_finite(loss: torch.Tensor, step: int, ckpt_root: str) -> None:
+    """A diverged loss stops every rank before its gradients reach the weights, in one line that names the
+    step and the last good checkpoint. The ranks agree through one scalar all-reduce (a rank that stopped
+    alone would leave the others waiting in the next collective)."""
+    import torch.distributed as dist
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        latest = os.path.join(ckpt_root, "latest")
+        where = "no checkpoint was saved before it"
+        if os.path.isfile(latest):
+            with open(latest) as fh:
+                where = f"the last good checkpoint is {os.path.join(ckpt_root, fh.read().strip())!r} (--resume)"
+        raise ConfigError(f"the loss is not finite at step {step}: training diverged (lower --lr, raise "
+                          f"--warmup_ratio or --gradient_clipping); {where}; nothing was exported")
 
 
 class _Window:

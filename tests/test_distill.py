@@ -129,3 +129,41 @@ def test_resuming_a_finished_run_re_exports_and_a_shorter_one_is_refused(assets,
     assert (out / "student" / "model.safetensors").read_bytes() == before
     with pytest.raises(AssertionError, match=f"the checkpoint is at step {STEPS}, past this run's 4 steps"):
         spawn(_run_worker, 2, flag_dict(assets, out, resume=True, max_steps=4))
+
+
+def _diverging_worker(rank, cfg_flags, at_call):
+    """Distil with the relation loss turned NaN at its ``at_call``-th evaluation on rank 1 only."""
+    import minimoe.distill as distill
+    from minimoe.config import DistillConfig
+    from minimoe.flags import from_flags
+    original, calls = distill.relation_kl, [0]
+
+    def relation_kl(*args, **kwargs):
+        calls[0] += 1
+        out = original(*args, **kwargs)
+        return out * float("nan") if rank == 1 and calls[0] == at_call else out
+
+    distill.relation_kl = relation_kl
+    distill.run(from_flags(DistillConfig, cfg_flags))
+
+
+@pytest.mark.slow
+def test_a_diverged_loss_stops_every_rank_in_one_line_and_exports_nothing(assets, tmp_path):
+    out = tmp_path / "diverged"
+    with pytest.raises(AssertionError) as raised:
+        spawn(_diverging_worker, 2, flag_dict(assets, out, save_every=2), 3)
+    text = str(raised.value)
+    assert "ConfigError: the loss is not finite at step 3: training diverged" in text
+    assert f"the last good checkpoint is {str(out / 'checkpoints' / 'step_00000002')!r}" in text
+    assert text.count("rank ") == 2  # both ranks stopped, neither left waiting
+    assert not (out / "student").exists()
+
+
+def test_export_refuses_non_finite_weights(tmp_path, monkeypatch):
+    from minimoe import checkpoint
+    from minimoe.config import ConfigError, StudentConfig
+    monkeypatch.setattr(checkpoint, "gather_state_dict",
+                        lambda tag: {"embeddings.word.weight": torch.tensor([1.0, float("nan")])})
+    with pytest.raises(ConfigError, match=r"holds non-finite weights \(1 tensors, e.g. \['embeddings.word.weight'\]"):
+        checkpoint.export_student("tag", str(tmp_path / "student"), StudentConfig())
+    assert not (tmp_path / "student").exists() and not (tmp_path / "student.tmp").exists()
