@@ -93,17 +93,18 @@ def resolve(resume, checkpoints_root: str) -> Optional[tuple[str, str]]:
     raise ConfigError(f"--resume {resume!r} is not a checkpoint folder (no 'latest' or mp_rank_00_model_states.pt)")
 
 
-def load(engine, root: str, tag: str, rank: int, layout, weights_only: bool = False) -> dict:
-    """Restore engine, optimizer, scheduler and this rank's RNG; return the loop's client state.
+def load(engine, root: str, tag: str, rank: int, layout, client: dict, weights_only: bool = False) -> None:
+    """Restore engine, optimizer, scheduler and this rank's RNG. ``client`` is the checkpoint's loop
+    state (``client_state``, read once when the run was planned).
 
     A checkpoint of another world size or ep_size (or ``weights_only``) goes through ``reshard``: the
     module weights by DeepSpeed's module load (experts by global id), the optimizer state
     re-partitioned for this layout (or left fresh), the schedule and counters restored."""
     tag_dir = os.path.join(root, tag)
-    saved = reshard.saved_layout(tag_dir, client_state(tag_dir))
+    saved = reshard.saved_layout(tag_dir, client)
     elastic = weights_only or (saved.world_size, saved.ep_size) != (layout.world_size, layout.ep_size)
-    path, client = engine.load_checkpoint(root, tag, load_module_only=elastic, load_optimizer_states=not elastic,
-                                          load_lr_scheduler_states=not elastic)
+    path, _ = engine.load_checkpoint(root, tag, load_module_only=elastic, load_optimizer_states=not elastic,
+                                     load_lr_scheduler_states=not elastic)
     if path is None:
         raise ConfigError(f"--resume: DeepSpeed could not load checkpoint {tag_dir!r}")
     if elastic:
@@ -112,7 +113,6 @@ def load(engine, root: str, tag: str, rank: int, layout, weights_only: bool = Fa
     rng_file = os.path.join(tag_dir, f"rng_rank_{rank}.pt")
     if os.path.isfile(rng_file):  # absent when resuming on more ranks than saved: fresh streams then
         set_rng_state(torch.load(rng_file, weights_only=False))
-    return client
 
 
 def gather_state_dict(tag_dir: str) -> dict:

@@ -19,14 +19,13 @@ import numpy as np
 import torch
 
 from . import checkpoint, placement as placement_lib
-from .commands import dry_run_report
+from .commands import dry_run
 from .config import ConfigError, DistillConfig, StudentConfig, check_output_dir
 from .data import assets, corpus as corpus_lib
 from .data.batches import GlobalBatches, StreamingBatches
 from .distributed import accelerator_name, agree, device, init_distributed
 from .engine import (build_student_engine, dtype_of, fill_schedule, pop_precision, student_ds_config,
                      teacher_ds_config, zero_stage)
-from .flags import to_flags
 from .layout import Layout, plan_layout, run_world
 from .losses import relation_kl
 from .monitor import Monitor, expert_utilisation, gather_peak_rss
@@ -133,8 +132,7 @@ def _streaming_batches(cfg: DistillConfig, p: Plan, rank: int, micro: int, accum
 def run(cfg: DistillConfig) -> dict:
     p = plan(cfg)
     if cfg.launch.dry_run:
-        print(dry_run_report(p.layout, to_flags(cfg), "launchers/distill.py", cfg.launch.master_port))
-        return {"dry_run": True, "world_size": p.world_size, "global_batch": p.layout.global_batch}
+        return dry_run(cfg, p.layout, "launchers/distill.py")
     dist_info = init_distributed()
     import torch.distributed as dist
     _seed_all(cfg.seed)
@@ -167,7 +165,7 @@ def run(cfg: DistillConfig) -> dict:
         if start_step > total_steps:
             raise ConfigError(f"--resume: the checkpoint is at step {start_step}, past this run's {total_steps} steps; "
                               "raise --max_steps")
-        checkpoint.load(engine, *p.resume, dist_info.rank, p.layout, cfg.resume_weights_only)
+        checkpoint.load(engine, *p.resume, dist_info.rank, p.layout, p.resume_client, cfg.resume_weights_only)
     else:
         torch.manual_seed(cfg.seed + dist_info.rank)  # per-rank dropout / gate-noise streams
 

@@ -108,8 +108,8 @@ def teacher_ds_config(cfg: DistillConfig, world_size: int, micro_batch: int, acc
     ds["gradient_accumulation_steps"] = 1
     ds["train_batch_size"] = micro_batch * world_size
     zero = ds.get("zero_optimization", {})
-    _fill_auto_if_present(zero, "stage3_max_live_parameters", 2 * layer_params)
-    _fill_auto_if_present(zero, "stage3_prefetch_bucket_size", layer_params)
+    _fill_auto(zero, "stage3_max_live_parameters", 2 * layer_params, if_missing=False)
+    _fill_auto(zero, "stage3_prefetch_bucket_size", layer_params, if_missing=False)
     _reject_auto(ds, what)
     with_stage = copy.deepcopy(ds)  # the knobs are checked as ZeRO-3 knobs, whatever the placement
     with_stage.setdefault("zero_optimization", {}).setdefault("stage", 3)
@@ -170,13 +170,9 @@ def _int_or_none(v):
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
-def _fill_auto(d: dict, key: str, value) -> None:
-    if d.get(key, "auto") == "auto":
-        d[key] = value
-
-
-def _fill_auto_if_present(d: dict, key: str, value) -> None:
-    if d.get(key) == "auto":
+def _fill_auto(d: dict, key: str, value, if_missing: bool = True) -> None:
+    """Fill ``key`` when it says "auto" (and, with ``if_missing``, when it is absent)."""
+    if d.get(key, "auto" if if_missing else None) == "auto":
         d[key] = value
 
 

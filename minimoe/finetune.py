@@ -19,14 +19,13 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint
-from .commands import dry_run_report
+from .commands import dry_run
 from .config import ConfigError, FinetuneConfig, StudentConfig, check_output_dir
 from .data.assets import check_tokenizer, resolve_model
 from .data.batches import GlobalBatches
 from .data.tasks import Task, dev_split_names, get_task, load_split, offline_dir, split_file
 from .distributed import accelerator_name, device, init_distributed
 from .engine import build_student_engine, fill_schedule, pop_precision, student_ds_config, zero_stage
-from .flags import to_flags
 from .heads import TaskModel, is_minimoe_folder, load_encoder, save_task_model, tokenizer_for
 from .layout import Layout, StudentShape, plan_layout, run_world
 from .losses import logits_kd
@@ -214,8 +213,7 @@ def _check_teacher(folder: str, task: Task, tokenizer) -> None:
 def run(cfg: FinetuneConfig) -> dict:
     p = plan(cfg)
     if cfg.launch.dry_run:
-        print(dry_run_report(p.layout, to_flags(cfg), "launchers/finetune.py", cfg.launch.master_port))
-        return {"dry_run": True, "world_size": p.world_size, "global_batch": p.layout.global_batch}
+        return dry_run(cfg, p.layout, "launchers/finetune.py")
     info = init_distributed()
     import torch.distributed as dist
     torch.manual_seed(cfg.seed)

@@ -93,17 +93,17 @@ def load_weights(model: nn.Module, ckpt: LazyCheckpoint, partitioned: bool) -> N
     """Fill ``model``'s parameters from ``ckpt``: each rank reads only its partition when ``partitioned``."""
     keys = set(ckpt.keys())
     prefix = getattr(model, "base_model_prefix", "")
-    missing = [n for n, _ in model.named_parameters() if _checkpoint_key(n, keys, prefix) is None]
+    params = [(_checkpoint_key(n, keys, prefix), n, p) for n, p in model.named_parameters()]
+    missing = [n for key, n, _ in params if key is None]
     if missing:
         raise ConfigError(f"teacher checkpoint {ckpt.folder!r} lacks {len(missing)} weights the encoder needs, "
                           f"e.g. {missing[:3]}")
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            key = _checkpoint_key(name, keys, prefix)
-            shape = ckpt.shape(key)
-            if tuple(shape) != tuple(param.ds_shape if partitioned else param.shape):
-                raise ConfigError(f"teacher checkpoint {ckpt.folder!r}: {key} has shape {tuple(shape)}, the "
-                                  f"config says {tuple(param.ds_shape if partitioned else param.shape)}")
+        for key, _, param in params:
+            shape, want = tuple(ckpt.shape(key)), tuple(param.ds_shape if partitioned else param.shape)
+            if shape != want:
+                raise ConfigError(f"teacher checkpoint {ckpt.folder!r}: {key} has shape {shape}, the config "
+                                  f"says {want}")
             if partitioned:
                 part, start, count = placement_lib.local_partition(param)
                 if count:
