@@ -10,6 +10,7 @@ results.json exists is not run again, so a sweep can be resumed). Writes sweep.j
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minimoe.cli import main  # noqa: E402
 from minimoe.config import ConfigError, SweepConfig  # noqa: E402
+from minimoe.errors import ChildFailed  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -29,11 +31,33 @@ def _name(model: str) -> str:
     return model.rstrip("/").replace("packaged:", "").replace("/", "_").replace(":", "_")
 
 
-def run(cfg: SweepConfig) -> None:
+def _check(cfg: SweepConfig) -> tuple[list, list, list, list, list]:
+    """Every part of the sweep that can be wrong, before its first run: names, seeds, the launcher."""
     from minimoe.data.tasks import get_task
     models, tasks, seeds = _items(cfg.models), _items(cfg.tasks), _items(cfg.seeds)
+    for name, items in (("models", models), ("tasks", tasks), ("seeds", seeds)):
+        if not items:
+            raise ConfigError(f"--{name} {getattr(cfg, name)!r} names nothing: give a comma-separated list")
     for t in tasks:
         get_task(t)  # unknown task names fail before any run
+    bad = [s for s in seeds if not s.isdigit()]
+    if bad:
+        raise ConfigError(f"--seeds {cfg.seeds!r}: {bad[0]!r} is not a non-negative integer")
+    for m in models:
+        looks_local = os.sep in m or m.startswith(".")
+        if looks_local and not os.path.isdir(m):
+            raise ConfigError(f"--models: {m!r} is not a folder (a student folder, or a hub name)")
+    try:
+        launcher, extra = shlex.split(cfg.launcher), shlex.split(cfg.extra)
+    except ValueError as e:
+        raise ConfigError(f"--launcher / --extra cannot be split into arguments: {e}")
+    if not launcher or not shutil.which(launcher[0]):
+        raise ConfigError(f"--launcher {cfg.launcher!r}: {launcher[:1]} is not a command on PATH")
+    return models, tasks, seeds, launcher, extra
+
+
+def run(cfg: SweepConfig) -> None:
+    models, tasks, seeds, launcher, extra = _check(cfg)
     scores = {}
     for m in models:
         for t in tasks:
@@ -41,11 +65,14 @@ def run(cfg: SweepConfig) -> None:
                 out = os.path.join(cfg.output_dir, _name(m), t, f"seed{s}")
                 res = os.path.join(out, "results.json")
                 if not os.path.isfile(res):
-                    cmd = [*shlex.split(cfg.launcher), os.path.join(HERE, "finetune.py"), "--model", m, "--task", t,
-                           "--seed", s, "--output_dir", out, *shlex.split(cfg.extra)]
+                    cmd = [*launcher, os.path.join(HERE, "finetune.py"), "--model", m, "--task", t,
+                           "--seed", s, "--output_dir", out, *extra]
                     print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
-                    if subprocess.run(cmd).returncode != 0:
-                        raise ConfigError(f"the run for model {m}, task {t}, seed {s} failed (see above)")
+                    code = subprocess.run(cmd).returncode
+                    if code != 0:  # the run said why in its own line, just above
+                        raise ChildFailed(f"the run for model {m}, task {t}, seed {s} failed (exit code {code}; "
+                                          f"its error is the line above); fix it and run the sweep again: finished "
+                                          "runs are kept", code)
                 with open(res) as fh:
                     r = json.load(fh)
                 scores.setdefault(m, {}).setdefault(t, []).append(r["best"]["main"])

@@ -7,6 +7,7 @@ Layout of ``output_dir/checkpoints``::
         layer_{l}_expert_{e}_mp_rank_00_model_states.pt   one file per global expert
         zero_pp_rank_{r}_mp_rank_00_optim_states.pt       optimizer shards
         rng_rank_{r}.pt                  each rank's RNG streams (gate noise, dropout)
+        complete                         written last, once every rank's files are on disk
     latest                               written (atomically) once every rank's files are on disk:
                                          a crash mid-save leaves the previous checkpoint as the one to resume
 
@@ -16,11 +17,13 @@ reading them lets any checkpoint become an ep_size-1 student folder in one plain
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import random
 import re
 import shutil
+import zipfile
 from typing import Optional
 
 import numpy as np
@@ -28,9 +31,12 @@ import torch
 
 from . import reshard
 from .config import ConfigError
+from .errors import UnreadableFile, reading
 
 TAG_FORMAT = "step_{:08d}"
 _TAG_RE = re.compile(r"^step_(\d{8})$")
+COMPLETE = "complete"
+_RESUME_EARLIER = "; resume from an earlier checkpoint (--resume <output_dir>/checkpoints/step_N)"
 
 
 def tag_for(step: int) -> str:
@@ -48,24 +54,52 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, root: str, step: int, client_state: dict, rank: int, keep: int) -> str:
-    """Save engine + loop state as tag ``step_N``; keep the newest ``keep`` tags."""
+    """Save engine + loop state as tag ``step_N``; keep the newest ``keep`` tags.
+
+    A save that fails (a full disk, a killed rank) leaves no tag that looks complete: the ``complete``
+    marker and ``latest`` are written only after every rank's files are on disk, and the rank that
+    failed removes what it wrote of the tag, to give the space back."""
     import torch.distributed as dist
     tag = tag_for(step)
-    os.makedirs(os.path.join(root, tag), exist_ok=True)
-    torch.save(rng_state(), os.path.join(root, tag, f"rng_rank_{rank}.pt"))
-    # DeepSpeed's rank 0 writes `latest` as soon as *its* files are done; a kill at that moment would
-    # point `latest` at a tag missing other ranks' shards. So: save, wait for every rank, then commit.
-    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+    tag_dir = os.path.join(root, tag)
+    try:
+        os.makedirs(tag_dir, exist_ok=True)
+        if rank == 0 and os.path.exists(os.path.join(tag_dir, COMPLETE)):
+            os.remove(os.path.join(tag_dir, COMPLETE))  # being overwritten: not complete until done again
+        torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank_{rank}.pt"))
+        # DeepSpeed's rank 0 writes `latest` as soon as *its* files are done; a kill at that moment would
+        # point `latest` at a tag missing other ranks' shards. So: save, wait for every rank, then commit.
+        engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+        dist.barrier()
+        if rank == 0:
+            open(os.path.join(tag_dir, COMPLETE), "w").close()
+            tmp = os.path.join(root, "latest.tmp")
+            with open(tmp, "w") as fh:
+                fh.write(tag)
+            os.replace(tmp, os.path.join(root, "latest"))
+            for old in complete_tags(root)[:-keep]:
+                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    except Exception as e:
+        failure = _as_write_error(e, tag_dir)
+        shutil.rmtree(tag_dir, ignore_errors=True)
+        if failure is not e:
+            raise failure from e
+        raise
     dist.barrier()
-    if rank == 0:
-        tmp = os.path.join(root, "latest.tmp")
-        with open(tmp, "w") as fh:
-            fh.write(tag)
-        os.replace(tmp, os.path.join(root, "latest"))
-        for old in list_tags(root)[:-keep]:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    dist.barrier()
-    return os.path.join(root, tag)
+    return tag_dir
+
+
+# What torch's zip writer raises (a RuntimeError, errno lost) when a write comes up short.
+_TORCH_WRITE_ERRORS = ("file write failed", "unexpected pos", "PytorchStreamWriter failed")
+
+
+def _as_write_error(e: Exception, tag_dir: str) -> Exception:
+    """torch.save reports a full disk as a RuntimeError about zip positions: name it for what it is."""
+    if isinstance(e, OSError) or not any(m in str(e) for m in _TORCH_WRITE_ERRORS):
+        return e
+    full = shutil.disk_usage(os.path.dirname(tag_dir)).free < 64 * 2 ** 20
+    return OSError(errno.ENOSPC if full else errno.EIO, "No space left on device" if full else "write failed",
+                   tag_dir)
 
 
 def list_tags(root: str) -> list[str]:
@@ -74,23 +108,77 @@ def list_tags(root: str) -> list[str]:
     return sorted(t for t in os.listdir(root) if _TAG_RE.match(t) and os.path.isdir(os.path.join(root, t)))
 
 
+def _latest(root: str) -> Optional[str]:
+    path = os.path.join(root, "latest")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        return fh.read().strip()
+
+
+def is_complete(root: str, tag: str) -> bool:
+    """Finished saves carry the ``complete`` marker; a tag no newer than ``latest`` is complete too
+    (checkpoints written before the marker existed)."""
+    latest = _latest(root)
+    return os.path.isfile(os.path.join(root, tag, COMPLETE)) or (latest is not None and tag <= latest)
+
+
+def complete_tags(root: str) -> list[str]:
+    return [t for t in list_tags(root) if is_complete(root, t)]
+
+
+def incomplete_tags(root: str) -> list[str]:
+    """Tags of saves that did not finish (a full disk, a killed job): never resumed from, removed by the
+    next run that saves into ``root``."""
+    return [t for t in list_tags(root) if not is_complete(root, t)]
+
+
+def remove_incomplete(root: str) -> list[str]:
+    gone = incomplete_tags(root)
+    for tag in gone:
+        shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
+    return gone
+
+
 def resolve(resume, checkpoints_root: str) -> Optional[tuple[str, str]]:
     """``--resume`` -> (root, tag), or None for a fresh start. Raises if asked for and absent."""
     if resume is False or resume in ("", "false", "False"):
         return None
     if resume is True or resume in ("true", "True", "latest"):
-        latest = os.path.join(checkpoints_root, "latest")
-        if not os.path.isfile(latest):
-            raise ConfigError(f"--resume: no checkpoint to resume in {checkpoints_root!r} (no 'latest' file)")
-        with open(latest) as fh:
-            return checkpoints_root, fh.read().strip()
+        latest = _latest(checkpoints_root)
+        if latest is None:
+            broken = incomplete_tags(checkpoints_root)
+            why = (f" ({', '.join(broken)}: a save that did not finish; start afresh without --resume)"
+                   if broken else " (no 'latest' file)")
+            raise ConfigError(f"--resume: no complete checkpoint to resume in {checkpoints_root!r}{why}")
+        return checkpoints_root, latest
     path = os.path.normpath(str(resume))
-    if os.path.isfile(os.path.join(path, "latest")):  # a checkpoints root
-        with open(os.path.join(path, "latest")) as fh:
-            return path, fh.read().strip()
+    if _latest(path) is not None:  # a checkpoints root
+        return path, _latest(path)
     if os.path.isfile(os.path.join(path, "mp_rank_00_model_states.pt")):  # one tag folder
-        return os.path.dirname(path), os.path.basename(path)
+        root, tag = os.path.dirname(path), os.path.basename(path)
+        if not is_complete(root, tag):
+            raise ConfigError(f"--resume {resume!r}: this checkpoint's save did not finish (no '{COMPLETE}' "
+                              "marker); resume from an earlier one")
+        return root, tag
     raise ConfigError(f"--resume {resume!r} is not a checkpoint folder (no 'latest' or mp_rank_00_model_states.pt)")
+
+
+def check_whole(tag_dir: str) -> None:
+    """Every file of a checkpoint tag is a whole zip archive (torch's format keeps its directory at the
+    end, so a truncated copy or a cut-off download has none): found before the process group starts,
+    not by the one rank that reads the damaged shard."""
+    for path in sorted(glob.glob(os.path.join(tag_dir, "*.pt"))):
+        with open(path, "rb") as fh:
+            zip_format = fh.read(4) == b"PK\x03\x04"
+        if zip_format and not zipfile.is_zipfile(path):
+            raise UnreadableFile(f"{path!r} is truncated or corrupt (a zip archive without its directory)"
+                                 f"{_RESUME_EARLIER}")
+
+
+def _torch_load(path: str):
+    with reading(path, _RESUME_EARLIER):
+        return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def load(engine, root: str, tag: str, rank: int, layout, client: dict, weights_only: bool = False) -> None:
@@ -103,8 +191,9 @@ def load(engine, root: str, tag: str, rank: int, layout, client: dict, weights_o
     tag_dir = os.path.join(root, tag)
     saved = reshard.saved_layout(tag_dir, client)
     elastic = weights_only or (saved.world_size, saved.ep_size) != (layout.world_size, layout.ep_size)
-    path, _ = engine.load_checkpoint(root, tag, load_module_only=elastic, load_optimizer_states=not elastic,
-                                     load_lr_scheduler_states=not elastic)
+    with reading(tag_dir, _RESUME_EARLIER):
+        path, _ = engine.load_checkpoint(root, tag, load_module_only=elastic, load_optimizer_states=not elastic,
+                                         load_lr_scheduler_states=not elastic)
     if path is None:
         raise ConfigError(f"--resume: DeepSpeed could not load checkpoint {tag_dir!r}")
     if elastic:
@@ -112,7 +201,7 @@ def load(engine, root: str, tag: str, rank: int, layout, client: dict, weights_o
                         layout.student.num_experts, with_optimizer=not weights_only)
     rng_file = os.path.join(tag_dir, f"rng_rank_{rank}.pt")
     if os.path.isfile(rng_file):  # absent when resuming on more ranks than saved: fresh streams then
-        set_rng_state(torch.load(rng_file, weights_only=False))
+        set_rng_state(_torch_load(rng_file))
 
 
 def gather_state_dict(tag_dir: str) -> dict:
@@ -120,14 +209,14 @@ def gather_state_dict(tag_dir: str) -> dict:
     main = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
     if not os.path.isfile(main):
         raise ConfigError(f"{tag_dir!r} is not a DeepSpeed checkpoint tag (no mp_rank_00_model_states.pt)")
-    state = dict(torch.load(main, map_location="cpu", weights_only=False)["module"])
+    state = dict(_torch_load(main)["module"])
     for f in sorted(glob.glob(os.path.join(tag_dir, "layer_*_expert_*_mp_rank_00_model_states.pt"))):
-        state.update(torch.load(f, map_location="cpu", weights_only=False))
+        state.update(_torch_load(f))
     return state
 
 
 def client_state(tag_dir: str) -> dict:
-    ckpt = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    ckpt = _torch_load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"))
     return {k: v for k, v in ckpt.items() if k.startswith("minimoe_")}
 
 
@@ -158,10 +247,18 @@ def export_student(tag_dir: str, out_dir: str, student_config, tokenizer=None) -
 @contextlib.contextmanager
 def staged_folder(out_dir: str):
     """Yield a sibling folder to fill; on success it replaces ``out_dir``, so readers never see a
-    half-written export and a crash leaves the previous one in place."""
-    tmp = out_dir.rstrip("/") + ".tmp"
+    half-written export; a failure (a full disk) removes it and leaves the previous export in place."""
+    out_dir = out_dir.rstrip("/")
+    tmp, old = out_dir + ".tmp", out_dir + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    yield tmp
-    shutil.rmtree(out_dir, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(out_dir):
+        os.replace(out_dir, old)  # two renames: at every moment one complete export exists
     os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)

@@ -368,12 +368,18 @@ class SweepConfig:
 
 
 def load_json(path: str, what: str) -> dict:
-    """Read a JSON file with one-line errors for the usual mistakes."""
+    """Read a JSON file with one-line errors for the usual mistakes. A relative path that is not found
+    here is looked up in the minimoe checkout, so the default ``ds_configs/...`` work from any folder."""
+    shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+    if not os.path.isfile(path) and not os.path.isabs(path) and os.path.isfile(shipped):
+        path = shipped
     if not os.path.isfile(path):
         raise ConfigError(f"{what} {path!r} does not exist")
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path!r} is not a JSON text file (not UTF-8)")
     except json.JSONDecodeError as e:
         raise ConfigError(f"{what} {path!r} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}")
     if not isinstance(data, dict):

@@ -18,12 +18,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import checkpoint, placement as placement_lib
+from . import checkpoint, placement as placement_lib, weights
 from .commands import dry_run
 from .config import ConfigError, DistillConfig, StudentConfig, check_output_dir
 from .data import assets, corpus as corpus_lib
 from .data.batches import GlobalBatches, StreamingBatches
-from .distributed import accelerator_name, agree, device, init_distributed
+from .distributed import accelerator_name, agree, any_rank, device, init_distributed
 from .engine import (build_student_engine, dtype_of, fill_schedule, pop_precision, student_ds_config,
                      teacher_ds_config, zero_stage)
 from .layout import Layout, plan_layout, run_world
@@ -66,6 +66,8 @@ def plan(cfg: DistillConfig) -> Plan:
     except (OSError, ValueError) as e:
         raise ConfigError(f"--teacher {teacher!r} has no loadable tokenizer: {str(e).splitlines()[0]}")
     assets.check_tokenizer(tokenizer, info.vocab_size, teacher, "--teacher")
+    if os.path.isdir(teacher):  # a hub name is fetched (and checked by the hub's hashes) later
+        weights.check_files(teacher)
     check_output_dir(cfg.output_dir)
     student = dataclasses.replace(cfg.student, vocab_size=info.vocab_size, pad_token_id=tokenizer.pad_token_id)
     s_ds = student_ds_config(cfg, world.size, accel)
@@ -80,11 +82,14 @@ def plan(cfg: DistillConfig) -> Plan:
     layout = plan_layout(world, cfg.ep_size, student_shape(student), s_ds["train_micro_batch_size_per_gpu"],
                          s_ds["gradient_accumulation_steps"], zero_stage(s_ds), precision, placement, teacher_bytes)
     data = assets.resolve_corpus(cfg.data, cfg.cache_dir)
-    corpus_lib.local_files(data)                   # raises on missing local files
+    files = corpus_lib.local_files(data)           # raises on missing local files
+    if files:
+        corpus_lib.check_readable(files, cfg.text_column)
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     resume = checkpoint.resolve(cfg.resume, ckpt_root)
     resume_client = {}
     if resume is not None:
+        checkpoint.check_whole(os.path.join(*resume))
         resume_client = checkpoint.client_state(os.path.join(*resume))
         saved = resume_client.get("minimoe_student") or {}
         diff = sorted(k for k, v in student.to_dict().items() if saved.get(k) != v)
@@ -97,7 +102,7 @@ def plan(cfg: DistillConfig) -> Plan:
                               f"({layout.micro_batch} x {layout.grad_accum} x {layout.world_size} ranks); set "
                               "--micro_batch_size / --grad_accum so that they match")
 
-    if resume is None and checkpoint.list_tags(ckpt_root) and not cfg.launch.dry_run:
+    if resume is None and checkpoint.complete_tags(ckpt_root) and not cfg.launch.dry_run:
         raise ConfigError(f"--output_dir {cfg.output_dir!r} holds checkpoints of an earlier run; pass --resume "
                           "to continue it or choose another --output_dir")
     return Plan(accel, teacher, data, tokenizer, student, resume, layout, s_ds, t_ds, resume_client)
@@ -168,6 +173,9 @@ def run(cfg: DistillConfig) -> dict:
         checkpoint.load(engine, *p.resume, dist_info.rank, p.layout, p.resume_client, cfg.resume_weights_only)
     else:
         torch.manual_seed(cfg.seed + dist_info.rank)  # per-rank dropout / gate-noise streams
+    if dist_info.is_main:
+        for tag in checkpoint.remove_incomplete(ckpt_root):
+            print(f"removed {os.path.join(ckpt_root, tag)!r}: its save did not finish", flush=True)
 
     run_config = {**cfg.to_dict(), "student": p.student.to_dict(), "world_size": p.world_size,
                   "global_batch": batches.global_batch, "total_steps": total_steps, "corpus_pairs": corpus_size,
@@ -238,12 +246,8 @@ def run(cfg: DistillConfig) -> dict:
 
 def _stop_if_not_finite(loss: torch.Tensor, step: int, ckpt_root: str) -> None:
     """A diverged loss stops every rank before its gradients reach the weights, in one line that names the
-    step and the last good checkpoint. The ranks agree through one scalar all-reduce (a rank that stopped
-    alone would leave the others waiting in the next collective)."""
-    import torch.distributed as dist
-    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if bad.item():
+    step and the last good checkpoint."""
+    if any_rank(~torch.isfinite(loss.detach())):
         latest = os.path.join(ckpt_root, "latest")
         where = "no checkpoint was saved before it"
         if os.path.isfile(latest):

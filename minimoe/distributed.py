@@ -4,6 +4,7 @@ from __future__ import annotations
 import atexit
 import os
 import socket
+import uuid
 from dataclasses import dataclass
 
 
@@ -58,27 +59,51 @@ def init_distributed() -> DistInfo:
         accel.set_device(local_rank)
     import torch.distributed as dist
     atexit.register(_unlink_shm_buffer, dist.get_rank())
+    # One id per job, the same on every rank: it names the job's failure record (errors.report).
+    job = [uuid.uuid4().hex[:12]]
+    dist.broadcast_object_list(job, src=0)
+    os.environ["MINIMOE_JOB_ID"] = job[0]
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, local_world)
 
 
 def agree(fn, main_only: bool = False):
-    """Call ``fn`` on every rank (or on rank 0 only) so that a user error anywhere stops every rank:
-    a ConfigError raised on one rank is raised on all of them, instead of leaving the others waiting
-    in the next collective."""
+    """Call ``fn`` on every rank (or on rank 0 only) so that a failure anywhere stops every rank at once,
+    instead of leaving the others waiting in the next collective until gloo gives up on them.
+
+    A user error (ConfigError) is raised on every rank, and rank 0 says it. Any other failure is raised
+    on the rank that met it, which reports it; the others stop with ``PeerFailed``, silently, so that
+    the line a user reads is the cause and not a partner's lost connection."""
     import torch.distributed as dist
     from .config import ConfigError
-    result, error = None, None
+    from .errors import PeerFailed, classify
+    result, failure = None, None
     if not main_only or dist.get_rank() == 0:
         try:
             result = fn()
-        except ConfigError as e:
-            error = str(e)
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    first = next((e for e in errors if e), None)
-    if first:
-        raise ConfigError(first)
-    return result
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            failure = e
+    said = None if failure is None else (isinstance(failure, ConfigError), classify(failure)[0], str(failure))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, said)
+    first = next(((r, s) for r, s in enumerate(everyone) if s), None)
+    if first is None:
+        return result
+    rank, (user_error, code, text) = first
+    if user_error:
+        raise ConfigError(text)
+    if rank == dist.get_rank():
+        raise failure
+    raise PeerFailed(rank, code)
+
+
+def any_rank(flag) -> bool:
+    """True on every rank when ``flag`` (a bool or a 0-dim tensor) is true on any: one scalar all-reduce,
+    so a condition met on one rank stops all of them in the same step."""
+    import torch
+    import torch.distributed as dist
+    t = (flag.detach().float() if torch.is_tensor(flag) else torch.tensor(float(bool(flag)))).reshape(1).cpu()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def shutdown(wait: bool = True) -> None:

@@ -4,6 +4,7 @@ names the culprit and what to do, an exit code that says whose fault it was (2: 
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
@@ -15,27 +16,77 @@ from .config import ConfigError
 
 USER_ERROR, ENVIRONMENT_FAILURE = 2, 1
 
+
+class UnreadableFile(Exception):
+    """A file that exists but cannot be read as what it should be: truncated, corrupt, not UTF-8. The
+    flags are fine, the file is not (exit 1); the message names the file and what to do."""
+
+
+class PeerFailed(Exception):
+    """Raised on the ranks whose partner in a collective failed with an error that the partner reports
+    itself: these ranks stop with its exit code and print nothing, so the cause is the line one reads."""
+
+    def __init__(self, rank: int, code: int):
+        super().__init__(f"rank {rank} failed (exit code {code}); its own line says why")
+        self.rank, self.code = rank, code
+
+
+class ChildFailed(Exception):
+    """A child process (one run of a sweep) failed and printed its own line; this one says which run,
+    and the sweep exits with the child's code."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code if code in (USER_ERROR, ENVIRONMENT_FAILURE) else ENVIRONMENT_FAILURE
+
+
+@contextlib.contextmanager
+def reading(path: str, fix: str = ""):
+    """Turn whatever a reader raises on a damaged file (a decode error, a truncated zip or pickle, a bad
+    safetensors or parquet footer) into one ``UnreadableFile`` line naming ``path``; ``fix`` says what to
+    do about it."""
+    try:
+        yield
+    except (ConfigError, UnreadableFile, MemoryError):
+        raise
+    except UnicodeDecodeError as e:
+        raise UnreadableFile(f"{path!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x})"
+                             f"{fix or '; save it as UTF-8'}") from e
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.EACCES, errno.EIO):
+            raise UnreadableFile(f"cannot read {path!r}: {e.strerror}{fix}") from e
+        raise
+    except Exception as e:  # noqa: BLE001 - each reader (torch, pickle, arrow, safetensors) has its own types
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UnreadableFile(f"{path!r} is truncated or corrupt ({first}){fix}") from e
+
 # What gloo / NCCL / the TCP store say when the rank at the other end is gone.
 _PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
               "NCCL communicator was aborted", "Socket Timeout", "recvValue failed", "Stop_waiting response")
+_FREE_SPACE = ("free space (or choose another --output_dir) and run again; --resume continues from the last "
+               "complete checkpoint")
 
 
 def classify(exc: BaseException) -> tuple[int, str]:
     """(exit code, one line) for an exception that stopped a run."""
     if isinstance(exc, ConfigError):
         return USER_ERROR, str(exc)
+    if isinstance(exc, UnreadableFile):
+        return ENVIRONMENT_FAILURE, str(exc)
+    if isinstance(exc, PeerFailed):
+        return exc.code, ""
+    if isinstance(exc, ChildFailed):
+        return exc.code, str(exc)
     if isinstance(exc, OSError):
         where = f" {exc.filename!r}" if exc.filename else ""
         if exc.errno == errno.ENOSPC:
-            return ENVIRONMENT_FAILURE, (f"no space left on device writing{where}: free space (or choose another "
-                                         "--output_dir), then continue with --resume")
+            return ENVIRONMENT_FAILURE, f"no space left on device writing{where}: {_FREE_SPACE}"
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return ENVIRONMENT_FAILURE, f"cannot write{where}: {exc.strerror}; choose a writable --output_dir"
         return ENVIRONMENT_FAILURE, f"{exc.strerror or exc}{where}"
     text = str(exc)
     if "No space left on device" in text or "file write failed" in text:  # torch.save wraps ENOSPC this way
-        return ENVIRONMENT_FAILURE, ("no space left on device while saving: free space (or choose another "
-                                     "--output_dir), then continue with --resume")
+        return ENVIRONMENT_FAILURE, f"no space left on device while saving: {_FREE_SPACE}"
     if peer_lost(exc):
         return ENVIRONMENT_FAILURE, ("another rank of this job stopped (it failed or was killed: its own log "
                                      "says why); continue with --resume from the last checkpoint")
@@ -68,20 +119,71 @@ def write_traceback(exc: BaseException, output_dir: Optional[str], rank: int) ->
 
 
 def report(exc: BaseException, output_dir: Optional[str], debug: bool) -> int:
-    """Print the one line (on the rank that should say it) and return the exit code."""
+    """Print the one line (on the rank that should say it) and return the exit code.
+
+    Who says it: before the process group starts every rank does the same work and meets the same
+    error, so rank 0 speaks for all; after it, user errors are raised on every rank (``agree``) and rank
+    0 says them, and any other failure is said by the rank that met it (its partners in a collective
+    stop with ``PeerFailed`` and stay quiet)."""
     code, line = classify(exc)
     rank = int(os.environ.get("RANK", "0"))
-    if code == USER_ERROR:
-        # Every rank validates the same input and raises the same error: rank 0 says it.
-        if rank == 0:
-            print(f"error: {line}", file=sys.stderr)
+    if isinstance(exc, PeerFailed):
         return code
+    if code == USER_ERROR or not _process_group_started():
+        if rank != 0:
+            return code
     if peer_lost(exc):
         from .distributed import unlink_job_shm_buffers
         unlink_job_shm_buffers()
+    _close_progress_bars()
+    if code == USER_ERROR or isinstance(exc, ChildFailed):  # no traceback worth keeping
+        print(f"error: {line}", file=sys.stderr)
+        return code
     log = write_traceback(exc, output_dir, rank)
+    if not _first_to_report(output_dir, rank, line):
+        return code
     if debug:
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-    prefix = f"error (rank {rank})" if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1" else "error"
+    several = os.environ.get("WORLD_SIZE", "1") != "1" and _process_group_started()
+    prefix = f"error (rank {rank})" if several else "error"
     print(f"{prefix}: {line}" + (f" [traceback: {log}]" if log and not debug else ""), file=sys.stderr)
     return code
+
+
+def _first_to_report(output_dir: Optional[str], rank: int, line: str) -> bool:
+    """The first rank of a job to fail claims the terminal by creating the job's failure record in the
+    (shared) output folder; partners that fail after it (a lost connection, the same full disk) keep to
+    their log files, so the line one reads is the cause. With no output folder yet, every rank speaks."""
+    job = os.environ.get("MINIMOE_JOB_ID")
+    if not job or not output_dir or not os.path.isdir(output_dir):
+        return True
+    path = os.path.join(output_dir, "logs", f"failure-{job}.txt")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    except OSError:  # a full or read-only disk: speak rather than stay silent
+        return True
+    try:
+        os.write(fd, f"rank {rank}: {line}\n".encode())
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return True
+
+
+def _close_progress_bars() -> None:
+    """A progress bar left open redraws itself at exit, after (and over) the error line."""
+    if "tqdm" in sys.modules:
+        from tqdm import tqdm
+        for bar in list(getattr(tqdm, "_instances", [])):
+            bar.close()
+
+
+def _process_group_started() -> bool:
+    if "torch" not in sys.modules:
+        return False
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()

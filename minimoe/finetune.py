@@ -24,7 +24,7 @@ from .config import ConfigError, FinetuneConfig, StudentConfig, check_output_dir
 from .data.assets import check_tokenizer, resolve_model
 from .data.batches import GlobalBatches
 from .data.tasks import Task, dev_split_names, get_task, load_split, offline_dir, split_file
-from .distributed import accelerator_name, device, init_distributed
+from .distributed import accelerator_name, agree, any_rank, device, init_distributed
 from .engine import build_student_engine, fill_schedule, pop_precision, student_ds_config, zero_stage
 from .heads import TaskModel, is_minimoe_folder, load_encoder, save_task_model, tokenizer_for
 from .layout import Layout, StudentShape, plan_layout, run_world
@@ -155,6 +155,7 @@ class Plan:
     data_dir: object
     layout: Layout
     ds: dict                    # merged; the schedule's step counts are filled once the data is known
+    splits: dict                # {"train": examples, dev split name: examples}: read before any work
 
     @property
     def world_size(self) -> int:
@@ -183,7 +184,12 @@ def plan(cfg: FinetuneConfig) -> Plan:
             raise ConfigError(f"--data {data_dir!r} is not a folder")
         for split in ["train", *dev_split_names(task, local=True)]:
             split_file(task, data_dir, split)  # raises, naming the missing file
-    return Plan(model, task, tokenizer, "minimoe" if minimoe else "hf", accel, data_dir, layout, ds)
+    if cfg.launch.dry_run:
+        splits = {}
+    else:  # every split read (and its labels checked) before the process group starts
+        splits = {name: load_split(task, name, data_dir)
+                  for name in ["train", *dev_split_names(task, data_dir is not None)]}
+    return Plan(model, task, tokenizer, "minimoe" if minimoe else "hf", accel, data_dir, layout, ds, splits)
 
 
 def _model_config(model: str, minimoe: bool):
@@ -219,15 +225,15 @@ def run(cfg: FinetuneConfig) -> dict:
     torch.manual_seed(cfg.seed)
     dev = device()
     task, tok = p.task, p.tokenizer
-    train = encode(task, load_split(task, "train", p.data_dir), tok, cfg.max_seq_length)
+    train = encode(task, p.splits["train"], tok, cfg.max_seq_length)
     dev_names = dev_split_names(task, p.data_dir is not None)
-    dev_sets = {n: encode(task, load_split(task, n, p.data_dir), tok, cfg.max_seq_length) for n in dev_names}
+    dev_sets = {n: encode(task, p.splits[n], tok, cfg.max_seq_length) for n in dev_names}
 
     teacher = None
     if cfg.teacher:  # small next to training; every rank keeps a plain copy in eval mode
         from .heads import load_task_model
-        teacher = load_task_model(cfg.teacher)[0].to(dev).requires_grad_(False)
-    encoder, _ = load_encoder(p.model, cfg.ep_size, p.layout.ep_rank(info.rank))
+        teacher = agree(lambda: load_task_model(cfg.teacher))[0].to(dev).requires_grad_(False)
+    encoder, _ = agree(lambda: load_encoder(p.model, cfg.ep_size, p.layout.ep_rank(info.rank)))
     model = TaskModel(encoder, p.encoder_type, task.kind, task.num_labels, cfg.classifier_dropout)
     ds = copy.deepcopy(p.ds)
     micro, accum = p.layout.micro_batch, p.layout.grad_accum
@@ -260,6 +266,9 @@ def run(cfg: FinetuneConfig) -> dict:
                 kd = logits_kd(logits, t_logits, cfg.temperature, tokens)
                 total_loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd
                 kd_sum += float(kd.detach())
+            if any_rank(~torch.isfinite(total_loss.detach())):
+                raise ConfigError(f"the loss is not finite at step {step + 1}: training diverged (lower --lr, raise "
+                                  "--warmup_ratio or --gradient_clipping); nothing was saved")
             engine.backward(total_loss + cfg.load_balance_weight * aux)
             engine.step()
             loss_sum, n_loss = loss_sum + float(loss.detach()), n_loss + 1

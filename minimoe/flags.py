@@ -43,6 +43,8 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         elif t is float:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 return float(value)
+            if isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+                return float(value)  # fire leaves these as text; validation then names them as not finite
         elif t is str:
             if isinstance(value, (str, int, float)) and not isinstance(value, bool):
                 return str(value)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError
+from .errors import reading
 from .student import CONFIG_NAME, MODEL_TYPE, MiniMoEModel
 
 
@@ -108,7 +109,10 @@ def load_task_model(folder: str) -> tuple[TaskModel, dict]:
         meta = json.load(fh)
     encoder, kind = load_encoder(os.path.join(folder, "encoder"))
     model = TaskModel(encoder, kind, meta["kind"], meta["num_labels"], meta["classifier_dropout"])
-    missing, unexpected = model.load_state_dict(load_file(os.path.join(folder, "head.safetensors")), strict=False)
+    head_file = os.path.join(folder, "head.safetensors")
+    with reading(head_file, "; fine-tune the model again"):
+        head = load_file(head_file)
+    missing, unexpected = model.load_state_dict(head, strict=False)
     if unexpected or any(not k.startswith("encoder.") for k in missing):
         raise ConfigError(f"{folder}: head.safetensors does not match task.json")
     return model.eval(), meta

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ConfigError
+from .errors import reading
 
 _EXPERT = re.compile(r"(\.deepspeed_experts\.)(\d+)(\.)")
 _SHARD = "zero_pp_rank_{}_mp_rank_00_optim_states.pt"
@@ -59,7 +60,8 @@ def to_global(name: str, ep_rank: int, experts_per_rank: int) -> str:
 def _load(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"--resume: {path!r} is missing: the checkpoint is incomplete")
-    return torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    with reading(path, "; resume from an earlier checkpoint, or pass --resume_weights_only"):
+        return torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
 
 
 def gather_optimizer_state(tag_dir: str, saved: SavedLayout, num_experts: int) -> tuple[dict, torch.Tensor]:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError, StudentConfig
+from .errors import reading
 from .layout import StudentShape
 from .moe import DenseFeedForward, MoEFeedForward, moefy_
 
@@ -191,7 +192,8 @@ class MiniMoEModel(nn.Module):
         if raw.get("model_type") != MODEL_TYPE:
             raise ConfigError(f"{cfg_path} has model_type {raw.get('model_type')!r}, expected {MODEL_TYPE!r}")
         model = cls(StudentConfig.from_dict(raw), ep_size=ep_size, ep_rank=ep_rank)
-        state = load_file(os.path.join(path, WEIGHTS_NAME), device=map_location)
+        with reading(os.path.join(path, WEIGHTS_NAME), "; export the student again"):
+            state = load_file(os.path.join(path, WEIGHTS_NAME), device=map_location)
         model.load_state_dict(localize_experts(state, model), strict=True)
         return model
 

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from typing import Optional
 
 import torch
 
 from .config import ConfigError
+from .errors import UnreadableFile, reading
+
+_REFETCH = "; download or copy the model again"
 
 SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
 BIN_INDEX, BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
@@ -32,6 +36,16 @@ def checkpoint_files(folder: str) -> dict[str, str]:
             return {k: os.path.join(folder, single) for k in _keys_of(os.path.join(folder, single))}
     raise ConfigError(f"{folder!r} holds no model weights: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} "
                       f"or {BIN_INDEX}")
+
+
+def check_files(folder: str) -> None:
+    """Every weight file of ``folder`` is whole: safetensors headers read and their sizes checked (a few
+    KiB of reads), so a truncated download stops the run before any process group, on one line."""
+    for path in sorted(set(checkpoint_files(folder).values())):
+        if path.endswith(".safetensors"):
+            _SafetensorsFile(path)
+        else:
+            _load_bin(path)  # memory-mapped: reads the pickle, not the tensors
 
 
 def local_folder(name: str) -> str:
@@ -63,15 +77,19 @@ class _SafetensorsFile:
 
     def __init__(self, path: str):
         self.path = path
-        try:
+        with reading(path, _REFETCH):
             with open(path, "rb") as fh:
                 size = int.from_bytes(fh.read(8), "little")
+                if size > os.fstat(fh.fileno()).st_size:
+                    raise ValueError(f"its header claims {size} bytes, more than the file holds")
                 header = json.loads(fh.read(size))
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"{path!r} is not a readable safetensors file: {e}")
         header.pop("__metadata__", None)
         self.data_start = 8 + size
         self.entries = header
+        end = self.data_start + max((e["data_offsets"][1] for e in header.values()), default=0)
+        if os.path.getsize(path) < end:  # every rank sees this at open, before reading its own slices
+            raise UnreadableFile(f"{path!r} is truncated: it holds {os.path.getsize(path)} bytes, its header "
+                                 f"describes {end}{_REFETCH}")
         self.fd: Optional[int] = None
 
     def shape(self, key: str) -> tuple[int, ...]:
@@ -94,7 +112,7 @@ class _SafetensorsFile:
         while done < len(view):
             n = os.preadv(self.fd, [view[done:]], offset + done)
             if n <= 0:
-                raise ConfigError(f"{self.path!r} is truncated: {key} ends past the end of the file")
+                raise UnreadableFile(f"{self.path!r} is truncated: {key} ends past the end of the file{_REFETCH}")
             done += n
         if buf is not out:
             out.copy_(buf)
@@ -106,11 +124,16 @@ class _SafetensorsFile:
 
 
 def _load_bin(path: str) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:  # pre-1.6 torch files are not zip archives and cannot be memory-mapped
-        raise ConfigError(f"{path!r} cannot be read lazily ({str(e).splitlines()[0]}); re-save it with "
+    with open(path, "rb") as fh:
+        zip_format = fh.read(4) == b"PK\x03\x04"
+    if zip_format and not zipfile.is_zipfile(path):  # the central directory, at its end, is gone
+        raise UnreadableFile(f"{path!r} is truncated or corrupt (a zip archive without its directory)"
+                             f"{_REFETCH}")
+    if not zip_format:  # pre-1.6 torch files are not zip archives and cannot be memory-mapped
+        raise ConfigError(f"{path!r} cannot be read lazily (not a zip-format torch file); re-save it with "
                           "save_pretrained (safetensors)")
+    with reading(path, _REFETCH):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 class LazyCheckpoint:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -41,6 +42,23 @@ def wiki_slice(path: str, docs: int = 12) -> str:
         for _, line in zip(range(docs), src):
             dst.write(line)
     return path
+
+
+GOOD = ["great", "wonderful", "moving", "brilliant", "fun", "superb"]
+BAD = ["awful", "boring", "dull", "terrible", "bland", "weak"]
+
+
+def sentiment_dir(path):
+    """A tiny sentiment task folder in GLUE TSV layout (train/dev/test) whose labels the words decide."""
+    rng = random.Random(0)
+    os.makedirs(path, exist_ok=True)
+    for split, n in (("train", 96), ("dev", 24), ("test", 24)):
+        with open(os.path.join(path, f"{split}.tsv"), "w") as fh:
+            fh.write("sentence\tlabel\n")
+            for _ in range(n):
+                y = rng.randint(0, 1)
+                fh.write(f"the film was {rng.choice(GOOD if y else BAD)} and the cast {rng.choice(['too', 'also'])}\t{y}\n")
+    return str(path)
 
 
 def free_port() -> int:

@@ -80,7 +80,7 @@ def test_plan_errors(teacher, tmp_path, monkeypatch):
                  hidden_size=128))
     with pytest.raises(ConfigError, match="--teacher_layer 5 is out of range for a 2-layer teacher"):
         plan(cfg(teacher, tmp_path, teacher_layer=5))
-    with pytest.raises(ConfigError, match="--resume: no checkpoint to resume"):
+    with pytest.raises(ConfigError, match="--resume: no complete checkpoint to resume"):
         plan(cfg(teacher, tmp_path, resume=True))
 
 
@@ -141,18 +141,6 @@ def test_launcher_errors_are_one_line_with_exit_2_and_no_output(teacher, tmp_pat
 
 # ---------------------------------------------------------------------------------------------
 # One error path: every failure is one line and an exit code; the traceback goes to a log file.
-
-
-@pytest.mark.parametrize("script", ["distill", "finetune", "evaluate", "sweep"])
-def test_a_stray_argument_stops_before_any_work(tmp_path, script):
-    """An unquoted glob the shell expanded (--data dir/a.txt dir/b.txt) once trained on the first file and
-    only then failed; now every launcher refuses it at once."""
-    p = subprocess.run([sys.executable, f"launchers/{script}.py", "--output_dir", str(tmp_path / "out"), "a.txt",
-                        "b.txt"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2
-    assert stderr_lines(p) == ["error: unexpected argument 'a.txt': every value belongs to a --flag; quote a glob "
-                               "and join files with commas (--data 'dir/*.txt' or --data a.txt,b.txt)"]
-    assert not (tmp_path / "out").exists()
 
 
 def test_failures_are_classified_as_user_or_environment():

@@ -9,27 +9,11 @@ import sys
 
 import pytest
 
-from helpers import REPO, TOKENIZER_FILES, read_jsonl, spawn, tiny_teacher
+from helpers import REPO, TOKENIZER_FILES, read_jsonl, sentiment_dir, spawn, tiny_teacher
 from minimoe import MiniMoEModel, StudentConfig
 from minimoe.config import PACKAGED_TEACHER, ConfigError, FinetuneConfig
 from minimoe.flags import from_flags
 from minimoe.data.assets import resolve_model
-
-GOOD = ["great", "wonderful", "moving", "brilliant", "fun", "superb"]
-BAD = ["awful", "boring", "dull", "terrible", "bland", "weak"]
-
-
-def sentiment_dir(path):
-    rng = random.Random(0)
-    os.makedirs(path, exist_ok=True)
-    for split, n in (("train", 96), ("dev", 24), ("test", 24)):
-        with open(os.path.join(path, f"{split}.tsv"), "w") as fh:
-            fh.write("sentence\tlabel\n")
-            for _ in range(n):
-                y = rng.randint(0, 1)
-                fh.write(f"the film was {rng.choice(GOOD if y else BAD)} and the cast {rng.choice(['too', 'also'])}\t{y}\n")
-    return str(path)
-
 
 def ner_dir(path):
     rng = random.Random(1)

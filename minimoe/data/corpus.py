@@ -19,6 +19,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from ..config import ConfigError
+from ..errors import reading
 
 LOCAL_EXTENSIONS = (".txt", ".json", ".jsonl", ".parquet")
 CACHE_VERSION = 1
@@ -53,12 +54,34 @@ def iter_documents(data: str, text_column: str = "text", streaming: bool = False
         yield from _hub_documents(data, text_column, streaming)
         return
     for path in files:
-        if path.endswith(".txt"):
-            yield from _txt_documents(path)
-        elif path.endswith(".parquet"):
-            yield from _parquet_documents(path, text_column)
-        else:
-            yield from _json_documents(path, text_column)
+        with reading(path, _FIX):
+            if path.endswith(".txt"):
+                yield from _txt_documents(path)
+            elif path.endswith(".parquet"):
+                yield from _parquet_documents(path, text_column)
+            else:
+                yield from _json_documents(path, text_column)
+
+
+_FIX = "; repair it or leave it out of --data"
+_SNIFF_BYTES = 1 << 20
+
+
+def check_readable(files: list[str], text_column: str) -> None:
+    """Before any work: each text file's first MiB decodes as UTF-8 and each parquet file's footer and
+    schema read, so a wrong or damaged file stops the run in one line instead of after the process group
+    starts. (Damage further into a file is still named, with its path, when tokenising reaches it.)"""
+    import codecs
+    for path in files:
+        with reading(path, _FIX):
+            if path.endswith(".parquet"):
+                import pyarrow.parquet as pq
+                names = pq.ParquetFile(path).schema_arrow.names
+                if text_column not in names:
+                    raise ConfigError(f"{path}: no column {text_column!r} (found {names}); set --text_column")
+            else:
+                with open(path, "rb") as fh:
+                    codecs.getincrementaldecoder("utf-8")().decode(fh.read(_SNIFF_BYTES), final=False)
 
 
 def _txt_documents(path: str) -> Iterator[str]:

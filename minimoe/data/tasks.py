@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..config import ConfigError
+from ..errors import reading
 from .. import metrics as M
 
 
@@ -112,7 +113,8 @@ def load_split(task: Task, split: str, data_dir: Optional[str]) -> list[dict]:
         data_dir = offline_dir(task)
     if data_dir is not None:
         path = split_file(task, data_dir, split)
-        examples = read_conll(path) if task.kind == "ner" else read_tsv(task, path)
+        with reading(path, "; re-create the task files (make tasks, or your own export)"):
+            examples = read_conll(path) if task.kind == "ner" else read_tsv(task, path)
     else:
         examples = _hub_split(task, split)
     if not examples:
