@@ -11,20 +11,22 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minimoe.cli import main  # noqa: E402
-from minimoe.config import EvaluateConfig  # noqa: E402
+from minimoe.config import EvaluateConfig, check_output_file  # noqa: E402
 
 
 def run(cfg: EvaluateConfig) -> None:
     from minimoe.finetune import evaluate_folder
-    r = evaluate_folder(cfg.model, cfg.split, cfg.data or None, cfg.max_seq_length, cfg.batch_size)
     out = cfg.output or os.path.join(os.path.dirname(os.path.abspath(cfg.model)), f"eval_{cfg.split}.json")
+    check_output_file(out, "--output")
+    r = evaluate_folder(cfg.model, cfg.split, cfg.data or None, cfg.max_seq_length, cfg.batch_size)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as fh:
         json.dump(r, fh, indent=2)
     table = "| task | split | examples | " + " | ".join(r["scores"]) + " |\n"
     table += "|---|---|---|" + "---|" * len(r["scores"]) + "\n"
     table += f"| {r['task']} | {r['split']} | {r['examples']} | " + " | ".join(
         f"{100 * v:.2f}" for v in r["scores"].values()) + " |\n"
-    with open(out[:-5] + ".md", "w") as fh:
+    with open(os.path.splitext(out)[0] + ".md", "w") as fh:
         fh.write(table)
     print(table + f"wrote {out}")
 

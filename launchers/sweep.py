@@ -17,7 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minimoe.cli import main  # noqa: E402
-from minimoe.config import ConfigError, SweepConfig  # noqa: E402
+from minimoe.config import ConfigError, SweepConfig, check_output_dir  # noqa: E402
 from minimoe.errors import ChildFailed  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -53,7 +53,32 @@ def _check(cfg: SweepConfig) -> tuple[list, list, list, list, list]:
         raise ConfigError(f"--launcher / --extra cannot be split into arguments: {e}")
     if not launcher or not shutil.which(launcher[0]):
         raise ConfigError(f"--launcher {cfg.launcher!r}: {launcher[:1]} is not a command on PATH")
+    _check_extra(extra)
+    check_output_dir(cfg.output_dir)
     return models, tasks, seeds, launcher, extra
+
+
+def _check_extra(extra: list[str]) -> None:
+    """--extra's flags, read as launchers/finetune.py will read them, so that a typo stops the sweep before
+    its first run; the flags the sweep sets itself per run are refused."""
+    import fire.parser
+    from minimoe.config import FinetuneConfig
+    from minimoe.flags import from_flags
+    flags, key = {}, None
+    for token in extra:
+        if token.startswith("--"):
+            key, eq, value = token[2:].partition("=")
+            flags[key] = fire.parser.DefaultParseValue(value) if eq else True
+            key = None if eq else key
+        elif key is not None:
+            flags[key], key = fire.parser.DefaultParseValue(token), None
+        else:
+            raise ConfigError(f"--extra: {token!r} belongs to no flag")
+    taken = sorted(set(flags) & {"model", "task", "seed", "output_dir"})
+    if taken:
+        raise ConfigError(f"--extra sets --{taken[0]}, which the sweep sets for each run; use --models, --tasks, "
+                          "--seeds or --output_dir of the sweep")
+    from_flags(FinetuneConfig, flags)  # unknown names and bad values: the finetune launcher's own line
 
 
 def run(cfg: SweepConfig) -> None:

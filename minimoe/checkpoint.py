@@ -176,6 +176,19 @@ def check_whole(tag_dir: str) -> None:
                                  f"{_RESUME_EARLIER}")
 
 
+def check_shards(tag_dir: str, client: dict) -> None:
+    """Every rank's optimizer shard of a ZeRO checkpoint is there (a copy that lost one would otherwise fail
+    on the one rank that reads it, with the tag folder as the only name)."""
+    world = client.get("minimoe_world_size")
+    if world is None or not glob.glob(os.path.join(tag_dir, "zero_pp_rank_*_optim_states.pt")):
+        return  # an older checkpoint (no recorded world), or a ZeRO-0 one (no shards)
+    for rank in range(world):
+        path = os.path.join(tag_dir, f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        if not os.path.isfile(path):
+            raise UnreadableFile(f"{path!r} is missing: the checkpoint is incomplete; resume from an earlier one, "
+                                 "or pass --resume_weights_only to continue with fresh optimizer state")
+
+
 def _torch_load(path: str):
     with reading(path, _RESUME_EARLIER):
         return torch.load(path, map_location="cpu", weights_only=False)

@@ -373,6 +373,8 @@ def load_json(path: str, what: str) -> dict:
     shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
     if not os.path.isfile(path) and not os.path.isabs(path) and os.path.isfile(shipped):
         path = shipped
+    if os.path.isdir(path):
+        raise ConfigError(f"{what} {path!r} is a folder, not a JSON file")
     if not os.path.isfile(path):
         raise ConfigError(f"{what} {path!r} does not exist")
     try:
@@ -389,6 +391,8 @@ def load_json(path: str, what: str) -> dict:
 
 def check_output_dir(path: str, what: str = "--output_dir") -> None:
     """The run folder must be a folder we can create or write: found now, not after the engines are built."""
+    if not str(path).strip():
+        raise ConfigError(f"{what} is empty: give a folder")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"{what} {path!r} is a file, not a folder")
     existing = os.path.abspath(path)
@@ -396,4 +400,11 @@ def check_output_dir(path: str, what: str = "--output_dir") -> None:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{what} {path!r} cannot be written ({existing!r} is not a writable folder); choose "
-                          "another --output_dir")
+                          f"another {what}")
+
+
+def check_output_file(path: str, what: str) -> None:
+    """A file the run will write at its end: checked before the work, not after it."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{what} {path!r} is a folder; give a file path")
+    check_output_dir(os.path.dirname(os.path.abspath(path)), f"{what}'s folder")

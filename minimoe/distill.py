@@ -47,6 +47,7 @@ class Plan:
     student_ds: dict            # merged; the schedule's step counts are filled once the data is known
     teacher_ds: dict
     resume_client: dict         # the checkpoint's loop state (step, global batch, student, layout)
+    target: dict                # the teacher layer, its width and the relation heads the student matches
 
     @property
     def world_size(self) -> int:
@@ -69,10 +70,13 @@ def plan(cfg: DistillConfig) -> Plan:
     if os.path.isdir(teacher):  # a hub name is fetched (and checked by the hub's hashes) later
         weights.check_files(teacher)
     check_output_dir(cfg.output_dir)
+    check_output_dir(assets.default_cache_dir(cfg.cache_dir), "--cache_dir")
     student = dataclasses.replace(cfg.student, vocab_size=info.vocab_size, pad_token_id=tokenizer.pad_token_id)
     s_ds = student_ds_config(cfg, world.size, accel)
     precision = pop_precision(s_ds)
     layer = resolve_layer(cfg.teacher_layer, info.num_layers)
+    # What the student learns to match: a resumed run must keep it.
+    target = {"teacher_hidden_size": info.hidden_size, "teacher_layer": layer, "relation_heads": cfg.relation_heads}
     teacher_params = parameter_count(truncated_config(teacher, layer))
     t_ds = teacher_ds_config(cfg, world.size, s_ds["train_micro_batch_size_per_gpu"], accel,
                              layer_params=teacher_params // (layer + 1))
@@ -91,6 +95,13 @@ def plan(cfg: DistillConfig) -> Plan:
     if resume is not None:
         checkpoint.check_whole(os.path.join(*resume))
         resume_client = checkpoint.client_state(os.path.join(*resume))
+        if not cfg.resume_weights_only:
+            checkpoint.check_shards(os.path.join(*resume), resume_client)
+        saved_target = resume_client.get("minimoe_target", target)  # older checkpoints did not record it
+        changed = sorted(k for k in target if saved_target.get(k) != target[k])
+        if changed:
+            raise ConfigError(f"--resume: the checkpoint distilled another target: {changed} were "
+                              f"{[saved_target.get(k) for k in changed]}, this run has {[target[k] for k in changed]}")
         saved = resume_client.get("minimoe_student") or {}
         diff = sorted(k for k, v in student.to_dict().items() if saved.get(k) != v)
         if diff:
@@ -105,7 +116,7 @@ def plan(cfg: DistillConfig) -> Plan:
     if resume is None and checkpoint.complete_tags(ckpt_root) and not cfg.launch.dry_run:
         raise ConfigError(f"--output_dir {cfg.output_dir!r} holds checkpoints of an earlier run; pass --resume "
                           "to continue it or choose another --output_dir")
-    return Plan(accel, teacher, data, tokenizer, student, resume, layout, s_ds, t_ds, resume_client)
+    return Plan(accel, teacher, data, tokenizer, student, resume, layout, s_ds, t_ds, resume_client, target)
 
 
 def _seed_all(seed: int) -> None:
@@ -161,7 +172,7 @@ def run(cfg: DistillConfig) -> dict:
 
     model = MiniMoEModel(p.student, ep_size=cfg.ep_size, ep_rank=p.layout.ep_rank(dist_info.rank))
     model.pooler.requires_grad_(False)  # not part of the distillation loss; fine-tuning trains it
-    engine = build_student_engine(model, fill_schedule(s_ds, cfg, total_steps))
+    engine = build_student_engine(model, fill_schedule(s_ds, cfg, total_steps), f"--ds_config {cfg.ds_config}")
 
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
     start_step = 0
@@ -193,7 +204,7 @@ def run(cfg: DistillConfig) -> dict:
     def client_state(step: int) -> dict:
         return {"minimoe_step": step, "minimoe_global_batch": batches.global_batch,
                 "minimoe_student": p.student.to_dict(), "minimoe_samples_seen": step * batches.global_batch,
-                "minimoe_world_size": p.world_size, "minimoe_ep_size": cfg.ep_size}
+                "minimoe_world_size": p.world_size, "minimoe_ep_size": cfg.ep_size, "minimoe_target": p.target}
 
     engine.train()
     window = _Window(cfg.load_balance_weight)

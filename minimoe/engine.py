@@ -42,6 +42,7 @@ def student_ds_config(cfg: TrainConfig, world_size: int, accelerator: str) -> di
     the stage against the experts: ``layout.plan_layout``)."""
     ds = copy.deepcopy(load_json(cfg.ds_config, "--ds_config"))
     what = f"--ds_config {cfg.ds_config}"
+    check_shapes(ds, what)
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{what}: zero_optimization.stage {stage} is invalid; allowed 0, 1, 2")
@@ -49,6 +50,10 @@ def student_ds_config(cfg: TrainConfig, world_size: int, accelerator: str) -> di
 
     micro = cfg.micro_batch_size or _int_or_none(ds.get("train_micro_batch_size_per_gpu")) or DEFAULT_MICRO_BATCH
     accum = cfg.grad_accum or _int_or_none(ds.get("gradient_accumulation_steps")) or 1
+    stated = ds.get("train_batch_size", "auto")
+    if stated != "auto" and stated != micro * accum * world_size:
+        raise ConfigError(f"{what}: train_batch_size {stated} is not micro batch x grad accum x ranks = {micro} x "
+                          f"{accum} x {world_size}; write \"auto\" (or leave it out) and minimoe derives it")
     ds["train_micro_batch_size_per_gpu"] = micro
     ds["gradient_accumulation_steps"] = accum
     ds["train_batch_size"] = micro * accum * world_size
@@ -100,6 +105,7 @@ def teacher_ds_config(cfg: DistillConfig, world_size: int, micro_batch: int, acc
     which undoes the partitioning."""
     ds = copy.deepcopy(load_json(cfg.teacher_ds_config, "--teacher_ds_config"))
     what = f"--teacher_ds_config {cfg.teacher_ds_config}"
+    check_shapes(ds, what)
     if "optimizer" in ds or "scheduler" in ds:
         raise ConfigError(f"{what}: the teacher is frozen; remove its optimizer/scheduler blocks")
     precision = cfg.precision if cfg.teacher_precision == "auto" else cfg.teacher_precision
@@ -116,6 +122,51 @@ def teacher_ds_config(cfg: DistillConfig, world_size: int, micro_batch: int, acc
     check_deepspeed_keys(with_stage, what, cfg.strict_ds_config)
     ds["_minimoe_precision"] = precision
     return ds
+
+
+_BLOCKS = ("zero_optimization", "optimizer", "scheduler", "bf16", "fp16")
+_POSITIVE_INTS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_shapes(ds: dict, what: str) -> None:
+    """The shapes and types DeepSpeed assumes without checking (it would fail deep inside the engine, or
+    at the first step, or quietly use another value): blocks are objects, batch sizes positive integers,
+    numbers numbers, optimizer and scheduler types ones DeepSpeed can build."""
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+    from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
+    for key in _BLOCKS:
+        if key in ds and not isinstance(ds[key], dict):
+            raise ConfigError(f"{what}: {key!r} must be a JSON object ({{...}}), got {ds[key]!r}")
+    for key in _POSITIVE_INTS:
+        v = ds.get(key, "auto")
+        if v != "auto" and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise ConfigError(f"{what}: {key} {v!r} is invalid: a positive integer or \"auto\"")
+    clip = ds.get("gradient_clipping", 0.0)
+    if not _number(clip) or clip < 0:
+        raise ConfigError(f"{what}: gradient_clipping {clip!r} is invalid: a number >= 0")
+    for block, known, source in (("optimizer", DEEPSPEED_OPTIMIZERS, torch.optim),
+                                 ("scheduler", VALID_LR_SCHEDULES, torch.optim.lr_scheduler)):
+        spec = ds.get(block)
+        if spec is None:
+            continue
+        if not isinstance(spec.get("params", {}), dict):
+            raise ConfigError(f"{what}: {block}.params must be a JSON object, got {spec['params']!r}")
+        kind = spec.get("type")
+        if kind is not None and (not isinstance(kind, str) or
+                                 (kind.lower() not in known and kind not in known and not hasattr(source, kind))):
+            raise ConfigError(f"{what}: {block}.type {kind!r} is not one DeepSpeed can build; allowed "
+                              f"{', '.join(sorted(known))} or a torch.{source.__name__.split('.', 1)[1]} class")
+    params = (ds.get("optimizer") or {}).get("params", {})
+    for key in ("lr", "eps", "weight_decay"):
+        if key in params and params[key] != "auto" and (not _number(params[key]) or params[key] < 0):
+            raise ConfigError(f"{what}: optimizer.params.{key} {params[key]!r} is invalid: a number >= 0")
+    betas = params.get("betas", [0.9, 0.999])
+    if not (isinstance(betas, list) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)):
+        raise ConfigError(f"{what}: optimizer.params.betas {betas!r} is invalid: two numbers in [0, 1)")
 
 
 def check_deepspeed_keys(ds: dict, what: str, strict: bool) -> None:
@@ -203,7 +254,14 @@ def optimizer_groups(model: torch.nn.Module) -> list[dict]:
     return split_params_into_different_moe_groups_for_optimizer(groups)
 
 
-def build_student_engine(model: torch.nn.Module, ds_config: dict):
+def build_student_engine(model: torch.nn.Module, ds_config: dict, what: str = "--ds_config"):
+    """The DeepSpeed engine. What ``check_shapes`` cannot see before (an optimizer argument its class does
+    not take: ``"lrr"``) DeepSpeed finds here, with a TypeError or an assertion: said as the config's fault."""
     import deepspeed
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model), config=ds_config)
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model),
+                                               config=ds_config)
+    except (TypeError, AssertionError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{what}: DeepSpeed cannot build the engine from it: {first}") from e
     return engine

@@ -136,7 +136,10 @@ def report(exc: BaseException, output_dir: Optional[str], debug: bool) -> int:
         from .distributed import unlink_job_shm_buffers
         unlink_job_shm_buffers()
     _close_progress_bars()
-    if code == USER_ERROR or isinstance(exc, ChildFailed):  # no traceback worth keeping
+    if isinstance(exc, ChildFailed):  # the child's own line, just above, is the error
+        print(f"stopped: {line}", file=sys.stderr)
+        return code
+    if code == USER_ERROR:
         print(f"error: {line}", file=sys.stderr)
         return code
     log = write_traceback(exc, output_dir, rank)

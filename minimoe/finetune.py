@@ -26,7 +26,8 @@ from .data.batches import GlobalBatches
 from .data.tasks import Task, dev_split_names, get_task, load_split, offline_dir, split_file
 from .distributed import accelerator_name, agree, any_rank, device, init_distributed
 from .engine import build_student_engine, fill_schedule, pop_precision, student_ds_config, zero_stage
-from .heads import TaskModel, is_minimoe_folder, load_encoder, save_task_model, tokenizer_for
+from .errors import reading
+from .heads import TaskModel, check_positions, is_minimoe_folder, load_encoder, save_task_model, tokenizer_for
 from .layout import Layout, StudentShape, plan_layout, run_world
 from .losses import logits_kd
 from .monitor import Monitor, gather_peak_rss
@@ -165,10 +166,12 @@ class Plan:
 def plan(cfg: FinetuneConfig) -> Plan:
     task = get_task(cfg.task)
     world, accel = run_world(cfg.launch, dict(os.environ)), accelerator_name()
-    model = resolve_model(cfg.model)
+    model = resolve_model(cfg.model, "--model")
+    _check_not_a_run_folder(model)
     minimoe = is_minimoe_folder(model)
     tokenizer = tokenizer_for(model)
     model_cfg = _model_config(model, minimoe)
+    check_positions(model_cfg, cfg.max_seq_length, f"--model {model!r}")
     check_tokenizer(tokenizer, model_cfg.vocab_size, model, "--model")
     check_output_dir(cfg.output_dir)
     shape = student_shape(model_cfg) if minimoe else StudentShape(parameter_count(model_cfg), 0, 1)
@@ -192,6 +195,17 @@ def plan(cfg: FinetuneConfig) -> Plan:
     return Plan(model, task, tokenizer, "minimoe" if minimoe else "hf", accel, data_dir, layout, ds, splits)
 
 
+def _check_not_a_run_folder(model: str) -> None:
+    """A distillation run folder, or one of its checkpoints, in place of the student it exported."""
+    if os.path.isdir(os.path.join(model, "student")) and os.path.isdir(os.path.join(model, "checkpoints")):
+        raise ConfigError(f"--model {model!r} is a distillation run folder; fine-tune its exported student: "
+                          f"--model {os.path.join(model, 'student')}")
+    if os.path.isfile(os.path.join(model, "mp_rank_00_model_states.pt")) or \
+            os.path.isfile(os.path.join(model, "latest")):
+        raise ConfigError(f"--model {model!r} is a DeepSpeed checkpoint, not a model folder; fine-tune the run's "
+                          "exported student/ (a distillation run exports it at its end, or when resumed)")
+
+
 def _model_config(model: str, minimoe: bool):
     """A MiniMoE student's StudentConfig, or a dense HF encoder's config (no weights read)."""
     if minimoe:
@@ -208,7 +222,7 @@ def _check_teacher(folder: str, task: Task, tokenizer) -> None:
     meta_path = os.path.join(folder, "task.json")
     if not os.path.isfile(meta_path):
         raise ConfigError(f"--teacher {folder!r} is not a fine-tuned model folder (no task.json)")
-    with open(meta_path) as fh:
+    with reading(meta_path, "; fine-tune the teacher again"), open(meta_path) as fh:
         meta = json.load(fh)
     if meta["task"] != task.name:
         raise ConfigError(f"--teacher {folder!r} was fine-tuned on {meta['task']}, not {task.name}")
@@ -241,7 +255,7 @@ def run(cfg: FinetuneConfig) -> dict:
     total = batches.total_steps(cfg.max_steps, cfg.num_epochs, f"task {task.name} train split")
     eval_every = cfg.eval_every or batches.steps_per_epoch
     torch.manual_seed(cfg.seed + info.rank)
-    engine = build_student_engine(model, fill_schedule(ds, cfg, total))
+    engine = build_student_engine(model, fill_schedule(ds, cfg, total), f"--ds_config {cfg.ds_config}")
 
     run_config = {**cfg.to_dict(), "encoder_type": p.encoder_type, "world_size": p.world_size,
                   "global_batch": batches.global_batch, "total_steps": total, "train_examples": len(train)}
@@ -336,6 +350,7 @@ def evaluate_folder(folder: str, split: str, data_dir, max_len: int, batch_size:
     """Score a fine-tuned model folder on one split in this process (no process group needed)."""
     from .heads import load_task_model
     model, meta = load_task_model(folder)
+    check_positions(model.encoder.config, max_len, f"--model {folder!r}")
     task = get_task(meta["task"])
     tok = tokenizer_for(os.path.join(folder, "encoder"))
     if data_dir is None and task.hub is None:

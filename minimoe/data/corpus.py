@@ -31,12 +31,16 @@ CACHE_VERSION = 1
 def local_files(data: str) -> Optional[list[str]]:
     """The local files named by ``data`` (comma list and/or globs), or None if it is not local."""
     parts = [p.strip() for p in data.split(",") if p.strip()]
+    if not parts:
+        raise ConfigError(f"--data {data!r} names nothing: give files, a glob or a dataset name")
     looks_local = any(p.endswith(LOCAL_EXTENSIONS) or os.sep in p or p.startswith(".") or os.path.exists(p)
                       for p in parts)
     if not looks_local:
         return None
     files = []
     for p in parts:
+        if os.path.isdir(p):
+            raise ConfigError(f"--data {p!r} is a folder; give its files, e.g. --data '{p.rstrip('/')}/*.jsonl'")
         matches = sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
         if not matches or not all(os.path.isfile(m) for m in matches):
             raise ConfigError(f"--data {p!r} does not exist (or matches no file)")
@@ -99,9 +103,11 @@ def _txt_documents(path: str) -> Iterator[str]:
 
 
 def _record_text(record, text_column: str, where: str) -> str:
-    if not isinstance(record, dict) or text_column not in record:
-        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise ConfigError(f"{where}: no column {text_column!r} (found {keys}); set --text_column")
+    if not isinstance(record, dict):
+        raise ConfigError(f"{where}: records must be JSON objects with a {text_column!r} field, not "
+                          f"{type(record).__name__} values")
+    if text_column not in record:
+        raise ConfigError(f"{where}: no column {text_column!r} (found {sorted(record)}); set --text_column")
     return str(record[text_column] or "")
 
 
