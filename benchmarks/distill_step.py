@@ -32,7 +32,7 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> float:
 
 def bench(experts: str = "1,4", layers: int = 4, hidden: int = 384, micro_batch: int = 32, seq_len: int = 128,
           teacher: str = "packaged:all-MiniLM-L6-v2", teacher_zero: int = 3, steps: int = 4,
-          out: str = "benchmarks/results/distill_step.json") -> None:
+          fused_adam: bool = True, out: str = "benchmarks/results/distill_step.json") -> None:
     """Time teacher forward, student forward, relation loss, backward and optimizer step per student.
 
     Each student runs in a fresh process: a second model in the same process ran its loss 2x slower
@@ -47,6 +47,7 @@ def bench(experts: str = "1,4", layers: int = 4, hidden: int = 384, micro_batch:
             subprocess.run([sys.executable, os.path.abspath(__file__), "--experts", str(e), "--layers", str(layers),
                             "--hidden", str(hidden), "--micro_batch", str(micro_batch), "--seq_len", str(seq_len),
                             "--teacher", teacher, "--teacher_zero", str(teacher_zero), "--steps", str(steps),
+                            "--fused_adam", str(fused_adam),
                             "--out", tmp.name, "--_child", "True"], check=True, capture_output=True)
             one = json.load(open(tmp.name))
         if result is None:
@@ -98,7 +99,7 @@ def _plot(result: dict, path: str) -> None:
 
 
 def _one(experts: int, layers: int, hidden: int, micro_batch: int, seq_len: int, teacher: str, teacher_zero: int,
-         steps: int, out: str) -> None:
+         steps: int, fused_adam: bool, out: str) -> None:
     from minimoe import MiniMoEModel, StudentConfig, flops_per_sequence, count_parameters
     from minimoe.data.assets import resolve_model
     from minimoe.distributed import init_distributed
@@ -127,7 +128,7 @@ def _one(experts: int, layers: int, hidden: int, micro_batch: int, seq_len: int,
         model.pooler.requires_grad_(False)
         ds = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
               "train_batch_size": micro_batch, "gradient_clipping": 5.0, "zero_optimization": {"stage": 2},
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}}
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True, "fused": fused_adam}}}
         engine = build_student_engine(model, ds)
         phases = {"teacher_fwd": 0.0, "student_fwd": 0.0, "loss_fwd": 0.0, "backward": 0.0, "optimizer": 0.0}
         max_load = []
@@ -158,6 +159,7 @@ def _one(experts: int, layers: int, hidden: int, micro_batch: int, seq_len: int,
                      "fraction_of_matmul_peak": useful / step_s / 1e9 / peak,
                      "mean_max_load": sum(max_load) / len(max_load) if max_load else 1.0})
     result = {"machine_matmul_gflops": peak, "threads": torch.get_num_threads(), "micro_batch": micro_batch,
+              "fused_adam": fused_adam,
               "seq_len": seq_len, "teacher": teacher, "teacher_zero_stage": teacher_zero,
               "teacher_gflops_per_seq": t_flops / 1e9, "rows": rows}
     with open(out, "w") as fh:

@@ -68,6 +68,9 @@ def student_ds_config(cfg: TrainConfig, world_size: int, accelerator: str) -> di
         params["weight_decay"] = cfg.weight_decay
     if accelerator == "cpu" and opt["type"].lower() in ("adam", "adamw"):
         params.setdefault("torch_adam", True)  # FusedAdam is a GPU kernel; on CPU it only JIT-compiles
+        # torch's fused CPU kernel: one vectorised pass per flat ZeRO partition instead of a chain of
+        # elementwise ops (7-9x faster on 48M parameters, equal within fp32 rounding).
+        params.setdefault("fused", True)
     if cfg.gradient_clipping is not None:
         ds["gradient_clipping"] = cfg.gradient_clipping
     ds.setdefault("gradient_clipping", PAPER_GRAD_CLIP)  # DeepSpeed's silent default would be 1.0

@@ -147,7 +147,7 @@ def finetune_args(fx, out, **kw):
 # ---------------------------------------------------------------------------------------------
 # One rank: input that cannot work stops before any work and leaves no run folder.
 
-DISTILL = [  # (case, flags (fx keys resolved), exit code, the culprit the line must name)
+DISTILL = [  # (case, bad flags (values naming fx entries are resolved), exit code, culprit the line names)
     ("data not UTF-8", {"data": "binary"}, 1, "binary.txt' is not UTF-8 text"),
     ("corrupt parquet", {"data": "parquet"}, 1, "broken.parquet' is truncated or corrupt"),
     ("truncated teacher weights", {"teacher": "cut_teacher"}, 1, "model.safetensors' is truncated"),
@@ -166,16 +166,6 @@ DISTILL = [  # (case, flags (fx keys resolved), exit code, the culprit the line 
     ("data is a folder", {"data": "corpus_dir"}, 2, "corpus_dir' is a folder; give its files"),
 ]
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case,bad,code,culprit", DISTILL, ids=[c[0] for c in DISTILL])
-def test_distill_bad_input(fx, tmp_path, case, bad, code, culprit):
-    out = tmp_path / "out"
-    bad = {k: fx.get(v, v) if isinstance(v, str) else v for k, v in bad.items()}
-    assert_one_line(launch("distill", distill_args(fx, out, **bad)), code, culprit)
-    assert not out.exists()
-
-
 FINETUNE = [
     ("task file not UTF-8", {"data": "sent_binary"}, 1, "train.tsv' is not UTF-8 text"),
     ("label outside the task's set", {"data": "sent_label"}, 2, "has labels [7]; allowed 0..1"),
@@ -186,16 +176,6 @@ FINETUNE = [
     ("max_seq_length past the positions", {"max_seq_length": 4096}, 2, "4096 exceeds the 512 positions"),
 ]
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize("case,bad,code,culprit", FINETUNE, ids=[c[0] for c in FINETUNE])
-def test_finetune_bad_input(fx, tmp_path, case, bad, code, culprit):
-    out = tmp_path / "out"
-    bad = {k: fx.get(v, v) for k, v in bad.items()}
-    assert_one_line(launch("finetune", finetune_args(fx, out, **bad)), code, culprit)
-    assert not (out / "model").exists() and not os.path.exists(str(out) + "/model.tmp")
-
-
 EVALUATE = [
     ("truncated head", {"model": "cut_head"}, 1, "head.safetensors' is truncated or corrupt"),
     ("not a fine-tuned folder", {"model": "student"}, 2, "is not a fine-tuned model folder (no task.json)"),
@@ -204,15 +184,6 @@ EVALUATE = [
     ("corrupt task.json", {"model": "bad_task_json"}, 1, "task.json' is truncated or corrupt"),
     ("output is a folder", {"model": "finetuned", "output": "sent"}, 2, "--output '"),
 ]
-
-
-@pytest.mark.parametrize("case,bad,code,culprit", EVALUATE, ids=[c[0] for c in EVALUATE])
-def test_evaluate_bad_input(fx, tmp_path, case, bad, code, culprit):
-    out = tmp_path / "eval.json"
-    flags = {k: fx.get(v, v) for k, v in bad.items()}
-    assert_one_line(launch("evaluate", args_of({"output": out, **flags})), code, culprit)
-    assert not out.exists()
-
 
 SWEEP = [
     ("empty model list", {"models": ","}, 2, "--models ',' names nothing"),
@@ -224,11 +195,26 @@ SWEEP = [
 ]
 
 
-@pytest.mark.parametrize("case,bad,code,culprit", SWEEP, ids=[c[0] for c in SWEEP])
-def test_sweep_bad_input(fx, tmp_path, case, bad, code, culprit):
-    out = tmp_path / "sweep"
-    assert_one_line(launch("sweep", args_of({"models": fx["student"], "tasks": "sentiment", "output_dir": out,
-                                             **bad})), code, culprit)
+ARGS = {  # each launcher's otherwise good command line, with the bad flags on top
+    "distill": lambda fx, out, bad: distill_args(fx, out, **bad),
+    "finetune": lambda fx, out, bad: finetune_args(fx, out, **bad),
+    "evaluate": lambda fx, out, bad: args_of({"output": out / "eval.json", **bad}),
+    "sweep": lambda fx, out, bad: args_of({"models": fx["student"], "tasks": "sentiment", "output_dir": out, **bad}),
+}
+SLOW = pytest.mark.slow  # the distill and finetune launchers load DeepSpeed and start a process group
+BAD_INPUT = [pytest.param(launcher, *case, id=f"{launcher}: {case[0]}",
+                          marks=[SLOW] if launcher in ("distill", "finetune") else [])
+             for launcher, cases in (("distill", DISTILL), ("finetune", FINETUNE), ("evaluate", EVALUATE),
+                                     ("sweep", SWEEP))
+             for case in cases]
+
+
+@pytest.mark.parametrize("launcher,case,bad,code,culprit", BAD_INPUT)
+def test_bad_input(fx, tmp_path, launcher, case, bad, code, culprit):
+    """Stopped before any work: one line, the exit code, and no run folder."""
+    out = tmp_path / "out"
+    bad = {k: fx.get(v, v) if isinstance(v, str) else v for k, v in bad.items()}
+    assert_one_line(launch(launcher, ARGS[launcher](fx, out, bad)), code, culprit)
     assert not out.exists()
 
 
