@@ -60,6 +60,7 @@ bench-teachers: venv
 bench: venv
 	$(BIN)/python benchmarks/inference.py --experts 4,8
 	$(BIN)/python benchmarks/distill_step.py --experts 1,4,8
+	$(BIN)/python benchmarks/authors_step.py
 
 bench-quick: venv
 	$(BIN)/python benchmarks/inference.py --experts 4 --quick --out runs/bench/inference.json
