@@ -23,7 +23,6 @@ import os
 import random
 import re
 import shutil
-import zipfile
 from typing import Optional
 
 import numpy as np
@@ -31,7 +30,7 @@ import torch
 
 from . import reshard
 from .config import ConfigError
-from .errors import UnreadableFile, reading
+from .errors import UnreadableFile, reading, torch_zip_file
 
 TAG_FORMAT = "step_{:08d}"
 _TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -169,11 +168,7 @@ def check_whole(tag_dir: str) -> None:
     end, so a truncated copy or a cut-off download has none): found before the process group starts,
     not by the one rank that reads the damaged shard."""
     for path in sorted(glob.glob(os.path.join(tag_dir, "*.pt"))):
-        with open(path, "rb") as fh:
-            zip_format = fh.read(4) == b"PK\x03\x04"
-        if zip_format and not zipfile.is_zipfile(path):
-            raise UnreadableFile(f"{path!r} is truncated or corrupt (a zip archive without its directory)"
-                                 f"{_RESUME_EARLIER}")
+        torch_zip_file(path, _RESUME_EARLIER)
 
 
 def check_shards(tag_dir: str, client: dict) -> None:

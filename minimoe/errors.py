@@ -40,6 +40,17 @@ class ChildFailed(Exception):
         self.code = code if code in (USER_ERROR, ENVIRONMENT_FAILURE) else ENVIRONMENT_FAILURE
 
 
+def torch_zip_file(path: str, fix: str = "") -> bool:
+    """Whether ``path`` is in torch's zip format (pre-1.6 files are pickles); a zip whose directory, kept at
+    its end, is gone (a truncated copy or download) raises ``UnreadableFile``, naming it and what to do."""
+    import zipfile
+    with open(path, "rb") as fh:
+        zip_format = fh.read(4) == b"PK\x03\x04"
+    if zip_format and not zipfile.is_zipfile(path):
+        raise UnreadableFile(f"{path!r} is truncated or corrupt (a zip archive without its directory){fix}")
+    return zip_format
+
+
 @contextlib.contextmanager
 def reading(path: str, fix: str = ""):
     """Turn whatever a reader raises on a damaged file (a decode error, a truncated zip or pickle, a bad

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from typing import Optional
 
 import torch
 
 from .config import ConfigError
-from .errors import UnreadableFile, reading
+from .errors import UnreadableFile, reading, torch_zip_file
 
 _REFETCH = "; download or copy the model again"
 
@@ -124,12 +123,7 @@ class _SafetensorsFile:
 
 
 def _load_bin(path: str) -> dict:
-    with open(path, "rb") as fh:
-        zip_format = fh.read(4) == b"PK\x03\x04"
-    if zip_format and not zipfile.is_zipfile(path):  # the central directory, at its end, is gone
-        raise UnreadableFile(f"{path!r} is truncated or corrupt (a zip archive without its directory)"
-                             f"{_REFETCH}")
-    if not zip_format:  # pre-1.6 torch files are not zip archives and cannot be memory-mapped
+    if not torch_zip_file(path, _REFETCH):  # pre-1.6 torch files are pickles: they cannot be memory-mapped
         raise ConfigError(f"{path!r} cannot be read lazily (not a zip-format torch file); re-save it with "
                           "save_pretrained (safetensors)")
     with reading(path, _REFETCH):
