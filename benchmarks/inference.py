@@ -2,12 +2,16 @@
 
     python benchmarks/inference.py                        # 4L H384, E=4 vs E=1, batch 1 and 32 x 128
     python benchmarks/inference.py --experts 4,8 --quick
+    python benchmarks/inference.py --runtime onnx --out benchmarks/results/inference_onnx.json
 
 What a deployed student costs per forward: the same module an export loads (``MiniMoEModel``, ep_size 1,
 eval mode, no DeepSpeed engine), randomly initialised (latency does not depend on the weights' values,
 only on how tokens spread over experts, which the table reports). MoE and dense forwards alternate, so
 that the machine's noise falls on both; the median of the repetitions is reported. Prints a table and
 writes JSON with a ``latency_ratio`` (MoE / dense) per shape. Not a test: numbers, not asserts.
+
+``--runtime onnx`` times the same two models as ONNX graphs in onnxruntime instead (each written by
+``launchers/export.py``'s code from a saved student folder, and checked against PyTorch there).
 """
 from __future__ import annotations
 
@@ -39,6 +43,16 @@ def _inputs(batch: int, seq_len: int):
     return ids, torch.ones_like(ids), torch.zeros_like(ids)
 
 
+def _onnx_runner(model, folder: str):
+    """``model`` saved as a student folder, exported to ONNX, and an onnxruntime session over it."""
+    import onnxruntime as ort
+    from minimoe.export.onnx import GRAPH_NAME, INPUTS, export_onnx
+    model.save_pretrained(folder)
+    export_onnx(folder, os.path.join(folder, "onnx"))
+    session = ort.InferenceSession(os.path.join(folder, "onnx", GRAPH_NAME), providers=["CPUExecutionProvider"])
+    return lambda *inputs: session.run(None, {k: v.numpy() for k, v in zip(INPUTS, inputs)})
+
+
 def _time(model, inputs, reps: int) -> list[float]:
     out = []
     with torch.inference_mode():
@@ -50,16 +64,23 @@ def _time(model, inputs, reps: int) -> list[float]:
 
 
 def bench(experts: str = "4", layers: int = 4, hidden: int = 384, shapes: str = "1x128,32x128", reps: int = 30,
-          quick: bool = False, out: str = "benchmarks/results/inference.json") -> dict:
-    """Median forward latency of each MoE student and the dense twin (E=1) at each batch x length."""
+          quick: bool = False, runtime: str = "torch", out: str = "benchmarks/results/inference.json") -> dict:
+    """Median forward latency of each MoE student and the dense twin (E=1) at each batch x length, in
+    PyTorch (``--runtime torch``) or onnxruntime (``--runtime onnx``)."""
+    import tempfile
+    if runtime not in ("torch", "onnx"):
+        raise SystemExit(f"--runtime {runtime!r} is invalid: choose torch or onnx")
+    tmp = tempfile.mkdtemp(prefix="minimoe-bench-")
+    run = (lambda m, name: _onnx_runner(m, os.path.join(tmp, name))) if runtime == "onnx" else (lambda m, name: m)
     counts = [int(e) for e in (experts if isinstance(experts, (tuple, list)) else str(experts).split(","))]
     shape_list = [tuple(int(v) for v in s.split("x"))
                   for s in (shapes if isinstance(shapes, (tuple, list)) else str(shapes).split(","))]
     reps = max(5, reps // 3) if quick else reps
-    dense = _model(1, layers, hidden)
+    dense = run(_model(1, layers, hidden), "dense")
     rows = []
     for e in counts:
-        moe = _model(e, layers, hidden)
+        moe_model = _model(e, layers, hidden)
+        moe = run(moe_model, f"moe{e}")
         for batch, seq_len in shape_list:
             inputs = _inputs(batch, seq_len)
             _time(dense, inputs, 3), _time(moe, inputs, 3)  # warm-up: allocator, thread pool
@@ -68,14 +89,19 @@ def bench(experts: str = "4", layers: int = 4, hidden: int = 384, shapes: str = 
                 d += _time(dense, inputs, 1)
                 m += _time(moe, inputs, 1)
             with torch.inference_mode():
-                counts_per_layer = moe(*inputs).expert_counts
+                counts_per_layer = moe_model(*inputs).expert_counts
             loads = [float(c.max() * len(c) / c.sum()) for c in counts_per_layer]
             d_ms, m_ms = 1e3 * statistics.median(d), 1e3 * statistics.median(m)
             rows.append({"experts": e, "batch": batch, "seq_len": seq_len, "dense_ms": d_ms, "moe_ms": m_ms,
                          "latency_ratio": m_ms / d_ms, "target": TARGETS.get(batch),
                          "mean_max_load": sum(loads) / len(loads)})
-    result = {"threads": torch.get_num_threads(), "layers": layers, "hidden": hidden, "reps": reps,
-              "torch": torch.__version__, "rows": rows}
+    import shutil
+    shutil.rmtree(tmp, ignore_errors=True)
+    result = {"runtime": runtime, "threads": torch.get_num_threads(), "layers": layers, "hidden": hidden,
+              "reps": reps, "torch": torch.__version__, "rows": rows}
+    if runtime == "onnx":
+        import onnxruntime
+        result["onnxruntime"] = onnxruntime.__version__
     print(f"{'experts':>7} {'batch x len':>12} {'dense ms':>9} {'MoE ms':>9} {'ratio':>6} {'target':>6} "
           f"{'max load':>8}")
     for r in rows:
@@ -107,7 +133,8 @@ def _plot(result: dict, path: str) -> None:
         ax.set_xticks(list(x), labels)
         ax.set_ylabel("ms per forward (median)")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"exported student inference, {result['layers']}L H{result['hidden']}, {result['threads']} threads")
+    fig.suptitle(f"exported student inference ({result['runtime']}), {result['layers']}L H{result['hidden']}, "
+                 f"{result['threads']} threads")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -342,6 +342,34 @@ class EvaluateConfig:
         return self
 
 
+EXPORT_FORMATS = ("onnx", "hf")
+
+
+@dataclass
+class ExportConfig:
+    """Deployable artefacts from a finished run: an ONNX graph in which every token still runs only its
+    top-1 expert (checked against PyTorch in onnxruntime before it is kept), or a Hugging Face folder
+    with a model card (the format runs already export; this also converts students of earlier versions)."""
+
+    model: str = field(default="runs/demo", metadata=_help(
+        "A finished distillation or fine-tuning run folder, or the student / model folder it exported."))
+    format: str = field(default="onnx", metadata=_help("onnx or hf."))
+    output_dir: str = field(default="", metadata=_help(
+        "Where to write. Default: <model folder>/onnx (onnx), <model folder>-hf (hf)."))
+    opset: int = field(default=18, metadata=_help("ONNX opset (torch's exporter needs >= 18)."))
+    tolerance: float = field(default=1e-4, metadata=_help(
+        "Largest |onnxruntime - PyTorch| accepted on the check batches; past it nothing is written."))
+
+    def validate(self) -> "ExportConfig":
+        if self.format not in EXPORT_FORMATS:
+            raise ConfigError(f"--format {self.format!r} is invalid: choose one of {', '.join(EXPORT_FORMATS)}")
+        if self.opset < 18:
+            raise ConfigError(f"--opset {self.opset} is too old: torch's ONNX exporter needs >= 18")
+        if not (self.tolerance > 0 and math.isfinite(self.tolerance)):
+            raise ConfigError(f"--tolerance {self.tolerance} must be a positive number")
+        return self
+
+
 @dataclass
 class SweepConfig:
     """Fine-tune several models on several tasks and seeds (one launcher run each) and print the table

@@ -26,6 +26,8 @@ from .data.batches import GlobalBatches, StreamingBatches
 from .distributed import accelerator_name, agree, any_rank, device, init_distributed
 from .engine import (build_student_engine, dtype_of, fill_schedule, pop_precision, student_ds_config,
                      teacher_ds_config, zero_stage)
+from .export.card import command_line, student_card
+from .export.hf import export_student
 from .layout import Layout, plan_layout, run_world
 from .losses import relation_kl
 from .monitor import Monitor, expert_utilisation, gather_peak_rss
@@ -188,8 +190,9 @@ def run(cfg: DistillConfig) -> dict:
         for tag in checkpoint.remove_incomplete(ckpt_root):
             print(f"removed {os.path.join(ckpt_root, tag)!r}: its save did not finish", flush=True)
 
-    run_config = {**cfg.to_dict(), "student": p.student.to_dict(), "world_size": p.world_size,
-                  "global_batch": batches.global_batch, "total_steps": total_steps, "corpus_pairs": corpus_size,
+    run_config = {**cfg.to_dict(), "command": command_line(), "student": p.student.to_dict(),
+                  "world_size": p.world_size, "global_batch": batches.global_batch, "total_steps": total_steps,
+                  "corpus_pairs": corpus_size,
                   "teacher_placement": {"kind": placement.kind, "reason": placement.reason,
                                         "teacher_bytes": p.layout.teacher_bytes,
                                         "bytes_per_rank": teacher.bytes_per_rank()},
@@ -240,13 +243,13 @@ def run(cfg: DistillConfig) -> dict:
             checkpoint.save(engine, ckpt_root, done, client_state(done), dist_info.rank, cfg.keep_checkpoints)
     wall = time.perf_counter() - wall0
 
-    student_dir = os.path.join(cfg.output_dir, "student")
-    if dist_info.is_main:
-        final = os.path.join(ckpt_root, checkpoint.tag_for(total_steps))
-        checkpoint.export_student(final, student_dir, p.student, p.tokenizer)
-    summary = _summary(cfg, p, history, wall, total_steps - start_step, gather_peak_rss(), teacher,
+    summary = _summary(cfg, p, history, wall, total_steps - start_step, total_steps, gather_peak_rss(), teacher,
                        batches.global_batch)
     if dist_info.is_main:
+        final = os.path.join(ckpt_root, checkpoint.tag_for(total_steps))
+        card_text = student_card(os.path.basename(os.path.abspath(cfg.output_dir)), p.student, run_config, summary)
+        export_student(checkpoint.gather_state_dict(final), os.path.join(cfg.output_dir, "student"), p.student,
+                       p.tokenizer, card_text, where=f"checkpoint {final!r}")
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=2)
         monitor.write(format_summary(summary))
@@ -297,7 +300,7 @@ class _Window:
         relation, aux, micro, tokens, padded, teacher_s, step_time = v.tolist()
         step_time /= world_size  # every rank times the same steps
         metrics = {"relation": relation / micro, "load_balance": aux / micro,
-                   "tokens_per_s": tokens / step_time, "padded_tokens_per_s": padded / step_time,
+                   "tokens": tokens, "tokens_per_s": tokens / step_time, "padded_tokens_per_s": padded / step_time,
                    "loss": (relation + self.weight * aux) / micro,
                    "step_s": step_time / self.steps, "teacher_share": teacher_s / world_size / step_time}
         util = None
@@ -308,7 +311,7 @@ class _Window:
         return metrics, util
 
 
-def _summary(cfg, p, history, wall, steps, rss, teacher, global_batch) -> dict:
+def _summary(cfg, p, history, wall, steps, total_steps, rss, teacher, global_batch) -> dict:
     dense = dataclasses.replace(p.student, num_experts=1, relation_projection=False)
     table = {}
     for name, sc in (("student", p.student), ("dense_twin", dense)):
@@ -318,10 +321,11 @@ def _summary(cfg, p, history, wall, steps, rss, teacher, global_batch) -> dict:
                        "paper_gflops": f["paper_gflops"], "forward_gflops": f["forward_flops"] / 1e9}
     tokens_per_s = [h["tokens_per_s"] for h in history]
     return {
-        "steps": steps, "wall_s": wall, "steps_per_s": steps / wall if wall else 0.0,
+        "steps": steps, "total_steps": total_steps, "wall_s": wall, "steps_per_s": steps / wall if wall else 0.0,
         "tokens_per_s": sum(tokens_per_s) / len(tokens_per_s) if tokens_per_s else 0.0,
         "relation_first": history[0]["relation"] if history else None,
         "relation_last": history[-1]["relation"] if history else None,
+        "tokens_seen": int(sum(h["tokens"] for h in history)),
         "global_batch": global_batch, "world_size": p.world_size, "ep_size": cfg.ep_size,
         "peak_rss_mib_per_rank": rss,
         "teacher": {"name": p.teacher, "hidden_size": teacher.info.hidden_size, "layers": teacher.info.num_layers,

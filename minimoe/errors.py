@@ -22,6 +22,11 @@ class UnreadableFile(Exception):
     flags are fine, the file is not (exit 1); the message names the file and what to do."""
 
 
+class CheckFailed(Exception):
+    """Work that ran to its end but whose result failed its own check (an exported graph that does not
+    reproduce the model): exit 1, the line says by how much and what was kept."""
+
+
 class PeerFailed(Exception):
     """Raised on the ranks whose partner in a collective failed with an error that the partner reports
     itself: these ranks stop with its exit code and print nothing, so the cause is the line one reads."""
@@ -82,7 +87,7 @@ def classify(exc: BaseException) -> tuple[int, str]:
     """(exit code, one line) for an exception that stopped a run."""
     if isinstance(exc, ConfigError):
         return USER_ERROR, str(exc)
-    if isinstance(exc, UnreadableFile):
+    if isinstance(exc, (UnreadableFile, CheckFailed)):
         return ENVIRONMENT_FAILURE, str(exc)
     if isinstance(exc, PeerFailed):
         return exc.code, ""

@@ -20,18 +20,20 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from .commands import dry_run
-from .config import ConfigError, FinetuneConfig, StudentConfig, check_output_dir
+from .config import ConfigError, FinetuneConfig, check_output_dir
 from .data.assets import check_tokenizer, resolve_model
 from .data.batches import GlobalBatches
 from .data.tasks import Task, dev_split_names, get_task, load_split, offline_dir, split_file
 from .distributed import accelerator_name, agree, any_rank, device, init_distributed
 from .engine import build_student_engine, fill_schedule, pop_precision, student_ds_config, zero_stage
 from .errors import reading
-from .heads import TaskModel, check_positions, is_minimoe_folder, load_encoder, save_task_model, tokenizer_for
+from .export.card import command_line
+from .export.hf import TASK_META, save_task_model
+from .heads import TaskModel, check_positions, is_minimoe_folder, load_encoder, tokenizer_folder, tokenizer_for
 from .layout import Layout, StudentShape, plan_layout, run_world
 from .losses import logits_kd
 from .monitor import Monitor, gather_peak_rss
-from .student import student_shape
+from .student import student_config_of, student_shape
 from .teacher import parameter_count
 
 IGNORE = -100
@@ -196,7 +198,10 @@ def plan(cfg: FinetuneConfig) -> Plan:
 
 
 def _check_not_a_run_folder(model: str) -> None:
-    """A distillation run folder, or one of its checkpoints, in place of the student it exported."""
+    """A distillation run folder, one of its checkpoints, or a fine-tuned model, in place of a student."""
+    if os.path.isfile(os.path.join(model, TASK_META)):
+        raise ConfigError(f"--model {model!r} is a fine-tuned task model; fine-tune the student or encoder it "
+                          f"came from (\"source\" in its {TASK_META})")
     if os.path.isdir(os.path.join(model, "student")) and os.path.isdir(os.path.join(model, "checkpoints")):
         raise ConfigError(f"--model {model!r} is a distillation run folder; fine-tune its exported student: "
                           f"--model {os.path.join(model, 'student')}")
@@ -209,8 +214,7 @@ def _check_not_a_run_folder(model: str) -> None:
 def _model_config(model: str, minimoe: bool):
     """A MiniMoE student's StudentConfig, or a dense HF encoder's config (no weights read)."""
     if minimoe:
-        with open(os.path.join(model, "config.json")) as fh:
-            return StudentConfig.from_dict(json.load(fh))
+        return student_config_of(model)
     from transformers import AutoConfig
     try:
         return AutoConfig.from_pretrained(model)
@@ -219,14 +223,14 @@ def _model_config(model: str, minimoe: bool):
 
 
 def _check_teacher(folder: str, task: Task, tokenizer) -> None:
-    meta_path = os.path.join(folder, "task.json")
+    meta_path = os.path.join(folder, TASK_META)
     if not os.path.isfile(meta_path):
-        raise ConfigError(f"--teacher {folder!r} is not a fine-tuned model folder (no task.json)")
+        raise ConfigError(f"--teacher {folder!r} is not a fine-tuned model folder (no {TASK_META})")
     with reading(meta_path, "; fine-tune the teacher again"), open(meta_path) as fh:
         meta = json.load(fh)
     if meta["task"] != task.name:
         raise ConfigError(f"--teacher {folder!r} was fine-tuned on {meta['task']}, not {task.name}")
-    if tokenizer_for(os.path.join(folder, "encoder")).get_vocab() != tokenizer.get_vocab():
+    if tokenizer_for(tokenizer_folder(folder)).get_vocab() != tokenizer.get_vocab():
         raise ConfigError(f"--teacher {folder!r} has another tokenizer than --model: the logits would not align")
 
 
@@ -317,7 +321,7 @@ def run(cfg: FinetuneConfig) -> dict:
     if info.is_main:
         state = checkpoint.gather_state_dict(os.path.join(ckpt_root, "best"))
         save_task_model(os.path.join(cfg.output_dir, "model"), state, task, p.encoder_type, p.model, tok,
-                        cfg.classifier_dropout)
+                        cfg.classifier_dropout, cfg.max_seq_length, command_line(), results)
         shutil.rmtree(ckpt_root, ignore_errors=True)  # the export holds the best weights
         write_results(cfg.output_dir, results)
         monitor.write(f"best dev {task.main_metric} {best['main']:.4f} at step {best['step']} ({wall:.0f} s); "
@@ -352,7 +356,7 @@ def evaluate_folder(folder: str, split: str, data_dir, max_len: int, batch_size:
     model, meta = load_task_model(folder)
     check_positions(model.encoder.config, max_len, f"--model {folder!r}")
     task = get_task(meta["task"])
-    tok = tokenizer_for(os.path.join(folder, "encoder"))
+    tok = tokenizer_for(tokenizer_folder(folder))
     if data_dir is None and task.hub is None:
         data_dir = offline_dir(task)
     hub_split = {"dev": task.dev_splits[0]}.get(split, split) if data_dir is None else split

@@ -1,13 +1,9 @@
 """Task models: an encoder (a MiniMoE student or any dense Hugging Face encoder) plus a task head.
 
-A fine-tuned model is saved as a folder::
-
-    task.json           task name, kind, labels, encoder type, head sizes
-    encoder/            a MiniMoE student folder (config.json + model.safetensors) or a HF model folder,
-                        with the tokenizer
-    head.safetensors    the head's weights
-
-``load_task_model(folder)`` rebuilds it in one plain process (experts gathered, ep_size 1).
+A fine-tuned model is saved by ``minimoe.export.hf.save_task_model``: on a MiniMoE encoder, a Hugging Face
+task folder (``AutoModelForSequenceClassification`` / ``...TokenClassification`` load it) plus
+``task.json``; on another encoder, ``task.json`` + ``encoder/`` + ``head.safetensors``.
+``load_task_model(folder)`` rebuilds either in one plain process (experts gathered, ep_size 1).
 """
 from __future__ import annotations
 
@@ -19,15 +15,17 @@ from torch import nn
 
 from .config import ConfigError
 from .errors import reading
-from .student import CONFIG_NAME, MODEL_TYPE, MiniMoEModel
+from .export import names
+from .student import CONFIG_NAME, WEIGHTS_NAME, MiniMoEModel, student_config_of
 
 
 def is_minimoe_folder(path: str) -> bool:
+    """A student folder written by minimoe (a MoE one, or a dense one that is also a plain BERT)."""
     cfg = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(cfg):
         return False
     with open(cfg) as fh:
-        return json.load(fh).get("model_type") == MODEL_TYPE
+        return names.is_student_config(json.load(fh))
 
 
 def load_encoder(path: str, ep_size: int = 1, ep_rank: int = 0) -> tuple[nn.Module, str]:
@@ -91,44 +89,41 @@ class TaskModel(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
 
 
-def save_task_model(folder: str, state: dict, task, encoder_type: str, source: str, tokenizer,
-                    dropout: float) -> str:
-    """Write a fine-tuned model folder from a full state dict (experts under global ids)."""
-    from safetensors.torch import save_file
-    from .checkpoint import staged_folder
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    head = {k: v.contiguous() for k, v in state.items() if not k.startswith("encoder.")}
-    with staged_folder(folder) as tmp:
-        base, _ = load_encoder(source)  # the architecture (ep_size 1), then the fine-tuned weights
-        base.load_state_dict(enc, strict=True)
-        base.save_pretrained(os.path.join(tmp, "encoder"))
-        tokenizer.save_pretrained(os.path.join(tmp, "encoder"))
-        save_file(head, os.path.join(tmp, "head.safetensors"))
-        with open(os.path.join(tmp, "task.json"), "w") as fh:
-            json.dump({"task": task.name, "kind": task.kind, "labels": list(task.labels),
-                       "num_labels": task.num_labels, "encoder_type": encoder_type, "source": source,
-                       "classifier_dropout": dropout}, fh, indent=2)
-    return folder
-
-
 def load_task_model(folder: str) -> tuple[TaskModel, dict]:
-    """A fine-tuned model folder -> (TaskModel in eval mode, its task.json)."""
+    """A fine-tuned model folder -> (TaskModel in eval mode, its task.json). Reads both layouts
+    (``minimoe.export.hf``): a Hugging Face task folder, or ``encoder/`` + ``head.safetensors``."""
     from safetensors.torch import load_file
-    meta_path = os.path.join(folder, "task.json")
+    from .export import hf
+    meta_path = os.path.join(folder, hf.TASK_META)
     if not os.path.isfile(meta_path):
-        raise ConfigError(f"--model {folder!r} is not a fine-tuned model folder (no task.json)")
+        raise ConfigError(f"--model {folder!r} is not a fine-tuned model folder (no {hf.TASK_META})")
     with reading(meta_path, "; fine-tune the model again"), open(meta_path) as fh:
         meta = json.load(fh)
-    encoder, kind = load_encoder(os.path.join(folder, "encoder"))
+    if os.path.isdir(os.path.join(folder, "encoder")):
+        encoder, kind = load_encoder(os.path.join(folder, "encoder"))
+        weights_file = os.path.join(folder, hf.HEAD_FILE)
+    else:
+        encoder, kind = MiniMoEModel(student_config_of(folder)), "minimoe"
+        weights_file = os.path.join(folder, WEIGHTS_NAME)
     model = TaskModel(encoder, kind, meta["kind"], meta["num_labels"], meta["classifier_dropout"])
-    head_file = os.path.join(folder, "head.safetensors")
-    with reading(head_file, "; fine-tune the model again"):
-        head = load_file(head_file)
-    missing, unexpected = model.load_state_dict(head, strict=False)
-    if unexpected or any(not k.startswith("encoder.") for k in missing):
-        raise ConfigError(f"{folder}: head.safetensors does not match task.json")
+    with reading(weights_file, "; fine-tune the model again"):
+        state = load_file(weights_file)
+    if weights_file.endswith(WEIGHTS_NAME):
+        state = hf.task_state_from_hf(state, encoder.config.num_experts)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # head.safetensors holds the head alone; a Hugging Face task folder all but the encoder's own pooler and
+    # relation projection, which task models do not use.
+    spare = ("encoder.",) if weights_file.endswith(hf.HEAD_FILE) else ("encoder.pooler.", "encoder.relation_proj.")
+    missing = [k for k in missing if not k.startswith(spare)]
+    if unexpected or missing:
+        raise ConfigError(f"{folder}: {os.path.basename(weights_file)} does not match {hf.TASK_META} "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.eval(), meta
+
+
+def tokenizer_folder(folder: str) -> str:
+    """Where a fine-tuned model folder keeps its tokenizer (either layout)."""
+    return os.path.join(folder, "encoder") if os.path.isdir(os.path.join(folder, "encoder")) else folder
 
 
 def tokenizer_for(path: str):

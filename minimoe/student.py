@@ -6,6 +6,7 @@ rank's place among them, because DeepSpeed's MoE layer builds only the local exp
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from torch import nn
 
 from .config import ConfigError, StudentConfig
 from .errors import reading
+from .export import names
+from .export.hf import copy_code
 from .layout import StudentShape
 from .moe import DenseFeedForward, MoEFeedForward, moefy_
 
@@ -162,40 +165,64 @@ class MiniMoEModel(nn.Module):
     # ------------------------------------------------------------------ save / load
 
     def save_pretrained(self, path: str, state_dict: Optional[dict] = None) -> None:
-        """Write ``config.json`` + ``model.safetensors`` with every expert under its global id.
+        """Write a Hugging Face folder: ``config.json`` + ``model.safetensors`` with every expert under its
+        global id, in BERT's parameter names; a MoE student also gets its modeling code (``auto_map``), so
+        ``transformers.AutoModel.from_pretrained(path, trust_remote_code=True)`` loads it, and a dense one is
+        a plain ``BertModel`` folder (``minimoe.export.names``).
 
         ``state_dict`` lets a caller that gathered experts from several ranks (or from checkpoint
         files) save them; by default this model must hold all experts (ep_size 1).
         """
         from safetensors.torch import save_file
+        from . import __version__
         if state_dict is None:
             if self.ep_size != 1:
                 raise ValueError("save_pretrained from an ep_size > 1 model needs the gathered state_dict")
             state_dict = self.state_dict()
         os.makedirs(path, exist_ok=True)
         tmp = os.path.join(path, WEIGHTS_NAME + ".tmp")
-        save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp)
+        save_file({names.to_hf(k): v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp,
+                  metadata={"format": "pt"})
         os.replace(tmp, os.path.join(path, WEIGHTS_NAME))
         with open(os.path.join(path, CONFIG_NAME), "w") as fh:
-            json.dump({"model_type": MODEL_TYPE, **self.config.to_dict()}, fh, indent=2)
+            json.dump(names.hf_config(self.config.to_dict(), __version__), fh, indent=2)
+        if self.config.num_experts > 1:
+            copy_code(path)
 
     @classmethod
     def from_pretrained(cls, path: str, ep_size: int = 1, ep_rank: int = 0,
                         map_location: str = "cpu") -> "MiniMoEModel":
-        """Load an exported student. With ep_size 1 (default) it runs in one plain process."""
+        """Load a student folder. With ep_size 1 (default) it runs in one plain process."""
         from safetensors.torch import load_file
-        cfg_path = os.path.join(path, CONFIG_NAME)
-        if not os.path.isfile(cfg_path):
-            raise ConfigError(f"{path!r} is not a MiniMoE student folder (no {CONFIG_NAME})")
-        with open(cfg_path) as fh:
-            raw = json.load(fh)
-        if raw.get("model_type") != MODEL_TYPE:
-            raise ConfigError(f"{cfg_path} has model_type {raw.get('model_type')!r}, expected {MODEL_TYPE!r}")
-        model = cls(StudentConfig.from_dict(raw), ep_size=ep_size, ep_rank=ep_rank)
+        if os.path.isfile(os.path.join(path, "task.json")):
+            raise ConfigError(f"{path!r} is a fine-tuned task model: load it with minimoe.heads.load_task_model, "
+                              "or use the student it was fine-tuned from")
+        model = cls(student_config_of(path), ep_size=ep_size, ep_rank=ep_rank)
         with reading(os.path.join(path, WEIGHTS_NAME), "; export the student again"):
             state = load_file(os.path.join(path, WEIGHTS_NAME), device=map_location)
-        model.load_state_dict(localize_experts(state, model), strict=True)
+        if not any(k.startswith("layers.") for k in state):  # Hugging Face names (earlier folders used ours)
+            state = {names.from_hf(k, strict=False): v for k, v in state.items()}
+        missing, unexpected = model.load_state_dict(localize_experts(state, model), strict=False)
+        # A folder re-saved by transformers may lack the distillation-only projection: it starts afresh.
+        missing = [k for k in missing if not k.startswith("relation_proj.")]
+        if missing or unexpected:
+            raise ConfigError(f"{path!r}: the weights do not match its config.json (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
         return model
+
+
+def student_config_of(path: str) -> StudentConfig:
+    """The StudentConfig of a student (or MiniMoE task) folder's config.json, either format."""
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cfg_path):
+        raise ConfigError(f"{path!r} is not a MiniMoE student folder (no {CONFIG_NAME})")
+    with reading(cfg_path, "; export the student again"), open(cfg_path) as fh:
+        raw = json.load(fh)
+    if not names.is_student_config(raw):
+        raise ConfigError(f"{cfg_path} is not a MiniMoE student's config (model_type {raw.get('model_type')!r}, "
+                          f"no {names.MARKER!r})")
+    known = {f.name for f in dataclasses.fields(StudentConfig)}
+    return StudentConfig.from_dict(names.student_fields(raw, known))
 
 
 # Expert parameters in a state dict: "layers.{i}.ffn.moe.deepspeed_moe.experts.deepspeed_experts.{j}.*"

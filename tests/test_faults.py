@@ -114,17 +114,18 @@ def fx(tmp_path_factory):
     f["bad_task_json"] = shutil.copytree(f["finetuned"], tmp / "bad_task_json")
     (tmp / "bad_task_json" / "task.json").write_text('{"task": ')
     f["cut_head"] = shutil.copytree(f["finetuned"], tmp / "cut_head")
-    truncate(os.path.join(f["cut_head"], "head.safetensors"))
+    truncate(os.path.join(f["cut_head"], "model.safetensors"))
     return f
 
 
 def _finetuned_folder(folder, student):
     """A fine-tuned model folder as launchers/finetune.py writes it (untrained head)."""
     from minimoe.data.tasks import get_task
-    from minimoe.heads import TaskModel, load_encoder, save_task_model, tokenizer_for
+    from minimoe.export.hf import save_task_model
+    from minimoe.heads import TaskModel, load_encoder, tokenizer_for
     task = get_task("sentiment")
     model = TaskModel(load_encoder(student)[0], "minimoe", task.kind, task.num_labels)
-    save_task_model(str(folder), model.state_dict(), task, "minimoe", student, tokenizer_for(student), 0.1)
+    save_task_model(str(folder), model.state_dict(), task, "minimoe", student, tokenizer_for(student), 0.1, 32)
     return str(folder)
 
 
@@ -177,7 +178,7 @@ FINETUNE = [
 ]
 
 EVALUATE = [
-    ("truncated head", {"model": "cut_head"}, 1, "head.safetensors' is truncated or corrupt"),
+    ("truncated weights", {"model": "cut_head"}, 1, "model.safetensors' is truncated or corrupt"),
     ("not a fine-tuned folder", {"model": "student"}, 2, "is not a fine-tuned model folder (no task.json)"),
     ("task file not UTF-8", {"model": "finetuned", "data": "sent_binary", "split": "train"}, 1,
      "train.tsv' is not UTF-8 text"),
@@ -343,7 +344,7 @@ def test_two_ranks_resume_refuses_what_cannot_continue(assets, straight_run, tmp
 
 
 def test_an_export_that_fails_leaves_the_previous_one_and_no_temporary_folder(tmp_path):
-    from minimoe.checkpoint import staged_folder
+    from minimoe.export.hf import staged_folder
     out = tmp_path / "student"
     with staged_folder(str(out)) as tmp:
         open(os.path.join(tmp, "model.safetensors"), "w").write("v1")
