@@ -59,6 +59,7 @@ bench-teachers: venv
 # The benchmark suite (benchmarks/README.md): tables, JSON and plots in benchmarks/results/.
 bench: venv
 	$(BIN)/python benchmarks/inference.py --experts 4,8
+	$(BIN)/python benchmarks/inference.py --experts 4,8 --runtime onnx --out benchmarks/results/inference_onnx.json
 	$(BIN)/python benchmarks/distill_step.py --experts 1,4,8
 	$(BIN)/python benchmarks/authors_step.py
 

@@ -4,10 +4,13 @@ MiniLMv2 self-attention relation distillation: for X in {Q, K, V}, split the hid
 relation heads and form per head the relation ``softmax(X X^T / sqrt(d_r))``; the loss is
 KL(teacher || student) averaged over (query token, relation head) rows and over Q, K, V.
 
-The [B, R, L, L] relation tensors, not the matmuls, dominate this loss's cost, so every pass over
-them counts: scaling and the padding mask are fused into one ``baddbmm``, and the student's side of
-the KL is a soft-target cross-entropy (one fused log-softmax forward, ``softmax - target`` backward).
-KL(t || s) = CE(t, s) - H(t), and the teacher entropy H(t) needs no gradient.
+The [B, R, L, L] relation tensors, not the matmuls, dominate this loss's cost and memory: at
+32 x 512 tokens and 32 relation heads each one is 1 GiB in fp32, and autograd would keep two per
+relation for the backward (9.6 GB in all). So the loss is fused: it walks the (sample, head) rows in
+chunks of at most ``chunk_elements`` relation entries and, for each chunk, computes the KL and at
+once its gradient with respect to the student's hidden states, ``(G + G^T) X / sqrt(d)`` with
+``G = w * (softmax(s) - p_teacher)``. Only that [B, L, H] gradient is kept for the backward, so memory
+no longer grows as L^2 and every relation entry is read while it is in cache.
 """
 from __future__ import annotations
 
@@ -17,43 +20,78 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+# Relation entries per chunk: 4 Mi fp32 (16 MiB a tensor), so a few live tensors stay cache-sized.
+CHUNK_ELEMENTS = 1 << 22
 
-def relation_scores(x: torch.Tensor, num_heads: int, key_bias: torch.Tensor) -> torch.Tensor:
-    """``X X^T / sqrt(d) + key_bias`` per relation head: [B, L, H] -> [B * R, L, L] in fp32.
 
-    ``key_bias`` is [B, 1, L]: 0 for real keys, a large negative number for padded ones.
-    """
+def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, L, H] -> [B * R, L, d] in fp32."""
     b, l, h = x.shape
     if h % num_heads:
         raise ValueError(f"relation heads {num_heads} must divide hidden size {h}")
-    d = h // num_heads
-    xs = x.float().view(b, l, num_heads, d).transpose(1, 2).reshape(b * num_heads, l, d)
-    bias = key_bias.unsqueeze(1).expand(b, num_heads, 1, l).reshape(b * num_heads, 1, l)
-    return torch.baddbmm(bias, xs, xs.transpose(1, 2), alpha=1.0 / math.sqrt(d))
+    return x.detach().float().view(b, l, num_heads, h // num_heads).transpose(1, 2).reshape(b * num_heads, l, -1)
+
+
+def _log_relations(xs: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(X X^T / sqrt(d) + bias)``; the scale and the padding mask fused into one baddbmm."""
+    return torch.log_softmax(torch.baddbmm(bias, xs, xs.transpose(1, 2), alpha=1.0 / math.sqrt(xs.shape[-1])), -1)
+
+
+class _RelationKL(torch.autograd.Function):
+    """The loss in ``forward``, its gradient too (see the module docstring); ``backward`` only scales it."""
+
+    @staticmethod
+    def forward(ctx, attention_mask, num_heads, chunk_elements, *qkv):
+        teacher, student = qkv[:len(qkv) // 2], qkv[len(qkv) // 2:]
+        valid = attention_mask.bool()
+        b, l = valid.shape
+        # 0 for real keys, the most negative float for padded ones (probability exactly 0)
+        bias = torch.zeros(b, 1, 1, l, device=valid.device).masked_fill(~valid[:, None, None, :],
+                                                                          torch.finfo(torch.float32).min)
+        bias = bias.expand(b, num_heads, 1, l).reshape(b * num_heads, 1, l)
+        # Each row's share of the mean: rows of padded query tokens count 0.
+        weight = valid[:, None, :].expand(b, num_heads, l).reshape(b * num_heads, l, 1).float()
+        weight = weight / (valid.sum() * num_heads * len(student))
+        rows = max(1, chunk_elements // (l * l))
+        total = torch.zeros((), dtype=torch.float64, device=valid.device)
+        grads = []
+        for i, (t, s) in enumerate(zip(teacher, student, strict=True)):
+            ts, ss = _heads(t, num_heads), _heads(s, num_heads)
+            grad = torch.empty_like(ss) if ctx.needs_input_grad[3 + len(teacher) + i] else None
+            for r in range(0, ss.shape[0], rows):
+                part = slice(r, r + rows)
+                t_logp = _log_relations(ts[part], bias[part])
+                s_logp = _log_relations(ss[part], bias[part])
+                t_p = t_logp.exp()
+                total += ((t_p * (t_logp - s_logp)).sum(-1, keepdim=True) * weight[part]).sum().double()
+                if grad is not None:
+                    g = s_logp.exp_().sub_(t_p).mul_(weight[part])  # d loss / d student scores
+                    x = ss[part]
+                    grad[part] = torch.baddbmm(torch.bmm(g, x), g.transpose(1, 2), x,
+                                               alpha=1.0 / math.sqrt(x.shape[-1]), beta=1.0 / math.sqrt(x.shape[-1]))
+            grads.append(None if grad is None else
+                         grad.view(b, num_heads, l, -1).transpose(1, 2).reshape(s.shape).to(s.dtype))
+        ctx.grads = grads
+        return total.float()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grads, ctx.grads = ctx.grads, None
+        return (None, None, None, *(None for _ in grads),
+                *(None if g is None else g * grad_output for g in grads))
 
 
 def relation_kl(teacher_qkv: Sequence[torch.Tensor], student_qkv: Sequence[torch.Tensor],
-                attention_mask: torch.Tensor, num_heads: int) -> torch.Tensor:
+                attention_mask: torch.Tensor, num_heads: int, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """Mean over Q-Q, K-K, V-V of KL(teacher || student) per (query token, relation head) row.
 
     The teacher and student hidden sizes may differ; both are split into ``num_heads`` relations, so
     their [L, L] relation maps compare one to one. Padded keys get probability 0; rows of padded
-    query positions are dropped.
+    query positions are dropped. Differentiable with respect to the student's tensors only.
     """
-    valid = attention_mask.bool()
-    b, l = valid.shape
-    key_bias = torch.zeros(b, 1, l, device=valid.device).masked_fill(~valid[:, None, :], torch.finfo(torch.float32).min)
-    row_weight = (valid[:, None, :].expand(b, num_heads, l).reshape(-1).float()) / (valid.sum() * num_heads)
-    losses = []
-    for t, s in zip(teacher_qkv, student_qkv, strict=True):
-        with torch.no_grad():
-            t_logp = F.log_softmax(relation_scores(t, num_heads, key_bias), dim=-1)
-            t_p = t_logp.exp()
-            neg_entropy = (t_p * t_logp).sum(-1).view(-1)
-        s_scores = relation_scores(s, num_heads, key_bias)
-        ce = F.cross_entropy(s_scores.view(-1, l), t_p.view(-1, l), reduction="none")
-        losses.append(((ce + neg_entropy) * row_weight).sum())
-    return torch.stack(losses).mean()
+    if len(teacher_qkv) != len(student_qkv):
+        raise ValueError(f"{len(teacher_qkv)} teacher and {len(student_qkv)} student relation inputs")
+    return _RelationKL.apply(attention_mask, num_heads, chunk_elements, *teacher_qkv, *student_qkv)
 
 
 def logits_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,

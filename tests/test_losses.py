@@ -47,6 +47,45 @@ def test_relation_kl_matches_plain_computation_with_padding(r):
     assert torch.all(s[0].grad[1, 4:] == 0)  # padded student tokens get no gradient
 
 
+def autograd_relation_kl(t_qkv, s_qkv, mask, r):
+    """The loss written plainly, with autograd through every [B * R, L, L] relation tensor."""
+    valid = mask.bool()
+    b, l = valid.shape
+    bias = torch.zeros(b, 1, l).masked_fill(~valid[:, None, :], torch.finfo(torch.float32).min)
+    bias = bias.unsqueeze(1).expand(b, r, 1, l).reshape(b * r, 1, l)
+
+    def log_rel(x):
+        xs = x.float().view(b, l, r, -1).transpose(1, 2).reshape(b * r, l, -1)
+        return torch.log_softmax(xs @ xs.transpose(1, 2) / math.sqrt(xs.shape[-1]) + bias, -1)
+
+    rows = valid[:, None, :].expand(b, r, l).reshape(-1)
+    losses = []
+    for t, s in zip(t_qkv, s_qkv):
+        t_logp = log_rel(t.detach())
+        kl = (t_logp.exp() * (t_logp - log_rel(s))).sum(-1).view(-1)
+        losses.append(kl[rows].mean())
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 2 * 7 * 7, 7 * 7])  # one chunk; two rows; one row at a time
+def test_fused_loss_and_gradient_equal_autograd_through_the_relations(chunk):
+    g = torch.Generator().manual_seed(1)
+    b, l, r = 3, 7, 4
+    t = [torch.randn(b, l, 48, generator=g) for _ in range(3)]
+    s = [torch.randn(b, l, 32, generator=g, requires_grad=True) for _ in range(3)]
+    mask = torch.ones(b, l, dtype=torch.long)
+    mask[0, 5:] = 0
+    want = autograd_relation_kl(t, s, mask, r)
+    want_grads = torch.autograd.grad(want * 3.0, s)
+    got = relation_kl(t, s, mask, r, chunk_elements=chunk)
+    (got * 3.0).backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    for x, w in zip(s, want_grads):
+        torch.testing.assert_close(x.grad, w, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # evaluation: the value alone
+        assert relation_kl(t, s, mask, r).item() == pytest.approx(want.item(), rel=1e-6)
+
+
 def test_relation_kl_is_zero_for_identical_relations():
     x = [torch.randn(2, 5, 32) for _ in range(3)]
     assert relation_kl(x, x, torch.ones(2, 5), 8).item() == pytest.approx(0.0, abs=1e-6)
