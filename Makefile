@@ -60,8 +60,9 @@ bench-teachers: venv
 bench: venv
 	$(BIN)/python benchmarks/inference.py --experts 4,8
 	$(BIN)/python benchmarks/inference.py --experts 4,8 --runtime onnx --out benchmarks/results/inference_onnx.json
-	$(BIN)/python benchmarks/distill_step.py --experts 1,4,8
-	$(BIN)/python benchmarks/authors_step.py
+	$(BIN)/python benchmarks/distill_step.py --experts 1,1p,4,8
+	$(BIN)/python benchmarks/scaling.py
+	$(BIN)/python benchmarks/authors_step.py --two_procs True
 
 bench-quick: venv
 	$(BIN)/python benchmarks/inference.py --experts 4 --quick --out runs/bench/inference.json

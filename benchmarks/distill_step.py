@@ -3,6 +3,7 @@
     python benchmarks/distill_step.py                       # E=4 (4L H384), the dense twin without and with
                                                             # the relation projection (1, 1p)
     python benchmarks/distill_step.py --experts 1,4,8 --micro_batch 16 --teacher_zero 0
+    python benchmarks/distill_step.py --experts 1,4 --procs 2 --out benchmarks/results/distill_step_2procs.json
 
 Runs the real engines in one process (ZeRO-2 student, ZeRO-3 or ZeRO-0 teacher) on a fixed batch of
 full-length sequences, times each phase, and compares the useful FLOP rate with a large fp32 matmul
@@ -23,6 +24,13 @@ import fire  # noqa: E402
 import torch  # noqa: E402
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def matmul_peak(n: int = 2048, reps: int = 10) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b
@@ -34,14 +42,19 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> float:
 
 def measure(student: str, layers: int = 4, hidden: int = 384, micro_batch: int = 32, seq_len: int = 128,
             teacher: str = "packaged:all-MiniLM-L6-v2", teacher_zero: int = 3, steps: int = 4,
-            fused_adam: bool = True) -> dict:
+            fused_adam: bool = True, procs: int = 1) -> dict:
     """One student's step (``"4"``: 4 experts; ``"1p"``: the dense twin with the MoE students' relation
     projection) in a fresh process: a second model in the same process ran its loss 2x slower (allocator
-    state left by the first engine), which would bias the comparison. Returns the child's result."""
+    state left by the first engine), which would bias the comparison. ``procs`` 2: two processes under
+    torchrun sharing the cores, ``micro_batch`` split between them, experts split over them (``ep_size``
+    2), the teacher's ZeRO-3 partitions too. Returns the child's result (rank 0's file)."""
     import subprocess
     import tempfile
+    start = [sys.executable] if procs == 1 else [
+        os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", str(procs),
+        "--master_port", str(_free_port())]
     with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--experts", str(student), "--layers",
+        p = subprocess.run([*start, os.path.abspath(__file__), "--experts", str(student), "--layers",
                             str(layers), "--hidden", str(hidden), "--micro_batch", str(micro_batch), "--seq_len",
                             str(seq_len), "--teacher", teacher, "--teacher_zero", str(teacher_zero), "--steps",
                             str(steps), "--fused_adam", str(fused_adam), "--out", tmp.name, "--_child", "True"],
@@ -53,19 +66,19 @@ def measure(student: str, layers: int = 4, hidden: int = 384, micro_batch: int =
 
 def bench(experts: str = "1,1p,4", layers: int = 4, hidden: int = 384, micro_batch: int = 32, seq_len: int = 128,
           teacher: str = "packaged:all-MiniLM-L6-v2", teacher_zero: int = 3, steps: int = 4,
-          fused_adam: bool = True, out: str = "benchmarks/results/distill_step.json") -> None:
+          fused_adam: bool = True, procs: int = 1, out: str = "benchmarks/results/distill_step.json") -> None:
     """Time teacher forward, student forward, relation loss, backward and optimizer step per student
-    (``--experts 1,1p,4``: ``1p`` is the dense twin with the relation projection)."""
+    (``--experts 1,1p,4``: ``1p`` is the dense twin with the relation projection), in 1 or 2 processes."""
     counts = experts if isinstance(experts, (tuple, list)) else str(experts).split(",")  # fire: "1,4" -> (1, 4)
     result = None
     for e in counts:
-        one = measure(str(e), layers, hidden, micro_batch, seq_len, teacher, teacher_zero, steps, fused_adam)
+        one = measure(str(e), layers, hidden, micro_batch, seq_len, teacher, teacher_zero, steps, fused_adam, procs)
         if result is None:
             result = one
         else:
             result["rows"] += one["rows"]
     print(f"fp32 matmul peak {result['machine_matmul_gflops']:.0f} GFLOP/s ({result['threads']} threads); "
-          f"batch {micro_batch} x {seq_len}; teacher ZeRO-{teacher_zero}")
+          f"batch {micro_batch} x {seq_len} over {procs} process(es); teacher ZeRO-{teacher_zero}")
     head = ["student", "params_M", "active_M", "teacher_fwd", "student_fwd", "loss_fwd", "backward", "optimizer",
             "step_s", "tokens_per_s", "useful_gflops_per_s", "fraction_of_matmul_peak", "mean_max_load", "peak_rss_mb"]
     print(" | ".join(head))
@@ -121,10 +134,15 @@ def _one(experts: str, layers: int, hidden: int, micro_batch: int, seq_len: int,
     from minimoe.losses import relation_kl
     from minimoe.teacher import Teacher
 
-    init_distributed()
+    import torch.distributed as dist
+    info = init_distributed()
+    world, rank = info.world_size, info.rank
+    local = micro_batch // world  # this rank's share of the batch
     torch.manual_seed(0)
-    peak = matmul_peak()
-    t_ds = {"train_micro_batch_size_per_gpu": micro_batch, "train_batch_size": micro_batch,
+    peak = torch.tensor(matmul_peak())  # the ranks measure at once, each on its share of the cores: their sum
+    dist.all_reduce(peak)
+    peak = float(peak)
+    t_ds = {"train_micro_batch_size_per_gpu": local, "train_batch_size": micro_batch,
             "zero_optimization": {"stage": teacher_zero}}
     tch = Teacher(resolve_model(teacher), t_ds)
     t_cfg = tch.engine.module.config
@@ -132,16 +150,17 @@ def _one(experts: str, layers: int, hidden: int, micro_batch: int, seq_len: int,
     t_flops = flops_per_sequence(StudentConfig(num_layers=tch.layer + 1, hidden_size=t_cfg.hidden_size,
                                                num_heads=t_cfg.num_attention_heads,
                                                ffn_size=t_cfg.intermediate_size, num_experts=1), seq_len)["forward_flops"]
-    ids = torch.randint(1000, 20000, (micro_batch, seq_len))
+    ids = torch.randint(1000, 20000, (micro_batch, seq_len))[rank * local:(rank + 1) * local]
     mask = torch.ones_like(ids)
     batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
     rows = []
     for e, projected in ((int(str(experts).rstrip("p")), str(experts).endswith("p")),):
         cfg = StudentConfig(num_layers=layers, hidden_size=hidden, num_experts=e, vocab_size=t_cfg.vocab_size,
                             relation_projection=True if projected else None)
-        model = MiniMoEModel(cfg)
+        ep = min(world, e) if e > 1 else 1  # experts split over the ranks, as a distillation run does
+        model = MiniMoEModel(cfg, ep_size=ep, ep_rank=rank % ep)
         model.pooler.requires_grad_(False)
-        ds = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+        ds = {"train_micro_batch_size_per_gpu": local, "gradient_accumulation_steps": 1,
               "train_batch_size": micro_batch, "gradient_clipping": 5.0, "zero_optimization": {"stage": 2},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True, "fused": fused_adam}}}
         engine = build_student_engine(model, ds)
@@ -164,17 +183,23 @@ def _one(experts: str, layers: int, hidden: int, micro_batch: int, seq_len: int,
             for k, (a, b) in zip(phases, zip(t, t[1:])):
                 phases[k] += (b - a) / steps
             max_load += [float(c.max() * len(c) / c.sum()) for c in o.expert_counts]
+        slowest = torch.tensor(list(phases.values()))  # a step ends when the slowest rank's does
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        phases = dict(zip(phases, slowest.tolist()))
         step_s = sum(phases.values())
         s_flops = flops_per_sequence(cfg, seq_len)["forward_flops"]
         useful = micro_batch * (3 * s_flops + t_flops)  # student fwd + bwd (2x), teacher fwd
         c = count_parameters(cfg)
-        rows.append({"student": f"E={e}" + ("+proj" if projected else ""), "experts": e, "params_M": c["total"] / 1e6, "active_M": c["active"] / 1e6,
+        rows.append({"student": f"E={e}" + ("+proj" if projected else ""), "experts": e, "procs": world,
+                     "params_M": c["total"] / 1e6, "active_M": c["active"] / 1e6,
                      **{k: round(v, 4) for k, v in phases.items()}, "step_s": step_s,
                      "tokens_per_s": micro_batch * seq_len / step_s, "useful_gflops_per_s": useful / step_s / 1e9,
                      "fraction_of_matmul_peak": useful / step_s / 1e9 / peak,
                      "mean_max_load": sum(max_load) / len(max_load) if max_load else 1.0,
                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
-    result = {"machine_matmul_gflops": peak, "threads": torch.get_num_threads(), "micro_batch": micro_batch,
+    if rank:
+        return
+    result = {"machine_matmul_gflops": peak, "threads": torch.get_num_threads() * world, "micro_batch": micro_batch,
               "fused_adam": fused_adam,
               "seq_len": seq_len, "teacher": teacher, "teacher_zero_stage": teacher_zero,
               "teacher_gflops_per_seq": t_flops / 1e9, "rows": rows}

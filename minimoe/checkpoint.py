@@ -1,4 +1,4 @@
-"""Checkpoints: DeepSpeed engine state (experts included) plus our loop state, resume, and export.
+"""Checkpoints: DeepSpeed engine state (experts included) plus our loop state, and resume.
 
 Layout of ``output_dir/checkpoints``::
 
@@ -11,12 +11,11 @@ Layout of ``output_dir/checkpoints``::
     latest                               written (atomically) once every rank's files are on disk:
                                          a crash mid-save leaves the previous checkpoint as the one to resume
 
-Export reads the files, not a live engine: DeepSpeed's zero_to_fp32 does not know expert files, and
-reading them lets any checkpoint become an ep_size-1 student folder in one plain process.
+``gather_state_dict`` reads the files, not a live engine: DeepSpeed's zero_to_fp32 does not know expert files,
+and reading them lets any checkpoint become an ep_size-1 student (``minimoe.export``) in one plain process.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import glob
 import os
