@@ -127,12 +127,15 @@ def tokenizer_folder(folder: str) -> str:
 
 
 def tokenizer_for(path: str):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PretrainedConfig
     from transformers.utils import logging as hf_logging
     level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a MiniMoE folder's config.json is not a transformers config: no warning
+    hf_logging.set_verbosity_error()  # an earlier MiniMoE folder's config.json is not a transformers config
     try:
-        return AutoTokenizer.from_pretrained(path)
+        # A MoE folder's config names its own code (auto_map): AutoTokenizer would read it through AutoConfig
+        # and ask whether to run that code. The tokenizer needs none of it; a plain config says so.
+        config = PretrainedConfig.from_pretrained(path) if is_minimoe_folder(path) else None
+        return AutoTokenizer.from_pretrained(path, config=config)
     except (OSError, ValueError) as e:
         raise ConfigError(f"--model {path!r} has no loadable tokenizer: {str(e).splitlines()[0]}")
     finally:

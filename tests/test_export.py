@@ -250,3 +250,17 @@ def test_export_refuses_what_is_not_finished_work(tmp_path, make, message):
     lines = [x for x in p.stderr.splitlines() if x.startswith("error")]
     assert len(lines) == 1 and message in lines[0], p.stderr
     assert not (tmp_path / "run" / "onnx").exists()
+
+
+@pytest.mark.slow
+def test_reading_a_moe_folders_tokenizer_runs_none_of_its_code(fx, monkeypatch):
+    """AutoTokenizer reads config.json through AutoConfig, which asks before running a folder's code;
+    minimoe needs only the tokenizer and must never stop at that question."""
+    questions = []
+
+    def asked(prompt=""):
+        questions.append(prompt)  # transformers turns any exception here into its own fallback: record it
+        return "n"
+    monkeypatch.setattr("builtins.input", asked)
+    assert tokenizer_for(fx["student"])("a test")["input_ids"][0] == 101
+    assert not questions

@@ -32,7 +32,7 @@ def _how_to_load(head: str, moe: bool) -> str:
     lines = ["## How to load", "", "```python", 'path = "."  # this folder',
              f"from transformers import AutoTokenizer, {auto}",
              f"model = {auto}.from_pretrained(path{remote})  # transformers and torch only",
-             "tokenizer = AutoTokenizer.from_pretrained(path)"]
+             f"tokenizer = AutoTokenizer.from_pretrained(path{remote})"]
     if head != "base":
         lines += ["", "from transformers import pipeline",
                   f'classify = pipeline("{PIPELINES[head]}", model=path{remote})']
