@@ -195,18 +195,28 @@ SWEEP = [
     ("--extra sets what the sweep sets", {"extra": "--output_dir /tmp/x"}, 2, "--extra sets --output_dir"),
 ]
 
+EXPORT = [
+    ("unknown format", {"format": "tflite"}, 2, "--format 'tflite' is invalid: choose one of onnx, hf"),
+    ("opset too old", {"opset": 11}, 2, "--opset 11 is too old"),
+    ("tolerance not positive", {"tolerance": 0}, 2, "--tolerance 0.0 must be a positive number"),
+    ("run that did not finish", {"model": "run_folder"}, 2, "is not a finished run"),
+    ("truncated weights", {"model": "cut_student"}, 1, "model.safetensors' is truncated"),
+    ("output_dir is a file", {"output_dir": "afile"}, 2, "afile' is a file, not a folder"),
+    ("output_dir is the model", {"output_dir": "student"}, 2, "is the folder being exported: choose another"),
+]
 
 ARGS = {  # each launcher's otherwise good command line, with the bad flags on top
     "distill": lambda fx, out, bad: distill_args(fx, out, **bad),
     "finetune": lambda fx, out, bad: finetune_args(fx, out, **bad),
     "evaluate": lambda fx, out, bad: args_of({"output": out / "eval.json", **bad}),
     "sweep": lambda fx, out, bad: args_of({"models": fx["student"], "tasks": "sentiment", "output_dir": out, **bad}),
+    "export": lambda fx, out, bad: args_of({"model": fx["student"], "format": "onnx", "output_dir": out, **bad}),
 }
 SLOW = pytest.mark.slow  # the distill and finetune launchers load DeepSpeed and start a process group
 BAD_INPUT = [pytest.param(launcher, *case, id=f"{launcher}: {case[0]}",
                           marks=[SLOW] if launcher in ("distill", "finetune") else [])
              for launcher, cases in (("distill", DISTILL), ("finetune", FINETUNE), ("evaluate", EVALUATE),
-                                     ("sweep", SWEEP))
+                                     ("sweep", SWEEP), ("export", EXPORT))
              for case in cases]
 
 
@@ -219,7 +229,7 @@ def test_bad_input(fx, tmp_path, launcher, case, bad, code, culprit):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("script", ["distill", "finetune", "evaluate", "sweep"])
+@pytest.mark.parametrize("script", ["distill", "finetune", "evaluate", "sweep", "export"])
 def test_a_stray_argument_stops_before_any_work(tmp_path, script):
     """An unquoted glob the shell expanded (--data dir/a.txt dir/b.txt) once trained on the first file and
     only then failed; now every launcher refuses it at once."""

@@ -52,6 +52,8 @@ def load_model(folder: str) -> tuple[nn.Module, str, dict]:
     else:
         import transformers as module
     from transformers.utils import logging as hf_logging
+    from ..weights import check_files
+    check_files(folder)  # a truncated weights file: one line naming it, before transformers reads it
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # no per-weight bar for a model of a few files
