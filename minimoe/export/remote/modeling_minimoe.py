@@ -200,56 +200,42 @@ class MiniMoEModel(MiniMoEPreTrainedModel):
         return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled)
 
 
-def _classifier_dropout(config: MiniMoEConfig) -> float:
-    return config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+class _MiniMoEClassifier(MiniMoEPreTrainedModel):
+    """The encoder, dropout and a linear classifier over ``features``; subclasses say which features."""
 
-
-class MiniMoEForSequenceClassification(MiniMoEPreTrainedModel):
-    """BERT's sentence head: the pooler (dense + tanh on the first token), dropout, a linear classifier."""
+    output_class = SequenceClassifierOutput
+    pooled = True
 
     def __init__(self, config: MiniMoEConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.minimoe = MiniMoEModel(config)
-        self.dropout = nn.Dropout(_classifier_dropout(config))
+        self.minimoe = MiniMoEModel(config, add_pooling_layer=self.pooled)
+        dropout = config.classifier_dropout
+        self.dropout = nn.Dropout(dropout if dropout is not None else config.hidden_dropout_prob)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 token_type_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 return_dict: Optional[bool] = None, **kwargs):
-        pooled = self.minimoe(input_ids, attention_mask, token_type_ids).pooler_output
-        logits = self.classifier(self.dropout(pooled))
+        out = self.minimoe(input_ids, attention_mask, token_type_ids)
+        logits = self.classifier(self.dropout(out.pooler_output if self.pooled else out.last_hidden_state))
         loss = None
-        if labels is not None:
-            if self.num_labels == 1:
-                loss = F.mse_loss(logits.squeeze(-1), labels.float())
-            else:
-                loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1))
-        if return_dict is False:
-            return (loss, logits) if loss is not None else (logits,)
-        return SequenceClassifierOutput(loss=loss, logits=logits)
-
-
-class MiniMoEForTokenClassification(MiniMoEPreTrainedModel):
-    """A linear classifier on every token (NER)."""
-
-    def __init__(self, config: MiniMoEConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.minimoe = MiniMoEModel(config, add_pooling_layer=False)
-        self.dropout = nn.Dropout(_classifier_dropout(config))
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
-        self.post_init()
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                token_type_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                return_dict: Optional[bool] = None, **kwargs):
-        hidden = self.minimoe(input_ids, attention_mask, token_type_ids).last_hidden_state
-        logits = self.classifier(self.dropout(hidden))
-        loss = None
-        if labels is not None:  # -100 marks positions without a label, as in transformers
+        if labels is not None and self.num_labels == 1:  # regression
+            loss = F.mse_loss(logits.squeeze(-1), labels.float())
+        elif labels is not None:  # -100 marks positions without a label, as in transformers
             loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1), ignore_index=-100)
         if return_dict is False:
             return (loss, logits) if loss is not None else (logits,)
-        return TokenClassifierOutput(loss=loss, logits=logits)
+        return self.output_class(loss=loss, logits=logits)
+
+
+class MiniMoEForSequenceClassification(_MiniMoEClassifier):
+    """BERT's sentence head: the pooler (dense + tanh on the first token), dropout, a linear classifier."""
+
+
+class MiniMoEForTokenClassification(_MiniMoEClassifier):
+    """A linear classifier on every token (NER)."""
+
+    output_class = TokenClassifierOutput
+    pooled = False
