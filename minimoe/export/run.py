@@ -67,8 +67,9 @@ def run(cfg: ExportConfig) -> dict:
         from .onnx import export_onnx
         report = export_onnx(folder, out, cfg.opset, cfg.tolerance)
         shapes = ", ".join("x".join(map(str, c["shape"])) for c in report["checks"])
-        print(f"wrote {os.path.join(out, 'model.onnx')} ({report['experts']} experts per layer, dynamic batch and "
-              f"sequence); onnxruntime equals PyTorch within {report['max_abs_diff']:.1e} on batches {shapes}")
+        kind = f"{report['experts']} experts per layer, top-1" if report["experts"] > 1 else "dense"
+        print(f"wrote {os.path.join(out, 'model.onnx')} ({kind}; dynamic batch and sequence); onnxruntime "
+              f"equals PyTorch within {report['max_abs_diff']:.1e} on batches {shapes}")
         return report
     if kind == "task":
         raise ConfigError(f"--model {folder!r} is a fine-tuned model, already a Hugging Face folder; --format hf "
