@@ -13,9 +13,20 @@ PIPELINES = {"base": "feature-extraction", "sequence": "text-classification", "t
 
 
 def command_line() -> str:
-    """This process's command, without the launcher's per-rank ``--local_rank``."""
+    """This process's command as one would type it: the launcher (from the environment it set up) and the
+    script's flags, without the per-rank ``--local_rank``."""
+    from ..distributed import env_local_world_size
     args = [a for a in sys.argv if not a.startswith("--local_rank")]
-    return " ".join(shlex.quote(a) for a in [os.path.relpath(args[0]) if args else "python", *args[1:]])
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), env_local_world_size()
+    nodes = world // local if local and world > local else 1
+    if world == 1:
+        start = ["python"]
+    elif "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun sets it
+        start = ["torchrun", "--nproc_per_node", str(local)] + (["--nnodes", str(nodes)] if nodes > 1 else [])
+    else:
+        start = ["deepspeed", "--num_gpus", str(local)] + (["--num_nodes", str(nodes)] if nodes > 1 else [])
+    script = [os.path.relpath(args[0])] if args else []
+    return " ".join(shlex.quote(a) for a in start + script + args[1:])
 
 
 def _front_matter(head: str, eval_results: list | None = None, name: str | None = None) -> str:
