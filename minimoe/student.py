@@ -181,6 +181,8 @@ class MiniMoEModel(nn.Module):
             state_dict = self.state_dict()
         os.makedirs(path, exist_ok=True)
         tmp = os.path.join(path, WEIGHTS_NAME + ".tmp")
+        if self.config.num_experts == 1:  # a plain BertModel folder: no distillation-only projection in it
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("relation_proj.")}
         save_file({names.to_hf(k): v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp,
                   metadata={"format": "pt"})
         os.replace(tmp, os.path.join(path, WEIGHTS_NAME))
