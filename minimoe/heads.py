@@ -99,21 +99,22 @@ def load_task_model(folder: str) -> tuple[TaskModel, dict]:
         raise ConfigError(f"--model {folder!r} is not a fine-tuned model folder (no {hf.TASK_META})")
     with reading(meta_path, "; fine-tune the model again"), open(meta_path) as fh:
         meta = json.load(fh)
-    if os.path.isdir(os.path.join(folder, "encoder")):
-        encoder, kind = load_encoder(os.path.join(folder, "encoder"))
-        weights_file = os.path.join(folder, hf.HEAD_FILE)
-    else:
+    hf_layout = not os.path.isdir(os.path.join(folder, "encoder"))
+    if hf_layout:
         encoder, kind = MiniMoEModel(student_config_of(folder)), "minimoe"
         weights_file = os.path.join(folder, WEIGHTS_NAME)
+    else:
+        encoder, kind = load_encoder(os.path.join(folder, "encoder"))
+        weights_file = os.path.join(folder, hf.HEAD_FILE)
     model = TaskModel(encoder, kind, meta["kind"], meta["num_labels"], meta["classifier_dropout"])
     with reading(weights_file, "; fine-tune the model again"):
         state = load_file(weights_file)
-    if weights_file.endswith(WEIGHTS_NAME):
+    if hf_layout:
         state = hf.task_state_from_hf(state, encoder.config.num_experts)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # head.safetensors holds the head alone; a Hugging Face task folder all but the encoder's own pooler and
     # relation projection, which task models do not use.
-    spare = ("encoder.",) if weights_file.endswith(hf.HEAD_FILE) else ("encoder.pooler.", "encoder.relation_proj.")
+    spare = ("encoder.pooler.", "encoder.relation_proj.") if hf_layout else ("encoder.",)
     missing = [k for k in missing if not k.startswith(spare)]
     if unexpected or missing:
         raise ConfigError(f"{folder}: {os.path.basename(weights_file)} does not match {hf.TASK_META} "

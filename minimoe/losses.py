@@ -29,12 +29,14 @@ def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     b, l, h = x.shape
     if h % num_heads:
         raise ValueError(f"relation heads {num_heads} must divide hidden size {h}")
-    return x.detach().float().view(b, l, num_heads, h // num_heads).transpose(1, 2).reshape(b * num_heads, l, -1)
+    heads = x.detach().float().view(b, l, num_heads, h // num_heads).transpose(1, 2)
+    return heads.reshape(b * num_heads, l, -1)
 
 
 def _log_relations(xs: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``log_softmax(X X^T / sqrt(d) + bias)``; the scale and the padding mask fused into one baddbmm."""
-    return torch.log_softmax(torch.baddbmm(bias, xs, xs.transpose(1, 2), alpha=1.0 / math.sqrt(xs.shape[-1])), -1)
+    scores = torch.baddbmm(bias, xs, xs.transpose(1, 2), alpha=1.0 / math.sqrt(xs.shape[-1]))
+    return torch.log_softmax(scores, -1)
 
 
 class _RelationKL(torch.autograd.Function):
@@ -66,9 +68,8 @@ class _RelationKL(torch.autograd.Function):
                 total += ((t_p * (t_logp - s_logp)).sum(-1, keepdim=True) * weight[part]).sum().double()
                 if grad is not None:
                     g = s_logp.exp_().sub_(t_p).mul_(weight[part])  # d loss / d student scores
-                    x = ss[part]
-                    grad[part] = torch.baddbmm(torch.bmm(g, x), g.transpose(1, 2), x,
-                                               alpha=1.0 / math.sqrt(x.shape[-1]), beta=1.0 / math.sqrt(x.shape[-1]))
+                    x, scale = ss[part], 1.0 / math.sqrt(ss.shape[-1])
+                    grad[part] = torch.baddbmm(torch.bmm(g, x), g.transpose(1, 2), x, alpha=scale, beta=scale)
             grads.append(None if grad is None else
                          grad.view(b, num_heads, l, -1).transpose(1, 2).reshape(s.shape).to(s.dtype))
         ctx.grads = grads
@@ -82,7 +83,8 @@ class _RelationKL(torch.autograd.Function):
 
 
 def relation_kl(teacher_qkv: Sequence[torch.Tensor], student_qkv: Sequence[torch.Tensor],
-                attention_mask: torch.Tensor, num_heads: int, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+                attention_mask: torch.Tensor, num_heads: int,
+                chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
     """Mean over Q-Q, K-K, V-V of KL(teacher || student) per (query token, relation head) row.
 
     The teacher and student hidden sizes may differ; both are split into ``num_heads`` relations, so

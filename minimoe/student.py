@@ -19,13 +19,11 @@ from torch import nn
 from .config import ConfigError, StudentConfig
 from .errors import reading
 from .export import names
-from .export.hf import copy_code
+from .export.hf import TASK_META, write_model
 from .layout import StudentShape
 from .moe import DenseFeedForward, MoEFeedForward, moefy_
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-MODEL_TYPE = "minimoe"
+CONFIG_NAME, WEIGHTS_NAME = names.CONFIG_NAME, names.WEIGHTS_NAME
 
 
 @dataclass
@@ -173,32 +171,24 @@ class MiniMoEModel(nn.Module):
         ``state_dict`` lets a caller that gathered experts from several ranks (or from checkpoint
         files) save them; by default this model must hold all experts (ep_size 1).
         """
-        from safetensors.torch import save_file
         from . import __version__
         if state_dict is None:
             if self.ep_size != 1:
                 raise ValueError("save_pretrained from an ep_size > 1 model needs the gathered state_dict")
             state_dict = self.state_dict()
-        os.makedirs(path, exist_ok=True)
-        tmp = os.path.join(path, WEIGHTS_NAME + ".tmp")
         if self.config.num_experts == 1:  # a plain BertModel folder: no distillation-only projection in it
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith("relation_proj.")}
-        save_file({names.to_hf(k): v.detach().contiguous().cpu() for k, v in state_dict.items()}, tmp,
-                  metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(path, WEIGHTS_NAME))
-        with open(os.path.join(path, CONFIG_NAME), "w") as fh:
-            json.dump(names.hf_config(self.config.to_dict(), __version__), fh, indent=2)
-        if self.config.num_experts > 1:
-            copy_code(path)
+        write_model(path, {names.to_hf(k): v for k, v in state_dict.items()},
+                    names.hf_config(self.config.to_dict(), __version__))
 
     @classmethod
     def from_pretrained(cls, path: str, ep_size: int = 1, ep_rank: int = 0,
                         map_location: str = "cpu") -> "MiniMoEModel":
         """Load a student folder. With ep_size 1 (default) it runs in one plain process."""
         from safetensors.torch import load_file
-        if os.path.isfile(os.path.join(path, "task.json")):
-            raise ConfigError(f"{path!r} is a fine-tuned task model: load it with minimoe.heads.load_task_model, "
-                              "or use the student it was fine-tuned from")
+        if os.path.isfile(os.path.join(path, TASK_META)):
+            raise ConfigError(f"{path!r} is a fine-tuned task model: load it with "
+                              "minimoe.heads.load_task_model, or use the student it was fine-tuned from")
         model = cls(student_config_of(path), ep_size=ep_size, ep_rank=ep_rank)
         with reading(os.path.join(path, WEIGHTS_NAME), "; export the student again"):
             state = load_file(os.path.join(path, WEIGHTS_NAME), device=map_location)
@@ -221,8 +211,8 @@ def student_config_of(path: str) -> StudentConfig:
     with reading(cfg_path, "; export the student again"), open(cfg_path) as fh:
         raw = json.load(fh)
     if not names.is_student_config(raw):
-        raise ConfigError(f"{cfg_path} is not a MiniMoE student's config (model_type {raw.get('model_type')!r}, "
-                          f"no {names.MARKER!r})")
+        raise ConfigError(f"{cfg_path} is not a MiniMoE student's config (model_type "
+                          f"{raw.get('model_type')!r}, no {names.MARKER!r})")
     known = {f.name for f in dataclasses.fields(StudentConfig)}
     return StudentConfig.from_dict(names.student_fields(raw, known))
 

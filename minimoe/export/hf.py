@@ -50,11 +50,33 @@ def staged_folder(out_dir: str):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def write_model(folder: str, hf_state: dict, config: dict) -> None:
+    """``model.safetensors`` (names already Hugging Face's) and ``config.json`` into ``folder``, plus the
+    modeling code when the config is a MoE's. The weights go through a temporary file: never half a file."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, names.WEIGHTS_NAME + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in hf_state.items()}, tmp,
+              metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(folder, names.WEIGHTS_NAME))
+    with open(os.path.join(folder, names.CONFIG_NAME), "w") as fh:
+        json.dump(config, fh, indent=2)
+    if config["model_type"] == names.MOE_MODEL_TYPE:
+        copy_code(folder)
+
+
 def copy_code(folder: str) -> None:
     """The modeling code a MoE folder needs for ``trust_remote_code`` (``remote/``)."""
     code = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote")
     for f in names.CODE_FILES:
         shutil.copyfile(os.path.join(code, f), os.path.join(folder, f))
+
+
+def copy_tokenizer_files(src: str, dst: str) -> None:
+    """The tokenizer's files of a model folder (what ``save_pretrained`` of a tokenizer writes)."""
+    for f in os.listdir(src):
+        if f.startswith(("tokenizer", "special_tokens", "vocab")) and os.path.isfile(os.path.join(src, f)):
+            shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
 
 
 def _fp32(state: dict) -> dict:
@@ -152,19 +174,14 @@ def save_task_model(folder: str, state: dict, task, encoder_type: str, source: s
         enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
         base.load_state_dict(enc, strict=True)
         if encoder_type == "minimoe":
-            student = base.config.to_dict()
-            hf = task_state_to_hf(state, task.kind, base.config.num_experts)
-            save_file({k: v.contiguous() for k, v in hf.items()}, os.path.join(tmp, "model.safetensors"),
-                      metadata={"format": "pt"})
-            with open(os.path.join(tmp, "config.json"), "w") as fh:
-                json.dump(task_config(student, task, dropout, __version__), fh, indent=2)
-            if base.config.num_experts > 1:
-                copy_code(tmp)
+            write_model(tmp, task_state_to_hf(state, task.kind, base.config.num_experts),
+                        task_config(base.config.to_dict(), task, dropout, __version__))
             tokenizer.save_pretrained(tmp)
             if results is not None:
                 with open(os.path.join(tmp, card.CARD_NAME), "w") as fh:
                     name = os.path.basename(os.path.dirname(os.path.abspath(folder)))  # the run folder's
-                    fh.write(card.task_card(name, base.config, seq_len, {**meta, **results, "command": command}))
+                    facts = {**meta, **results, "command": command}
+                    fh.write(card.task_card(name, base.config, seq_len, facts))
         else:
             base.save_pretrained(os.path.join(tmp, "encoder"))
             tokenizer.save_pretrained(os.path.join(tmp, "encoder"))

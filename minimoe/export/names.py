@@ -34,6 +34,7 @@ CONFIG_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_he
                "ffn_size": "intermediate_size", "hidden_dropout": "hidden_dropout_prob",
                "attention_dropout": "attention_probs_dropout_prob"}
 
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 MOE_MODEL_TYPE = "minimoe"
 CODE_FILES = ("configuration_minimoe.py", "modeling_minimoe.py")
 MOE_CLASSES = {"base": "MiniMoEModel", "sequence": "MiniMoEForSequenceClassification",

@@ -25,7 +25,7 @@ from torch import nn
 from ..config import ConfigError
 from ..errors import CheckFailed
 from . import names
-from .hf import staged_folder
+from .hf import copy_tokenizer_files, staged_folder
 
 GRAPH_NAME = "model.onnx"
 REPORT_NAME = "onnx_export.json"
@@ -135,9 +135,9 @@ def export_onnx(folder: str, out_dir: str, opset: int = 18, tolerance: float = 1
         if not worst <= tolerance:
             raise CheckFailed(f"the ONNX graph of {folder!r} differs from PyTorch by {worst:.2e} (> --tolerance "
                               f"{tolerance:g}) on {[c['shape'] for c in checks]}: nothing was written")
-        for f in os.listdir(folder):  # config and tokenizer, so the folder stands alone
-            if f == "config.json" or f.startswith(("tokenizer", "special_tokens", "vocab")):
-                shutil.copyfile(os.path.join(folder, f), os.path.join(tmp, f))
+        # config and tokenizer, so the folder stands alone
+        shutil.copyfile(os.path.join(folder, "config.json"), os.path.join(tmp, "config.json"))
+        copy_tokenizer_files(folder, tmp)
         report = {"source": os.path.abspath(folder), "head": head, "opset": opset, "inputs": list(INPUTS),
                   "outputs": list(OUTPUTS[head]), "dynamic_axes": {"0": "batch", "1": "sequence"},
                   "experts": raw.get("num_experts", 1), "export_s": export_s, "checks": checks,

@@ -11,7 +11,8 @@ import os
 import shutil
 
 from ..config import ConfigError, ExportConfig, check_output_dir
-from . import names
+from ..heads import is_minimoe_folder
+from .hf import TASK_META, copy_tokenizer_files, staged_folder
 
 _DISTILL_DONE, _FINETUNE_DONE = ("summary.json", "student"), ("results.json", "model")
 
@@ -29,19 +30,21 @@ def source(model: str) -> tuple[str, str]:
         raise ConfigError(f"--model {model!r} is not a finished run: it has no summary.json and student/ (or "
                           f"results.json and model/){step}; finish it first (distillation: the same command "
                           "with --resume)")
-    if os.path.isfile(os.path.join(model, "task.json")):
+    if os.path.isfile(os.path.join(model, TASK_META)):
         if os.path.isdir(os.path.join(model, "encoder")):
             raise ConfigError(f"--model {model!r} is a task model on a dense Hugging Face encoder (encoder/ "
                               "+ head.safetensors): its head depends on that encoder's architecture; export it "
                               "with that model's own tools (e.g. optimum)")
         return model, "task"
-    path = os.path.join(model, "config.json")
-    if os.path.isfile(path):
-        with open(path) as fh:
-            if names.is_student_config(json.load(fh)):
-                return model, "student"
+    if is_minimoe_folder(model):
+        return model, "student"
     raise ConfigError(f"--model {model!r} is neither a finished minimoe run nor a model folder it exported "
                       "(student/, model/)")
+
+
+def _read_json(path: str) -> dict:
+    with open(path) as fh:
+        return json.load(fh)
 
 
 def _last_checkpoint(run: str) -> str:
@@ -82,17 +85,14 @@ def rewrite_student(folder: str, out: str) -> str:
     card rebuilt from the run folder around it when there is one."""
     from ..student import MiniMoEModel
     from .card import CARD_NAME, student_card
-    from .hf import staged_folder
     model = MiniMoEModel.from_pretrained(folder)
     run_dir = os.path.dirname(os.path.abspath(folder))
     facts = [os.path.join(run_dir, f) for f in ("run_config.json", "summary.json")]
     with staged_folder(out) as tmp:
         model.save_pretrained(tmp)
-        for f in os.listdir(folder):
-            if f.startswith(("tokenizer", "special_tokens", "vocab")):
-                shutil.copyfile(os.path.join(folder, f), os.path.join(tmp, f))
+        copy_tokenizer_files(folder, tmp)
         if all(os.path.isfile(f) for f in facts):
-            run_config, summary = (json.load(open(f)) for f in facts)
+            run_config, summary = (_read_json(f) for f in facts)
             text = student_card(os.path.basename(run_dir), model.config, run_config, summary)
             with open(os.path.join(tmp, CARD_NAME), "w") as fh:
                 fh.write(text)

@@ -57,8 +57,8 @@ class MiniMoESelfAttention(nn.Module):
         def heads(t):
             return t.view(b, length, self.num_heads, h // self.num_heads).transpose(1, 2)
 
-        context = F.scaled_dot_product_attention(heads(self.query(x)), heads(self.key(x)), heads(self.value(x)),
-                                                 attn_mask=key_mask,
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
                                                  dropout_p=self.dropout_p if self.training else 0.0)
         return context.transpose(1, 2).reshape(b, length, h)
 
