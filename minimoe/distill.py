@@ -26,6 +26,7 @@ from .data.batches import GlobalBatches, StreamingBatches
 from .distributed import accelerator_name, agree, any_rank, device, init_distributed
 from .engine import (build_student_engine, dtype_of, fill_schedule, pop_precision, student_ds_config,
                      teacher_ds_config, zero_stage)
+from .errors import arm_native_crash_log
 from .export.card import command_line, student_card
 from .export.hf import export_student
 from .layout import Layout, plan_layout, run_world
@@ -201,6 +202,7 @@ def run(cfg: DistillConfig) -> dict:
         os.makedirs(cfg.output_dir, exist_ok=True)
         with open(os.path.join(cfg.output_dir, "run_config.json"), "w") as fh:
             json.dump(run_config, fh, indent=2, default=str)
+    arm_native_crash_log(cfg.output_dir, dist_info.rank)
     monitor = Monitor(cfg.output_dir, dist_info.is_main, total_steps, start_step, cfg.wandb, cfg.wandb_project,
                       run_config)
 

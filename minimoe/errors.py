@@ -79,6 +79,7 @@ def reading(path: str, fix: str = ""):
 # What gloo / NCCL / the TCP store say when the rank at the other end is gone.
 _PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused",
               "NCCL communicator was aborted", "Socket Timeout", "recvValue failed", "Stop_waiting response")
+_RESUME = "continue with --resume from the last checkpoint"
 _FREE_SPACE = ("free space (or choose another --output_dir) and run again; --resume continues from the last "
                "complete checkpoint")
 
@@ -104,8 +105,7 @@ def classify(exc: BaseException) -> tuple[int, str]:
     if "No space left on device" in text or "file write failed" in text:  # torch.save wraps ENOSPC this way
         return ENVIRONMENT_FAILURE, f"no space left on device while saving: {_FREE_SPACE}"
     if peer_lost(exc):
-        return ENVIRONMENT_FAILURE, ("another rank of this job stopped (it failed or was killed: its own log "
-                                     "says why); continue with --resume from the last checkpoint")
+        return ENVIRONMENT_FAILURE, f"another rank of this job stopped; {_RESUME}"
     first = text.strip().splitlines()[0] if text.strip() else ""
     return ENVIRONMENT_FAILURE, f"internal error: {type(exc).__name__}: {first}"
 
@@ -151,6 +151,7 @@ def report(exc: BaseException, output_dir: Optional[str], debug: bool) -> int:
     if peer_lost(exc):
         from .distributed import unlink_job_shm_buffers
         unlink_job_shm_buffers()
+        line = peer_lost_line(output_dir)
     _close_progress_bars()
     if isinstance(exc, ChildFailed):  # the child's own line, just above, is the error
         print(f"stopped: {line}", file=sys.stderr)
@@ -206,3 +207,56 @@ def _process_group_started() -> bool:
         return False
     import torch.distributed as dist
     return dist.is_available() and dist.is_initialized()
+
+
+# ---------------------------------------------------------------------- ranks that die in native code
+
+NATIVE_LOG = "native-rank{rank}-{job}.log"
+
+
+def arm_native_crash_log(output_dir: str, rank: int) -> Optional[str]:
+    """A rank that dies in native code (gloo's ``terminate`` on a collective mismatch, a segfault) runs
+    no Python handler: the runtime prints its own error, and ``faulthandler`` writes every thread's
+    Python stack into ``output_dir/logs/native-rank<R>-<job>.log``, so the partners that lose it can
+    say who died and where its stack is. The file is removed at a normal exit when nothing was written."""
+    import atexit
+    import faulthandler
+    job = os.environ.get("MINIMOE_JOB_ID", "nojob")
+    path = os.path.join(output_dir, "logs", NATIVE_LOG.format(rank=rank, job=job))
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fh = open(path, "w")
+    except OSError:  # a read-only or full disk: the run's own checks say so where it matters
+        return None
+    faulthandler.enable(file=fh, all_threads=True)
+
+    def disarm():
+        faulthandler.disable()
+        fh.close()
+        with contextlib.suppress(OSError):
+            if os.path.getsize(path) == 0:
+                os.unlink(path)
+                os.rmdir(os.path.dirname(path))  # only when empty: a run that went well leaves no logs/
+
+    atexit.register(disarm)
+    return path
+
+
+def peer_lost_line(output_dir: Optional[str]) -> str:
+    """What a rank whose partner vanished can say: which rank crashed in native code and where its
+    stack is, or that it stopped without a word (killed from outside). Never a log that does not exist."""
+    job = os.environ.get("MINIMOE_JOB_ID")
+    crashed = []
+    if job and output_dir and os.path.isdir(os.path.join(output_dir, "logs")):
+        import glob
+        import re
+        for path in sorted(glob.glob(os.path.join(output_dir, "logs", NATIVE_LOG.format(rank="*", job=job)))):
+            with contextlib.suppress(OSError):
+                if os.path.getsize(path) > 0:
+                    crashed.append((int(re.search(r"native-rank(\d+)-", path).group(1)), path))
+    if crashed:
+        rank, path = crashed[0]
+        return (f"rank {rank} crashed in native code (its runtime error is printed above; its Python stack "
+                f"is in {path}); {_RESUME}")
+    return (f"another rank of this job stopped without reporting why (killed from outside: out of memory, "
+            f"the scheduler or kill -9?); {_RESUME}")

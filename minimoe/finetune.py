@@ -26,7 +26,7 @@ from .data.batches import GlobalBatches
 from .data.tasks import Task, dev_split_names, get_task, load_split, offline_dir, split_file
 from .distributed import accelerator_name, agree, any_rank, device, init_distributed
 from .engine import build_student_engine, fill_schedule, pop_precision, student_ds_config, zero_stage
-from .errors import reading
+from .errors import arm_native_crash_log, reading
 from .export.card import command_line
 from .export.hf import TASK_META, save_task_model
 from .heads import TaskModel, check_positions, is_minimoe_folder, load_encoder, tokenizer_folder, tokenizer_for
@@ -265,6 +265,7 @@ def run(cfg: FinetuneConfig) -> dict:
                   "global_batch": batches.global_batch, "total_steps": total, "train_examples": len(train)}
     if info.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
+    arm_native_crash_log(cfg.output_dir, info.rank)
     monitor = Monitor(cfg.output_dir, info.is_main, total, 0, cfg.wandb, cfg.wandb_project, run_config,
                       desc=f"finetune {task.name}")
     ckpt_root = os.path.join(cfg.output_dir, "checkpoints")

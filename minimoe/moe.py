@@ -9,16 +9,23 @@ defaults we follow the paper and say so:
 * dropless routing by default (DeepSpeed drops tokens past ``capacity_factor``);
 * padding tokens are masked out of routing and out of the load-balance statistics (DeepSpeed
   divides its balance terms by all tokens, padding included);
-* no random token selection: it only matters when dropping, and it would consume RNG.
+* no random token selection: when dropping, an expert keeps its tokens first come, first served.
+
+The gate also computes the expert *capacity* itself (``agreed_capacity``) instead of DeepSpeed's
+``top1gating``: every rank of an expert-parallel group must enter the all-to-all with ``[E, C, H]``
+buffers of one ``C``, and DeepSpeed 0.19 derives ``C`` from the local token count (a bug when ranks
+hold micro-batches of different lengths, see ``docs/upstream/deepspeed-top1-capacity.md``).
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import NamedTuple, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
-from deepspeed.moe.sharded_moe import TopKGate, top1gating
+from deepspeed.moe.sharded_moe import TopKGate
 from torch import nn
 
 
@@ -35,11 +42,61 @@ class ExpertFFN(nn.Module):
         return self.dropout(self.fc2(F.gelu(self.fc1(x))))
 
 
+class Top1(NamedTuple):
+    """One top-1 routing decision for ``S`` tokens."""
+
+    prob: torch.Tensor      # [S] fp32, the chosen expert's gate probability (carries the gate's gradient)
+    expert: torch.Tensor    # [S] long, the chosen expert; ``E`` for a token that is not routed (padding)
+    counts: torch.Tensor    # [E] long, routed tokens per expert on this rank
+
+
+def top1(logits: torch.Tensor, used: Optional[torch.Tensor]) -> Top1:
+    """Top-1 of the softmax; tokens with ``used == 0`` get the out-of-range expert ``E``."""
+    num_experts = logits.shape[-1]
+    prob, expert = F.softmax(logits, dim=-1).max(dim=-1)
+    if used is not None:
+        expert = expert.masked_fill(~used.bool(), num_experts)
+    counts = torch.bincount(expert, minlength=num_experts + 1)[:num_experts]
+    return Top1(prob, expert, counts)
+
+
+def agreed_capacity(counts: torch.Tensor, routed_tokens: torch.Tensor, drop_tokens: bool,
+                    capacity_factor: float, min_capacity: int, group=None) -> int:
+    """Rows per expert in the dispatch buffer, the same on every rank of ``group`` by construction.
+
+    Dropless: the busiest expert's token count on the busiest rank. Dropping: ``capacity_factor`` x
+    the even share of the busiest rank's routed tokens (at least ``min_capacity``). Both come from one
+    MAX all-reduce of two integers, so ranks whose micro-batches differ in length (or padding) still
+    exchange buffers of one size. At least 1: an all-to-all of empty buffers is a corner we avoid.
+    """
+    need = torch.stack([counts.max(), routed_tokens.to(counts.dtype)])
+    if group is not None and dist.get_world_size(group=group) > 1:
+        dist.all_reduce(need, op=dist.ReduceOp.MAX, group=group)
+    busiest_expert, busiest_rank = need.tolist()
+    if not drop_tokens:
+        return max(busiest_expert, 1)
+    return max(math.ceil(busiest_rank / counts.numel() * capacity_factor), min_capacity, 1)
+
+
+def dispatch_routes(choice: Top1, capacity: int):
+    """DeepSpeed's sparse routes: per token its expert (-1: dropped or not routed), its row in that
+    expert's buffer, and its combine weight. Rows are given first come, first served."""
+    num_experts = choice.counts.numel()
+    one_hot = F.one_hot(choice.expert, num_experts + 1)[:, :num_experts]
+    row = (one_hot.cumsum(0) * one_hot).sum(-1) - 1           # -1 for tokens that are not routed
+    keep = (row >= 0) & (row < capacity)
+    indices = torch.where(keep, choice.expert, -1)
+    weights = choice.prob * keep
+    return (indices.to(torch.int32).unsqueeze(0), row.clamp(min=0).to(torch.int32).unsqueeze(0),
+            weights.unsqueeze(0))
+
+
 class NoisyTop1Gate(TopKGate):
     """The paper's gate: biased linear logits + additive uniform noise in training, top-1 of softmax.
 
-    Returns what DeepSpeed's ``MOELayer`` expects from a gate, with ``l_aux`` recomputed over the
-    tokens that are really routed (``used_token``) so padding does not skew the balance loss.
+    Returns what DeepSpeed's ``MOELayer`` (0.19) expects of a gate asked for sparse routes:
+    ``(l_aux, capacity, E, indices, rows, weights, counts)``, with ``l_aux`` over the tokens that are
+    really routed (``used_token``) and the capacity agreed across the expert-parallel group.
     """
 
     def __init__(self, hidden_size: int, num_experts: int, noise: float, drop_tokens: bool,
@@ -51,19 +108,24 @@ class NoisyTop1Gate(TopKGate):
         self.noise = noise
         self.num_experts = num_experts
 
-    def forward(self, input: torch.Tensor, used_token: Optional[torch.Tensor] = None,
-                sparse_routes: bool = False, use_tutel: bool = False):
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         # Routing runs in fp32 whatever the model dtype, as DeepSpeed's gate does.
-        logits = F.linear(input.float(), self.wg.weight.float(), self.wg.bias.float())
+        logits = F.linear(tokens.float(), self.wg.weight.float(), self.wg.bias.float())
         if self.training and self.noise > 0:
             logits = logits + torch.empty_like(logits).uniform_(-self.noise, self.noise)
-        out = top1gating(logits, self.capacity_factor if self.training else self.eval_capacity_factor,
-                         self.min_capacity, used_token, None, self.drop_tokens, False, self.ep_group,
-                         sparse_routes, use_tutel)
-        if used_token is None:
-            return out
-        exp_counts = out[-1]
-        return (load_balance_loss(logits, exp_counts, used_token), *out[1:])
+        return logits
+
+    def forward(self, input: torch.Tensor, used_token: Optional[torch.Tensor] = None,
+                sparse_routes: bool = True, use_tutel: bool = False):
+        if not sparse_routes or use_tutel:
+            raise NotImplementedError("NoisyTop1Gate gives DeepSpeed's sparse routes only (MOELayer, 0.19)")
+        logits = self.logits(input)
+        choice = top1(logits, used_token)
+        routed = choice.counts.sum()
+        capacity = agreed_capacity(choice.counts, routed, self.drop_tokens, self.capacity_factor,
+                                   self.min_capacity, self.ep_group)
+        l_aux = load_balance_loss(logits, choice.counts, used_token)
+        return (l_aux, capacity, self.num_experts, *dispatch_routes(choice, capacity), choice.counts)
 
 
 def load_balance_loss(logits: torch.Tensor, exp_counts: torch.Tensor,
@@ -92,8 +154,9 @@ class MoEFeedForward(nn.Module):
     ``forward`` returns ``(output, l_aux, expert_counts)``; counts are this rank's routed tokens.
 
     Two dispatch paths over the same gate and expert modules (same parameters, same checkpoints):
-    with ``ep_size > 1`` DeepSpeed's all-to-all, which needs equal buffers and so pads every expert to
-    the busiest one's token count (dropless cost: ``max_load`` x the dense FFN); with ``ep_size == 1``
+    with ``ep_size > 1`` DeepSpeed's all-to-all, which needs one buffer shape on every rank of the group
+    and so pads every expert to the busiest one's token count on the busiest rank (dropless cost:
+    ``max_load`` x the dense FFN; ``agreed_capacity``); with ``ep_size == 1``
     and no token dropping, a local dispatch that runs each expert on exactly its own tokens, so the
     experts cost the dense FFN whatever the balance. The exported student always takes the local path.
     """
@@ -126,8 +189,7 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
         used = None
         if attention_mask is not None and not self.route_padding:
-            # A long mask: DeepSpeed's dropless top-1 path breaks on a float one (topk with a tensor k).
-            used = attention_mask.reshape(-1).long()
+            used = attention_mask.reshape(-1)
         if self.local_dispatch:
             return self._local_forward(x, used)
         out, l_aux, counts = self.moe(x, used)
@@ -135,15 +197,9 @@ class MoEFeedForward(nn.Module):
 
     def _local_forward(self, x: torch.Tensor, used: Optional[torch.Tensor]):
         """Top-1 routing without capacity buffers: sort tokens by expert, run each on its own slice."""
-        gate = self.gate
         tokens = x.reshape(-1, x.shape[-1])
-        logits = F.linear(tokens.float(), gate.wg.weight.float(), gate.wg.bias.float())
-        if gate.training and gate.noise > 0:
-            logits = logits + torch.empty_like(logits).uniform_(-gate.noise, gate.noise)
-        prob, expert = F.softmax(logits, dim=-1).max(dim=-1)
-        if used is not None:
-            expert = expert.masked_fill(~used.bool(), self.num_experts)  # unrouted: sorted last, skipped
-        counts = torch.bincount(expert, minlength=self.num_experts + 1)[:self.num_experts]
+        logits = self.gate.logits(tokens)
+        prob, expert, counts = top1(logits, used)  # unrouted tokens get expert E: sorted last, skipped
         l_aux = load_balance_loss(logits, counts, used)
         order = torch.argsort(expert, stable=True)
         outs, start = [], 0

@@ -107,7 +107,7 @@ def test_a_dead_rank_ends_every_node_and_resume_continues(assets, straight_run, 
     assert latest.read_text() != f"step_{STEPS:08d}", "the run finished before it could be killed"
     # The survivor says what happened in one line (no traceback), and removes the dead rank's shm buffer.
     survivor = (tmp_path / "node0.log").read_text()
-    assert "error (rank 0): another rank of this job stopped" in survivor
+    assert "error (rank 0): another rank of this job stopped without reporting why (killed from outside" in survivor
     if launcher == "deepspeed":  # torchrun's agent prints its own failure report for the killed rank
         assert "Traceback" not in survivor
     assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*")
@@ -146,3 +146,42 @@ def test_a_kill_inside_a_save_leaves_latest_on_the_last_complete_checkpoint(asse
     assert_same_weights(straight_run, out)
     steps = [m["step"] for m in read_jsonl(out / "metrics.jsonl")]
     assert steps[-(STEPS - 4):] == list(range(5, STEPS + 1))
+
+
+# A rank that dies in native code: rank 1's capacity is skewed after 20 MoE-layer calls, so the ranks
+# exchange buffers of different sizes, the bug class of issue 19; gloo aborts one of them in C++.
+CRASHING_LAUNCHER = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import minimoe.moe as moe
+real, calls = moe.agreed_capacity, [0]
+
+def skewed(*args, **kwargs):
+    calls[0] += 1
+    return real(*args, **kwargs) + (8 if os.environ["RANK"] == "1" and calls[0] > 20 else 0)
+
+moe.agreed_capacity = skewed
+from minimoe.cli import main
+from minimoe.config import DistillConfig
+sys.exit(main(DistillConfig, "minimoe.distill:run", "launchers/distill.py"))
+"""
+
+
+def test_a_rank_that_dies_in_a_collective_is_named_by_its_partner_with_a_log_that_exists(assets, tmp_path):
+    script = tmp_path / "crashing_distill.py"
+    script.write_text(CRASHING_LAUNCHER.format(repo=REPO))
+    out = tmp_path / "crashed"
+    cmds = [[str(script) if a.endswith("launchers/distill.py") else a for a in c]
+            for c in node_cmds("deepspeed", flags(assets, out), tmp_path)]
+    codes = wait_all(start_nodes(cmds, tmp_path), 300)
+    assert None not in codes and all(c != 0 for c in codes), codes
+    logs = [(tmp_path / f"node{i}.log").read_text() for i in range(2)]
+    dead = next(i for i in range(2) if "collective mismatch" in logs[i])  # the runtime's own line
+    said = [line for line in logs[1 - dead].splitlines() if line.startswith("error (rank")]
+    assert len(said) == 1, logs[1 - dead][-3000:]
+    assert f"rank {dead} crashed in native code (its runtime error is printed above" in said[0]
+    stack = said[0].split("its Python stack is in ")[1].split(")")[0]
+    assert os.path.isfile(stack) and "Fatal Python error" in open(stack).read()
+    assert "moe.py" in open(stack).read()  # where it died: in the MoE layer's all-to-all
+    # The survivor's own crash log was empty and is gone.
+    assert [os.path.basename(p) for p in glob.glob(str(out / "logs" / "native-*"))] == [os.path.basename(stack)]
