@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import reshard
+from . import reshard, runlock
 from .config import ConfigError
 from .errors import UnreadableFile, reading, torch_zip_file
 
@@ -51,14 +51,15 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save(engine, root: str, step: int, client_state: dict, rank: int, keep: int) -> str:
+def save(engine, root: str, step: int, client_state: dict, rank: int, keep: int, tag: Optional[str] = None) -> str:
     """Save engine + loop state as tag ``step_N``; keep the newest ``keep`` tags.
 
     A save that fails (a full disk, a killed rank) leaves no tag that looks complete: the ``complete``
     marker and ``latest`` are written only after every rank's files are on disk, and the rank that
-    failed removes what it wrote of the tag, to give the space back."""
+    failed removes what it wrote of the tag, to give the space back. A named ``tag`` (fine-tuning's
+    ``best``) is committed the same way but is neither ``latest`` nor rotated."""
     import torch.distributed as dist
-    tag = tag_for(step)
+    named, tag = tag is not None, tag or tag_for(step)
     tag_dir = os.path.join(root, tag)
     try:
         os.makedirs(tag_dir, exist_ok=True)
@@ -71,12 +72,13 @@ def save(engine, root: str, step: int, client_state: dict, rank: int, keep: int)
         dist.barrier()
         if rank == 0:
             open(os.path.join(tag_dir, COMPLETE), "w").close()
-            tmp = os.path.join(root, "latest.tmp")
-            with open(tmp, "w") as fh:
-                fh.write(tag)
-            os.replace(tmp, os.path.join(root, "latest"))
-            for old in complete_tags(root)[:-keep]:
-                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+            if not named:
+                tmp = os.path.join(root, "latest.tmp")
+                with open(tmp, "w") as fh:
+                    fh.write(tag)
+                os.replace(tmp, os.path.join(root, "latest"))
+                for old in complete_tags(root)[:-keep]:
+                    shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     except Exception as e:
         failure = _as_write_error(e, tag_dir)
         shutil.rmtree(tag_dir, ignore_errors=True)
@@ -139,9 +141,13 @@ def remove_incomplete(root: str) -> list[str]:
 
 
 def resolve(resume, checkpoints_root: str) -> Optional[tuple[str, str]]:
-    """``--resume`` -> (root, tag), or None for a fresh start. Raises if asked for and absent."""
+    """``--resume`` -> (root, tag), or None for a fresh start. Raises if asked for and absent; ``auto``
+    resumes from ``latest`` when there is one and starts afresh otherwise."""
     if resume is False or resume in ("", "false", "False"):
         return None
+    if resume == "auto":  # a requeued job: continue when there is something to continue, else start
+        latest = _latest(checkpoints_root)
+        return (checkpoints_root, latest) if latest is not None else None
     if resume is True or resume in ("true", "True", "latest"):
         latest = _latest(checkpoints_root)
         if latest is None:
@@ -160,6 +166,35 @@ def resolve(resume, checkpoints_root: str) -> Optional[tuple[str, str]]:
                               "marker); resume from an earlier one")
         return root, tag
     raise ConfigError(f"--resume {resume!r} is not a checkpoint folder (no 'latest' or mp_rank_00_model_states.pt)")
+
+
+def plan_resume(cfg, global_batch: int, global_batch_fix: str,
+                check_stage=None) -> tuple[Optional[tuple[str, str]], dict]:
+    """``--resume`` checked before any process group: ``(root, tag)`` and the checkpoint's loop state, or
+    ``(None, {})`` for a fresh start (refused over an earlier run's checkpoints). What every stage checks:
+    a complete tag, whole files, every optimizer shard, the same global batch (the data position is the
+    step number, which means the same samples only at the same global batch). ``check_stage(client)``
+    checks the rest (the stage's student, its target) against the checkpoint's loop state, first."""
+    runlock.check(cfg.output_dir)  # a live run may rotate the very checkpoint this one would read
+    root = os.path.join(cfg.output_dir, "checkpoints")
+    resume = resolve(cfg.resume, root)
+    if resume is None:
+        if complete_tags(root) and not cfg.launch.dry_run:
+            raise ConfigError(f"--output_dir {cfg.output_dir!r} holds checkpoints of an earlier run; pass --resume "
+                              "to continue it or choose another --output_dir")
+        return None, {}
+    tag_dir = os.path.join(*resume)
+    check_whole(tag_dir)
+    client = client_state(tag_dir)
+    if not cfg.resume_weights_only:
+        check_shards(tag_dir, client)
+    if check_stage is not None:
+        check_stage(client)
+    if client.get("minimoe_global_batch") != global_batch:
+        raise ConfigError(f"--resume: the checkpoint was trained with global batch "
+                          f"{client.get('minimoe_global_batch')}, this run has {global_batch} "
+                          f"({global_batch_fix}); set --micro_batch_size / --grad_accum so that they match")
+    return resume, client
 
 
 def check_whole(tag_dir: str) -> None:

@@ -66,6 +66,7 @@ def main(config_cls, run: Callable | str, prog: str, argv: list[str] | None = No
         fn(cfg)
 
     from .distributed import shutdown
+    from .runlock import release
     try:
         _check_positionals(argv)
         fire.Fire(entry, command=argv, name=prog)
@@ -78,5 +79,7 @@ def main(config_cls, run: Callable | str, prog: str, argv: list[str] | None = No
         code = report(e, getattr(seen.get("cfg"), "output_dir", None), debug)
         shutdown(wait=False)
         return code
+    finally:
+        release()  # the output folder's lock, held by rank 0 while the run lives
     shutdown()
     return 0

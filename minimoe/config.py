@@ -162,6 +162,14 @@ class TrainConfig:
     log_every: int = field(default=10, metadata=_help("Log metrics every N optimizer steps."))
     wandb: str = field(default="offline", metadata=_help("wandb mode: offline, online or disabled."))
     wandb_project: str = field(default="minimoe", metadata=_help("wandb project name."))
+    resume: Union[bool, str] = field(default=False, metadata=_help(
+        "Resume: True for the latest checkpoint in output_dir, a checkpoint folder, or auto (the latest "
+        "checkpoint when there is one, else a fresh start: for jobs a scheduler requeues)."))
+    resume_weights_only: bool = field(default=False, metadata=_help(
+        "With --resume: restore the weights, step, schedule and data position but start the "
+        "optimizer state afresh (for a checkpoint whose optimizer state cannot be carried over)."))
+    save_every: int = field(default=0, metadata=_help("Save a checkpoint every N optimizer steps (0: only at the end)."))
+    keep_checkpoints: int = field(default=2, metadata=_help("Checkpoints kept on disk (older ones are deleted)."))
     launch: LaunchConfig = field(default_factory=LaunchConfig, metadata=_help("Job planning (--dry_run)."))
 
     def validate(self):
@@ -197,6 +205,12 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 0:
                 raise ConfigError(f"--{name} {v} is invalid: must be >= 0")
+        if self.save_every < 0:
+            raise ConfigError(f"--save_every {self.save_every} must be >= 0")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"--keep_checkpoints {self.keep_checkpoints} is invalid: must be >= 1")
+        if self.resume_weights_only and self.resume in (False, "", "false", "False"):
+            raise ConfigError("--resume_weights_only needs --resume")
         if not 0 <= self.seed < 2 ** 32:  # numpy's seed range
             raise ConfigError(f"--seed {self.seed} is invalid: must be in [0, 2**32)")
         return self
@@ -242,19 +256,13 @@ class DistillConfig(TrainConfig):
     teacher_ds_config: str = field(default="ds_configs/teacher.json", metadata=_help(
         "DeepSpeed config of the frozen teacher (inference, no optimizer): ZeRO-3 knobs; the stage "
         "follows --teacher_placement."))
-    resume: Union[bool, str] = field(default=False, metadata=_help(
-        "Resume: True for the latest checkpoint in output_dir, or a checkpoint folder."))
-    resume_weights_only: bool = field(default=False, metadata=_help(
-        "With --resume: restore the student's weights, step, schedule and data position but start the "
-        "optimizer state afresh (for a checkpoint whose optimizer state cannot be carried over)."))
     save_every: int = field(default=20, metadata=_help("Save a checkpoint every N optimizer steps (0: only at the end)."))
-    keep_checkpoints: int = field(default=2, metadata=_help("Checkpoints kept on disk (older ones are deleted)."))
     student: StudentConfig = field(default_factory=StudentConfig, metadata=_help("Student architecture."))
 
     def validate(self) -> "DistillConfig":
         super().validate()
         self.student.validate()
-        for name in ("relation_heads", "keep_checkpoints"):
+        for name in ("relation_heads",):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} {getattr(self, name)} is invalid: must be >= 1")
         if self.max_seq_length > self.student.max_position_embeddings:
@@ -267,10 +275,6 @@ class DistillConfig(TrainConfig):
                               f"{self.student.hidden_size}")
         if not 0.0 <= self.short_seq_prob <= 1.0:
             raise ConfigError(f"--short_seq_prob {self.short_seq_prob} must be in [0, 1]")
-        if self.save_every < 0:
-            raise ConfigError(f"--save_every {self.save_every} must be >= 0")
-        if self.resume_weights_only and self.resume in (False, "", "false", "False"):
-            raise ConfigError("--resume_weights_only needs --resume")
         if self.teacher_placement not in TEACHER_PLACEMENTS:
             raise ConfigError(f"--teacher_placement {self.teacher_placement!r} is invalid: allowed "
                               f"{', '.join(TEACHER_PLACEMENTS)}")

@@ -10,30 +10,28 @@ import copy
 import dataclasses
 import json
 import os
-import random
 import time
 from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 
-from . import checkpoint, placement as placement_lib, weights
+from . import checkpoint, placement as placement_lib, runlock, weights
 from .commands import dry_run
 from .config import ConfigError, DistillConfig, StudentConfig, check_output_dir
 from .data import assets, corpus as corpus_lib
 from .data.batches import GlobalBatches, StreamingBatches
-from .distributed import accelerator_name, agree, any_rank, device, init_distributed
+from .distributed import accelerator_name, agree, device
 from .engine import (build_student_engine, dtype_of, fill_schedule, pop_precision, student_ds_config,
                      teacher_ds_config, zero_stage)
-from .errors import arm_native_crash_log
 from .export.card import command_line, student_card
 from .export.hf import export_student
 from .layout import Layout, plan_layout, run_world
 from .losses import relation_kl
-from .monitor import Monitor, expert_utilisation, gather_peak_rss
+from .monitor import expert_utilisation, gather_peak_rss
 from .student import MiniMoEModel, count_parameters, flops_per_sequence, student_shape
 from .teacher import Teacher, parameter_count, resolve_layer, teacher_info, truncated_config
+from .trainer import Cadence, Trainer, start
 
 
 @dataclass
@@ -92,40 +90,22 @@ def plan(cfg: DistillConfig) -> Plan:
     files = corpus_lib.local_files(data)           # raises on missing local files
     if files:
         corpus_lib.check_readable(files, cfg.text_column)
-    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
-    resume = checkpoint.resolve(cfg.resume, ckpt_root)
-    resume_client = {}
-    if resume is not None:
-        checkpoint.check_whole(os.path.join(*resume))
-        resume_client = checkpoint.client_state(os.path.join(*resume))
-        if not cfg.resume_weights_only:
-            checkpoint.check_shards(os.path.join(*resume), resume_client)
-        saved_target = resume_client.get("minimoe_target", target)  # older checkpoints did not record it
+
+    def same_student_and_target(client: dict) -> None:
+        saved_target = client.get("minimoe_target", target)  # older checkpoints did not record it
         changed = sorted(k for k in target if saved_target.get(k) != target[k])
         if changed:
             raise ConfigError(f"--resume: the checkpoint distilled another target: {changed} were "
                               f"{[saved_target.get(k) for k in changed]}, this run has {[target[k] for k in changed]}")
-        saved = resume_client.get("minimoe_student") or {}
+        saved = client.get("minimoe_student") or {}
         diff = sorted(k for k, v in student.to_dict().items() if saved.get(k) != v)
         if diff:
             raise ConfigError(f"--resume: the checkpoint's student differs from this run's in {diff}")
-        if resume_client.get("minimoe_global_batch") != layout.global_batch:
-            # The data position is the step number: it means the same samples only at the same global batch.
-            raise ConfigError(f"--resume: the checkpoint was trained with global batch "
-                              f"{resume_client.get('minimoe_global_batch')}, this run has {layout.global_batch} "
-                              f"({layout.micro_batch} x {layout.grad_accum} x {layout.world_size} ranks); set "
-                              "--micro_batch_size / --grad_accum so that they match")
 
-    if resume is None and checkpoint.complete_tags(ckpt_root) and not cfg.launch.dry_run:
-        raise ConfigError(f"--output_dir {cfg.output_dir!r} holds checkpoints of an earlier run; pass --resume "
-                          "to continue it or choose another --output_dir")
+    resume, resume_client = checkpoint.plan_resume(
+        cfg, layout.global_batch, f"{layout.micro_batch} x {layout.grad_accum} x {layout.world_size} ranks",
+        same_student_and_target)
     return Plan(accel, teacher, data, tokenizer, student, resume, layout, s_ds, t_ds, resume_client, target)
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def _load_corpus(cfg: DistillConfig, p: Plan):
@@ -152,9 +132,8 @@ def run(cfg: DistillConfig) -> dict:
     p = plan(cfg)
     if cfg.launch.dry_run:
         return dry_run(cfg, p.layout, "launchers/distill.py")
-    dist_info = init_distributed()
+    dist_info = start(cfg.seed)
     import torch.distributed as dist
-    _seed_all(cfg.seed)
     dev = device()
 
     s_ds, t_ds = copy.deepcopy(p.student_ds), copy.deepcopy(p.teacher_ds)
@@ -177,20 +156,15 @@ def run(cfg: DistillConfig) -> dict:
     model.pooler.requires_grad_(False)  # not part of the distillation loss; fine-tuning trains it
     engine = build_student_engine(model, fill_schedule(s_ds, cfg, total_steps), f"--ds_config {cfg.ds_config}")
 
-    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
-    start_step = 0
-    if p.resume:
-        start_step = int(p.resume_client["minimoe_step"])
-        if start_step > total_steps:
-            raise ConfigError(f"--resume: the checkpoint is at step {start_step}, past this run's {total_steps} steps; "
-                              "raise --max_steps")
-        checkpoint.load(engine, *p.resume, dist_info.rank, p.layout, p.resume_client, cfg.resume_weights_only)
-    else:
-        torch.manual_seed(cfg.seed + dist_info.rank)  # per-rank dropout / gate-noise streams
-    if dist_info.is_main:
-        for tag in checkpoint.remove_incomplete(ckpt_root):
-            print(f"removed {os.path.join(ckpt_root, tag)!r}: its save did not finish", flush=True)
+    def client_state(step: int) -> dict:
+        return {"minimoe_global_batch": batches.global_batch, "minimoe_student": p.student.to_dict(),
+                "minimoe_samples_seen": step * batches.global_batch, "minimoe_world_size": p.world_size,
+                "minimoe_ep_size": cfg.ep_size, "minimoe_target": p.target}
 
+    spec = Distillation(cfg, batches, teacher, dev)
+    trainer = Trainer(spec, engine, cfg, dist_info, Cadence(total_steps, cfg.log_every, cfg.save_every),
+                      client_state)
+    start_step = trainer.resume(p.resume, p.resume_client, p.layout)
     run_config = {**cfg.to_dict(), "command": command_line(), "student": p.student.to_dict(),
                   "world_size": p.world_size, "global_batch": batches.global_batch, "total_steps": total_steps,
                   "corpus_pairs": corpus_size,
@@ -198,57 +172,16 @@ def run(cfg: DistillConfig) -> dict:
                                         "teacher_bytes": p.layout.teacher_bytes,
                                         "bytes_per_rank": teacher.bytes_per_rank()},
                   "layout": p.layout.describe().splitlines()}
-    if dist_info.is_main:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, "run_config.json"), "w") as fh:
-            json.dump(run_config, fh, indent=2, default=str)
-    arm_native_crash_log(cfg.output_dir, dist_info.rank)
-    monitor = Monitor(cfg.output_dir, dist_info.is_main, total_steps, start_step, cfg.wandb, cfg.wandb_project,
-                      run_config)
+    monitor = trainer.open_run(run_config, start_step)
 
-    def client_state(step: int) -> dict:
-        return {"minimoe_step": step, "minimoe_global_batch": batches.global_batch,
-                "minimoe_student": p.student.to_dict(), "minimoe_samples_seen": step * batches.global_batch,
-                "minimoe_world_size": p.world_size, "minimoe_ep_size": cfg.ep_size, "minimoe_target": p.target}
-
-    engine.train()
-    window = _Window(cfg.load_balance_weight)
-    history = []
     wall0 = time.perf_counter()
-    # The first step's batches are read on every rank first: an empty stream shard on one rank stops all.
-    first = agree(lambda: batches.micro_batches(start_step)) if start_step < total_steps else None
-    for step in range(start_step, total_steps):
-        t0 = time.perf_counter()
-        for batch in (first if step == start_step else batches.micro_batches(step)):
-            batch = {k: v.to(dev) for k, v in batch.items()}
-            t1 = time.perf_counter()
-            t_qkv = teacher.qkv(batch)
-            t2 = time.perf_counter()
-            out = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], output_qkv=True)
-            relation = relation_kl(t_qkv, out.qkv, batch["attention_mask"], cfg.relation_heads)
-            loss = relation + cfg.load_balance_weight * out.aux_loss
-            _stop_if_not_finite(loss, step + 1, ckpt_root)
-            engine.backward(loss)
-            engine.step()
-            window.add(batch, relation, out, teacher_s=t2 - t1)
-        window.step_time += time.perf_counter() - t0
-        window.steps += 1
-        monitor.advance()
-        done = step + 1
-        if done % cfg.log_every == 0 or done == total_steps:
-            metrics, util = window.reduce(dist_info.world_size)
-            metrics["lr"] = engine.get_lr()[0]
-            history.append({"step": done, **metrics})
-            monitor.log(done, metrics, util)
-            window = _Window(cfg.load_balance_weight)
-        if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
-            checkpoint.save(engine, ckpt_root, done, client_state(done), dist_info.rank, cfg.keep_checkpoints)
+    history = trainer.fit(start_step)
     wall = time.perf_counter() - wall0
 
     summary = _summary(cfg, p, history, wall, total_steps - start_step, total_steps, gather_peak_rss(), teacher,
                        batches.global_batch)
     if dist_info.is_main:
-        final = os.path.join(ckpt_root, checkpoint.tag_for(total_steps))
+        final = os.path.join(trainer.ckpt_root, checkpoint.tag_for(total_steps))
         card_text = student_card(os.path.basename(os.path.abspath(cfg.output_dir)), p.student, run_config, summary)
         export_student(checkpoint.gather_state_dict(final), os.path.join(cfg.output_dir, "student"), p.student,
                        p.tokenizer, card_text, where=f"checkpoint {final!r}")
@@ -257,20 +190,51 @@ def run(cfg: DistillConfig) -> dict:
         monitor.write(format_summary(summary))
     monitor.close(summary)
     dist.barrier()
+    runlock.release()
     return summary
 
 
-def _stop_if_not_finite(loss: torch.Tensor, step: int, ckpt_root: str) -> None:
-    """A diverged loss stops every rank before its gradients reach the weights, in one line that names the
-    step and the last good checkpoint."""
-    if any_rank(~torch.isfinite(loss.detach())):
-        latest = os.path.join(ckpt_root, "latest")
-        where = "no checkpoint was saved before it"
-        if os.path.isfile(latest):
-            with open(latest) as fh:
-                where = f"the last good checkpoint is {os.path.join(ckpt_root, fh.read().strip())!r} (--resume)"
-        raise ConfigError(f"the loss is not finite at step {step}: training diverged (lower --lr, raise "
-                          f"--warmup_ratio or --gradient_clipping); {where}; nothing was exported")
+class Distillation:
+    """The distillation stage of the training loop (``trainer.TrainSpec``): the teacher's Q/K/V are the
+    shared forward, the relation KL plus the load balance the loss."""
+
+    desc = "distill"
+
+    def __init__(self, cfg: DistillConfig, batches, teacher: Teacher, dev):
+        self.cfg, self.batches, self.teacher, self.dev = cfg, batches, teacher, dev
+        self._teacher_s = 0.0
+
+    def micro_batches(self, step: int) -> list[dict]:
+        return [{k: v.to(self.dev) for k, v in b.items()} for b in self.batches.micro_batches(step)]
+
+    def shared_forward(self, batch: dict):
+        t0 = time.perf_counter()
+        qkv = self.teacher.qkv(batch)
+        self._teacher_s = time.perf_counter() - t0
+        return qkv
+
+    def loss(self, engine, batch: dict, t_qkv):
+        out = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], output_qkv=True)
+        relation = relation_kl(t_qkv, out.qkv, batch["attention_mask"], self.cfg.relation_heads)
+        return relation + self.cfg.load_balance_weight * out.aux_loss, (relation, out, self._teacher_s)
+
+    def window(self) -> "_Window":
+        return _Window(self.cfg.load_balance_weight)
+
+    def evaluate(self, engine, step: int):
+        return {}, ""
+
+    def should_stop(self) -> str:
+        return ""
+
+    def improved(self) -> bool:
+        return False
+
+    def loop_state(self) -> dict:
+        return {}
+
+    def load_loop_state(self, state: dict) -> None:
+        pass
 
 
 class _Window:
@@ -283,7 +247,8 @@ class _Window:
         self.counts = None
         self.steps = 0
 
-    def add(self, batch, relation, out, teacher_s):
+    def add(self, batch, record):
+        relation, out, teacher_s = record
         self.relation += float(relation.detach())
         self.aux += float(out.aux_loss.detach())
         self.micro += 1

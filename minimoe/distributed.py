@@ -7,6 +7,8 @@ import socket
 import uuid
 from dataclasses import dataclass
 
+from . import shm
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -39,6 +41,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _check_port_free(port: int) -> None:
+    """A second job on a busy port would end in gloo's EADDRINUSE, or worse, meet the first job's store and
+    its shared-memory buffers (named by address and port): refuse it in one line before anything starts."""
+    import errno
+    from .config import ConfigError
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to use
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ConfigError(f"--master_port {port} is in use on this machine (another job?): start this "
+                                  f"one with another port (deepspeed --master_port P, torchrun --master_port P)")
+
+
 def init_distributed() -> DistInfo:
     """Start (or join) the default process group and pin CPU threads to this rank's share of cores."""
     import deepspeed
@@ -48,6 +65,8 @@ def init_distributed() -> DistInfo:
     if "RANK" not in os.environ:  # plain `python`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    if os.environ.get("RANK") == "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        _check_port_free(int(os.environ["MASTER_PORT"]))  # rank 0 hosts the rendezvous store (not torchrun)
     local_world = env_local_world_size()
     accel = get_accelerator()
     if accel.device_name() == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -58,7 +77,7 @@ def init_distributed() -> DistInfo:
     if accel.device_name() != "cpu":
         accel.set_device(local_rank)
     import torch.distributed as dist
-    atexit.register(_unlink_shm_buffer, dist.get_rank())
+    atexit.register(shm.unlink_rank_buffer, dist.get_rank())
     # One id per job, the same on every rank: it names the job's failure record (errors.report).
     job = [uuid.uuid4().hex[:12]]
     dist.broadcast_object_list(job, src=0)
@@ -114,36 +133,6 @@ def shutdown(wait: bool = True) -> None:
         if wait:
             dist.barrier()
         dist.destroy_process_group()
-
-
-SHM_PREFIX = "deepspeed_allreduce_buffer"
-
-
-def _shm_name(rank) -> str:
-    return (f"/dev/shm/{SHM_PREFIX}_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
-
-
-def _unlink_shm_buffer(rank: int) -> None:
-    """DeepSpeed's CPU shared-memory all-reduce op (0.19) maps a ~69 MB buffer per rank in /dev/shm,
-    named by user, MASTER_ADDR, MASTER_PORT and rank, and never unlinks it: every run would leave
-    RAM-backed files behind. We never use that op (it serves tensor-parallel inference), so each rank
-    removes its own buffer at exit; peers that still map it keep their mapping until they exit."""
-    try:
-        os.unlink(_shm_name(rank))
-    except OSError:
-        pass
-
-
-def unlink_job_shm_buffers() -> None:
-    """When a peer rank died (SIGKILL, OOM) it could not remove its buffer: the survivors remove every
-    buffer of this job (this node's /dev/shm), since the job is over."""
-    import glob
-    for name in glob.glob(_shm_name("*")):
-        try:
-            os.unlink(name)
-        except OSError:
-            pass
 
 
 def device():

@@ -12,6 +12,7 @@ import tempfile
 import traceback
 from typing import Optional
 
+from . import shm
 from .config import ConfigError
 
 USER_ERROR, ENVIRONMENT_FAILURE = 2, 1
@@ -34,6 +35,16 @@ class PeerFailed(Exception):
     def __init__(self, rank: int, code: int):
         super().__init__(f"rank {rank} failed (exit code {code}); its own line says why")
         self.rank, self.code = rank, code
+
+
+class Stopped(Exception):
+    """The run stopped on purpose, cleanly: a stop signal (SIGTERM, SIGUSR1: what a scheduler sends before
+    preemption) after a committed checkpoint, or Ctrl-C. Rank 0 says it in one line (no "error"), every
+    rank exits with ``code`` (128 + the signal, the shell's convention)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
 
 
 class ChildFailed(Exception):
@@ -92,6 +103,8 @@ def classify(exc: BaseException) -> tuple[int, str]:
         return ENVIRONMENT_FAILURE, str(exc)
     if isinstance(exc, PeerFailed):
         return exc.code, ""
+    if isinstance(exc, Stopped):
+        return exc.code, str(exc)
     if isinstance(exc, ChildFailed):
         return exc.code, str(exc)
     if isinstance(exc, OSError):
@@ -145,12 +158,16 @@ def report(exc: BaseException, output_dir: Optional[str], debug: bool) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if isinstance(exc, PeerFailed):
         return code
+    if isinstance(exc, Stopped):  # every rank stopped at the same step, on purpose: rank 0 says so
+        if rank == 0:
+            _close_progress_bars()
+            print(line, file=sys.stderr)
+        return code
     if code == USER_ERROR or not _process_group_started():
         if rank != 0:
             return code
     if peer_lost(exc):
-        from .distributed import unlink_job_shm_buffers
-        unlink_job_shm_buffers()
+        shm.unlink_job_buffers()
         line = peer_lost_line(output_dir)
     _close_progress_bars()
     if isinstance(exc, ChildFailed):  # the child's own line, just above, is the error

@@ -11,30 +11,31 @@ import copy
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint
+from . import checkpoint, runlock
 from .commands import dry_run
 from .config import ConfigError, FinetuneConfig, check_output_dir
 from .data.assets import check_tokenizer, resolve_model
 from .data.batches import GlobalBatches
 from .data.tasks import Task, dev_split_names, get_task, load_split, offline_dir, split_file
-from .distributed import accelerator_name, agree, any_rank, device, init_distributed
+from .distributed import accelerator_name, agree, device
 from .engine import build_student_engine, fill_schedule, pop_precision, student_ds_config, zero_stage
-from .errors import arm_native_crash_log, reading
+from .errors import reading
 from .export.card import command_line
 from .export.hf import TASK_META, save_task_model
 from .heads import TaskModel, check_positions, is_minimoe_folder, load_encoder, tokenizer_folder, tokenizer_for
 from .layout import Layout, StudentShape, plan_layout, run_world
 from .losses import logits_kd
-from .monitor import Monitor, gather_peak_rss
+from .monitor import gather_peak_rss
 from .student import student_config_of, student_shape
 from .teacher import parameter_count
+from .trainer import Cadence, Trainer, start
 
 IGNORE = -100
 
@@ -159,6 +160,8 @@ class Plan:
     layout: Layout
     ds: dict                    # merged; the schedule's step counts are filled once the data is known
     splits: dict                # {"train": examples, dev split name: examples}: read before any work
+    resume: Optional[tuple]     # (checkpoints root, tag), or None
+    resume_client: dict         # the checkpoint's loop state
 
     @property
     def world_size(self) -> int:
@@ -194,7 +197,18 @@ def plan(cfg: FinetuneConfig) -> Plan:
     else:  # every split read (and its labels checked) before the process group starts
         splits = {name: load_split(task, name, data_dir)
                   for name in ["train", *dev_split_names(task, data_dir is not None)]}
-    return Plan(model, task, tokenizer, "minimoe" if minimoe else "hf", accel, data_dir, layout, ds, splits)
+    source = _source(cfg, model, task)
+
+    def same_source(client: dict) -> None:
+        saved = client.get("minimoe_finetune")
+        if saved != source:
+            raise ConfigError(f"--resume: the checkpoint fine-tuned {saved}, this run is {source}")
+
+    resume, resume_client = checkpoint.plan_resume(
+        cfg, layout.global_batch, f"{layout.micro_batch} x {layout.grad_accum} x {layout.world_size} ranks",
+        same_source)
+    return Plan(model, task, tokenizer, "minimoe" if minimoe else "hf", accel, data_dir, layout, ds, splits,
+                resume, resume_client)
 
 
 def _check_not_a_run_folder(model: str) -> None:
@@ -238,9 +252,8 @@ def run(cfg: FinetuneConfig) -> dict:
     p = plan(cfg)
     if cfg.launch.dry_run:
         return dry_run(cfg, p.layout, "launchers/finetune.py")
-    info = init_distributed()
+    info = start(cfg.seed)
     import torch.distributed as dist
-    torch.manual_seed(cfg.seed)
     dev = device()
     task, tok = p.task, p.tokenizer
     train = encode(task, p.splits["train"], tok, cfg.max_seq_length)
@@ -258,78 +271,140 @@ def run(cfg: FinetuneConfig) -> dict:
     batches = GlobalBatches(train, micro, accum, p.world_size, info.rank, cfg.seed, tok.pad_token_id)
     total = batches.total_steps(cfg.max_steps, cfg.num_epochs, f"task {task.name} train split")
     eval_every = cfg.eval_every or batches.steps_per_epoch
-    torch.manual_seed(cfg.seed + info.rank)
     engine = build_student_engine(model, fill_schedule(ds, cfg, total), f"--ds_config {cfg.ds_config}")
 
-    run_config = {**cfg.to_dict(), "encoder_type": p.encoder_type, "world_size": p.world_size,
-                  "global_batch": batches.global_batch, "total_steps": total, "train_examples": len(train)}
-    if info.is_main:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-    arm_native_crash_log(cfg.output_dir, info.rank)
-    monitor = Monitor(cfg.output_dir, info.is_main, total, 0, cfg.wandb, cfg.wandb_project, run_config,
-                      desc=f"finetune {task.name}")
-    ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
-    history, best, bad_evals = [], None, 0
-    loss_sum, kd_sum, n_loss, t0 = 0.0, 0.0, 0, time.perf_counter()
-    engine.train()
-    for step in range(total):
-        for idx in batches.indices(step):
-            batch = collate([train[i] for i in idx], tok.pad_token_id, task.kind, dev)
-            logits, aux = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-            loss = task_loss(task.kind, logits, batch["labels"])
-            total_loss = loss
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits, _ = teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-                tokens = batch["labels"] != IGNORE if task.kind == "ner" else None
-                kd = logits_kd(logits, t_logits, cfg.temperature, tokens)
-                total_loss = (1 - cfg.kd_weight) * loss + cfg.kd_weight * kd
-                kd_sum += float(kd.detach())
-            if any_rank(~torch.isfinite(total_loss.detach())):
-                raise ConfigError(f"the loss is not finite at step {step + 1}: training diverged (lower --lr, raise "
-                                  "--warmup_ratio or --gradient_clipping); nothing was saved")
-            engine.backward(total_loss + cfg.load_balance_weight * aux)
-            engine.step()
-            loss_sum, n_loss = loss_sum + float(loss.detach()), n_loss + 1
-        monitor.advance()
-        done = step + 1
-        if done % cfg.log_every == 0:
-            logged = {"train_loss": loss_sum / n_loss, "lr": engine.get_lr()[0]}
-            if teacher is not None:
-                logged["kd_loss"] = kd_sum / n_loss
-            monitor.log(done, logged)
-            loss_sum, kd_sum, n_loss = 0.0, 0.0, 0
-        if done % eval_every == 0 or done == total:
-            scores = evaluate(engine, task, dev_sets, micro, info.rank, p.world_size, tok.pad_token_id, dev)
-            main = scores[dev_names[0]][task.main_metric]
-            history.append({"step": done, "epoch": done / batches.steps_per_epoch, "dev": scores})
-            monitor.log(done, {f"dev/{s}/{k}": v for s, m in scores.items() for k, v in m.items()})
-            monitor.write(f"step {done}: dev {task.main_metric} {main:.4f}")
-            if best is None or main > best["main"]:
-                best, bad_evals = {"step": done, "main": main, "dev": scores}, 0
-                engine.save_checkpoint(ckpt_root, tag="best", save_latest=False)
-                dist.barrier()
-            else:
-                bad_evals += 1
-                if cfg.patience and bad_evals >= cfg.patience:
-                    monitor.write(f"early stop: no better dev {task.main_metric} in {bad_evals} evaluations")
-                    break
+    def client_state(step: int) -> dict:
+        return {"minimoe_global_batch": batches.global_batch, "minimoe_world_size": p.world_size,
+                "minimoe_ep_size": cfg.ep_size, "minimoe_finetune": _source(cfg, p.model, task)}
+
+    spec = FineTuning(cfg, task, train, dev_sets, batches, teacher, tok.pad_token_id, dev, info, micro)
+    trainer = Trainer(spec, engine, cfg, info, Cadence(total, cfg.log_every, cfg.save_every, eval_every),
+                      client_state, best_tag=BEST)
+    start_step = trainer.resume(p.resume, p.resume_client, p.layout)
+    run_config = {**cfg.to_dict(), "command": command_line(), "encoder_type": p.encoder_type,
+                  "world_size": p.world_size, "global_batch": batches.global_batch, "total_steps": total,
+                  "train_examples": len(train), "layout": p.layout.describe().splitlines()}
+    monitor = trainer.open_run(run_config, start_step)
+    t0 = time.perf_counter()
+    trainer.fit(start_step)
     wall = time.perf_counter() - t0
+    best, history = spec.best, spec.history
     results = {"task": task.name, "model": cfg.model, "encoder_type": p.encoder_type, "main_metric": task.main_metric,
                "best": best, "history": history, "wall_s": wall, "steps": history[-1]["step"] if history else 0,
                "train_examples": len(train), "world_size": p.world_size, "ep_size": cfg.ep_size,
                "peak_rss_mib_per_rank": gather_peak_rss()}
     if info.is_main:
-        state = checkpoint.gather_state_dict(os.path.join(ckpt_root, "best"))
+        state = checkpoint.gather_state_dict(os.path.join(trainer.ckpt_root, BEST))
         save_task_model(os.path.join(cfg.output_dir, "model"), state, task, p.encoder_type, p.model, tok,
                         cfg.classifier_dropout, cfg.max_seq_length, command_line(), results)
-        shutil.rmtree(ckpt_root, ignore_errors=True)  # the export holds the best weights
         write_results(cfg.output_dir, results)
         monitor.write(f"best dev {task.main_metric} {best['main']:.4f} at step {best['step']} ({wall:.0f} s); "
                       f"model in {os.path.join(cfg.output_dir, 'model')}")
     monitor.close({"best_" + task.main_metric: best["main"]})
     dist.barrier()
+    runlock.release()
     return results
+
+
+BEST = "best"  # the checkpoint tag of the best dev score so far: what the run exports
+
+
+def _source(cfg: FinetuneConfig, model: str, task: Task) -> dict:
+    """What a fine-tuning checkpoint continues: a resume must train the same model on the same task."""
+    return {"model": os.path.abspath(model) if os.path.isdir(model) else model, "task": task.name,
+            "teacher": os.path.abspath(cfg.teacher) if cfg.teacher else ""}
+
+
+class FineTuning:
+    """The fine-tuning stage of the training loop (``trainer.TrainSpec``): the task loss (plus logits KD
+    from a fine-tuned teacher, whose forward is the shared one), dev evaluation every ``eval_every`` steps,
+    the best dev score kept as the ``best`` checkpoint, early stopping after ``patience`` evaluations."""
+
+    def __init__(self, cfg: FinetuneConfig, task: Task, train: list, dev_sets: dict, batches: GlobalBatches,
+                 teacher, pad_id: int, dev, info, micro: int):
+        self.cfg, self.task, self.train, self.dev_sets, self.batches = cfg, task, train, dev_sets, batches
+        self.teacher, self.pad_id, self.dev, self.info, self.micro = teacher, pad_id, dev, info, micro
+        self.desc = f"finetune {task.name}"
+        self.best: Optional[dict] = None
+        self.history: list[dict] = []           # one row per evaluation
+        self.bad_evals = 0
+
+    def micro_batches(self, step: int) -> list[dict]:
+        return [collate([self.train[i] for i in idx], self.pad_id, self.task.kind, self.dev)
+                for idx in self.batches.indices(step)]
+
+    def shared_forward(self, batch: dict):
+        if self.teacher is None:
+            return None
+        with torch.no_grad():
+            return self.teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])[0]
+
+    def loss(self, engine, batch: dict, t_logits):
+        logits, aux = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        loss = task_loss(self.task.kind, logits, batch["labels"])
+        total, kd = loss, None
+        if t_logits is not None:
+            tokens = batch["labels"] != IGNORE if self.task.kind == "ner" else None
+            kd = logits_kd(logits, t_logits, self.cfg.temperature, tokens)
+            total = (1 - self.cfg.kd_weight) * loss + self.cfg.kd_weight * kd
+        return total + self.cfg.load_balance_weight * aux, (loss, kd)
+
+    def window(self) -> "_LossWindow":
+        return _LossWindow()
+
+    def evaluate(self, engine, step: int) -> tuple[dict, str]:
+        scores = evaluate(engine, self.task, self.dev_sets, self.micro, self.info.rank, self.info.world_size,
+                          self.pad_id, self.dev)
+        main = scores[next(iter(self.dev_sets))][self.task.main_metric]
+        self.history.append({"step": step, "epoch": step / self.batches.steps_per_epoch, "dev": scores})
+        self._improved = self.best is None or main > self.best["main"]
+        if self._improved:
+            self.best, self.bad_evals = {"step": step, "main": main, "dev": scores}, 0
+        else:
+            self.bad_evals += 1
+        return ({f"dev/{s}/{k}": v for s, m in scores.items() for k, v in m.items()},
+                f"step {step}: dev {self.task.main_metric} {main:.4f}")
+
+    def improved(self) -> bool:
+        return self._improved
+
+    def should_stop(self) -> str:
+        if self.cfg.patience and self.bad_evals >= self.cfg.patience:
+            return f"early stop: no better dev {self.task.main_metric} in {self.bad_evals} evaluations"
+        return ""
+
+    def loop_state(self) -> dict:
+        return {"best": self.best, "history": self.history, "bad_evals": self.bad_evals}
+
+    def load_loop_state(self, state: dict) -> None:
+        self.best, self.history = state.get("best"), state.get("history", [])
+        self.bad_evals = state.get("bad_evals", 0)
+
+
+class _LossWindow:
+    """Task (and KD) loss sums between two log lines, averaged over every rank's micro-batches."""
+
+    def __init__(self):
+        self.loss = self.kd = 0.0
+        self.n = self.steps = 0
+        self.step_time = 0.0
+
+    def add(self, batch: dict, record) -> None:
+        loss, kd = record
+        self.loss += float(loss.detach())
+        self.kd += float(kd.detach()) if kd is not None else 0.0
+        self.has_kd = kd is not None
+        self.n += 1
+
+    def reduce(self, world_size: int):
+        import torch.distributed as dist
+        sums = torch.tensor([self.loss, self.kd, float(self.n)], dtype=torch.float64)
+        dist.all_reduce(sums)
+        loss, kd, n = sums.tolist()
+        metrics = {"train_loss": loss / max(n, 1.0)}
+        if getattr(self, "has_kd", False):
+            metrics["kd_loss"] = kd / max(n, 1.0)
+        return metrics, None
 
 
 def write_results(output_dir: str, results: dict) -> None:

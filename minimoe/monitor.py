@@ -46,7 +46,9 @@ class Monitor:
         if not enabled:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self._file = open(os.path.join(output_dir, "metrics.jsonl"), "a")
+        path = os.path.join(output_dir, "metrics.jsonl")
+        _drop_rows_after(path, start_step)
+        self._file = open(path, "a")
         from tqdm import tqdm
         self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
         if wandb_mode != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
@@ -104,3 +106,26 @@ def _run_id(output_dir: str) -> str:
     with open(path, "w") as fh:
         fh.write(rid)
     return rid
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+    """A run resumed at ``step`` logs the steps after it again: the rows an interrupted run wrote for them
+    go (atomically), so the file holds each step once."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as fh:
+        lines = fh.readlines()
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:  # a row cut short by a kill
+            continue
+        if row.get("step", 0) <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) == len(lines):
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        fh.writelines(keep)
+    os.replace(tmp, path)

@@ -19,7 +19,7 @@ def sweep_deepspeed_shm():
     """Runs killed on purpose (SIGKILL) cannot unlink their DeepSpeed shm buffers; sweep ours."""
     start = time.time() - 1
     yield
-    from minimoe.distributed import SHM_PREFIX
+    from minimoe.shm import SHM_PREFIX
     for f in glob.glob(f"/dev/shm/{SHM_PREFIX}_{os.getuid()}_*"):
         try:
             if os.path.getmtime(f) >= start:

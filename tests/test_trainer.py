@@ -1,0 +1,212 @@
+"""The one training loop (minimoe/trainer.py) under interruption: a stop signal saves a committed
+checkpoint and ``--resume auto`` continues to the uninterrupted weights; Ctrl-C ends in one line and
+leaves nothing behind; fine-tuning resumes after a kill and its run folder exports like a distillation's."""
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import (BIN, REPO, STEPS, TOKENIZER_FILES, deepspeed_cmd, env, flags, free_port, read_jsonl, run_ok,
+                     sentiment_dir)
+from minimoe.checkpoint import resolve
+
+
+def test_resume_auto_starts_afresh_without_a_checkpoint_and_continues_with_one(tmp_path):
+    root = tmp_path / "checkpoints"
+    assert resolve("auto", str(root)) is None
+    (root / "step_00000004").mkdir(parents=True)
+    (root / "latest").write_text("step_00000004")
+    assert resolve("auto", str(root)) == (str(root), "step_00000004")
+
+
+def _ranks_of(port: int) -> list[int]:
+    """The pids of a job's ranks: python processes whose environment names its master port."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                environ = fh.read().split(b"\0")
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read()
+        except OSError:
+            continue
+        if f"MASTER_PORT={port}".encode() in environ and b"launchers/" in cmd and any(
+                e.startswith(b"RANK=") for e in environ):
+            pids.append(int(pid))
+    return pids
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an exited rank whose launcher is gone waits for init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _start(cmd, log):
+    return subprocess.Popen(cmd, env=env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for(path, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not path.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert path.exists() and proc.poll() is None, "the run ended before it could be stopped"
+
+
+def _deepspeed_at(port, args):
+    return [f"{BIN}/deepspeed", "--num_gpus", "2", "--master_port", str(port), f"{REPO}/launchers/distill.py", *args]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_committed_checkpoint_and_resume_auto_ends_on_the_uninterrupted_weights(
+        assets, straight_run, tmp_path):
+    from test_multinode import assert_same_weights
+    out, port = tmp_path / "preempted", free_port()
+    proc = _start(_deepspeed_at(port, flags(assets, out)), tmp_path / "run.log")
+    _wait_for(out / "checkpoints" / "latest", proc)
+    for pid in _ranks_of(port):  # what Slurm does: the signal to every process of the job
+        os.kill(pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+    log = (tmp_path / "run.log").read_text()
+    said = re.findall(r"stopped by SIGTERM after step (\d+): checkpoint '([^']+)' saved; rerun", log)
+    assert len(said) == 1, log[-3000:]
+    step, tag_dir = int(said[0][0]), said[0][1]
+    assert step < STEPS and os.path.isfile(os.path.join(tag_dir, "complete"))
+    assert (out / "checkpoints" / "latest").read_text() == os.path.basename(tag_dir)
+    assert "Traceback" not in log and not re.search(r"^error", log, re.M)  # ours; the launcher logs its own
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*")
+
+    run_ok(deepspeed_cmd(flags(assets, out, resume="auto")))
+    assert_same_weights(straight_run, out)
+    steps = [m["step"] for m in read_jsonl(out / "metrics.jsonl")]
+    assert steps == list(range(1, STEPS + 1))  # each step once, though steps after the save were logged twice
+
+
+def test_the_output_folder_lock_refuses_a_live_holder_and_takes_over_a_dead_ones_lock(tmp_path):
+    from minimoe import runlock
+    from minimoe.config import ConfigError
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / runlock.LOCK_NAME
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                "start": runlock._start_time(os.getpid()), "since": "then"}))
+    with pytest.raises(ConfigError, match=rf"in use by a live run \(host {socket.gethostname()}, pid {os.getpid()}"):
+        runlock.check(str(out))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "start": "1"}))
+    runlock.check(str(out))  # its holder is gone
+    assert "took over" in runlock.acquire(str(out))
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    runlock.release()
+    assert not lock.exists() and out.is_dir()
+    runlock.acquire(str(tmp_path / "fresh"))
+    runlock.release()
+    assert not (tmp_path / "fresh").exists()  # a folder the run created and left empty goes with the lock
+
+
+@pytest.mark.slow
+def test_a_busy_master_port_is_refused_in_one_line(assets, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        p = subprocess.run(_deepspeed_at(port, flags(assets, tmp_path / "out")), env=env(), capture_output=True,
+                           text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert f"error: --master_port {port} is in use on this machine (another job?)" in p.stderr
+    assert "Traceback" not in p.stdout + p.stderr
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*")
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_in_one_line_and_leaves_nothing_behind(assets, tmp_path):
+    out, port = tmp_path / "interrupted", free_port()
+    proc = _start(_deepspeed_at(port, flags(assets, out, max_steps=400)), tmp_path / "run.log")
+    _wait_for(out / "checkpoints" / "latest", proc)
+    ranks = _ranks_of(port)
+    # A second run, or a resume, into the folder the live run holds: refused, naming the holder.
+    for extra in ({}, {"resume": True}):
+        p = subprocess.run([sys.executable, f"{REPO}/launchers/distill.py", *flags(assets, out, ep_size=1,
+                                                                                    **extra)],
+                           env=env(), capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2 and "is in use by a live run (host" in p.stderr, p.stderr[-2000:]
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: SIGINT to the foreground process group
+    proc.wait(timeout=120)
+    log = (tmp_path / "run.log").read_text()
+    said = re.findall(r"interrupted \(Ctrl-C\) after step \d+; the last complete checkpoint is '[^']+'; continue "
+                      r"with the same command and --resume", log)
+    assert len(said) == 1, log[-3000:]
+    assert "minimoe" not in "".join(re.findall(r"Traceback.*?\n\S", log, re.S))  # no rank printed a traceback
+    deadline = time.time() + 30
+    while [pid for pid in ranks if _running(pid)] and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in ranks if _running(pid)], "a rank outlived the interrupt by 30 s"
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*")
+    for tag in glob.glob(str(out / "checkpoints" / "step_*")):  # nothing half-written looks complete
+        assert os.path.isfile(os.path.join(tag, "complete")) or tag > (out / "checkpoints" / "latest").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning on the same loop: committed checkpoints, resume, a run folder that exports.
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    from minimoe import MiniMoEModel, StudentConfig
+    from minimoe.config import PACKAGED_TEACHER
+    from minimoe.data.assets import resolve_model
+    path = tmp_path_factory.mktemp("student") / "student"
+    MiniMoEModel(StudentConfig(num_layers=2, hidden_size=64, num_heads=4, ffn_size=128,
+                               num_experts=4)).save_pretrained(str(path))
+    for name in TOKENIZER_FILES:
+        shutil.copy(os.path.join(resolve_model(PACKAGED_TEACHER), name), path)
+    return str(path)
+
+
+def _finetune_cmd(student, data, out, **extra):
+    f = {"model": student, "task": "sentiment", "data": data, "output_dir": str(out), "micro_batch_size": 8,
+         "max_seq_length": 32, "lr": 1e-3, "max_steps": 16, "eval_every": 8, "log_every": 4, "save_every": 4,
+         "wandb": "disabled", "patience": 0, **extra}
+    return [sys.executable, f"{REPO}/launchers/finetune.py", *[f"--{k}={v}" for k, v in f.items()]]
+
+
+@pytest.mark.slow
+def test_a_killed_fine_tuning_run_resumes_to_the_same_result_and_its_folder_exports(student, tmp_path):
+    from safetensors.torch import load_file
+    data = sentiment_dir(tmp_path / "sent")
+    straight = tmp_path / "straight"
+    run_ok(_finetune_cmd(student, data, straight))
+    assert json.load(open(straight / "run_config.json"))["task"] == "sentiment"
+    assert os.path.isfile(straight / "checkpoints" / "best" / "complete")
+
+    killed = tmp_path / "killed"
+    proc = _start(_finetune_cmd(student, data, killed), tmp_path / "killed.log")
+    _wait_for(killed / "checkpoints" / "step_00000008" / "complete", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "results.json").exists()
+    run_ok(_finetune_cmd(student, data, killed, resume=True))
+
+    want, got = (json.load(open(d / "results.json")) for d in (straight, killed))
+    assert got["best"] == want["best"] and got["history"] == want["history"]
+    a, b = (load_file(d / "model" / "model.safetensors") for d in (straight, killed))
+    for k in a:
+        assert (a[k] - b[k]).abs().max() < 1e-6, k
+    logged = [m["step"] for m in read_jsonl(killed / "metrics.jsonl") if "train_loss" in m]
+    assert logged == sorted(set(logged))
+
+    # The run folder exports like a distillation run's (README: export.py --model runs/finetune-...).
+    p = subprocess.run([sys.executable, f"{REPO}/launchers/export.py", "--model", str(killed), "--format", "onnx"],
+                       env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert os.path.isfile(killed / "model" / "onnx" / "model.onnx")
