@@ -115,16 +115,6 @@ def agree(fn, main_only: bool = False):
     raise PeerFailed(rank, code)
 
 
-def any_rank(flag) -> bool:
-    """True on every rank when ``flag`` (a bool or a 0-dim tensor) is true on any: one scalar all-reduce,
-    so a condition met on one rank stops all of them in the same step."""
-    import torch
-    import torch.distributed as dist
-    t = (flag.detach().float() if torch.is_tensor(flag) else torch.tensor(float(bool(flag)))).reshape(1).cpu()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def shutdown(wait: bool = True) -> None:
     """Leave the process group (together, with ``wait``): a rank that exits while gloo's group is
     alive can abort at interpreter exit instead of returning its exit code."""
