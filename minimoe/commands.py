@@ -51,12 +51,12 @@ def quote_flags(pairs: list[tuple[str, object]]) -> list[str]:
     return [f"--{name} {shlex.quote(str(value))}" for name, value in pairs]
 
 
-def dry_run(cfg, layout: Layout, script: str) -> dict:
-    """--dry_run: print the layout, then the commands that start the job (``script`` with ``cfg``'s flags)
-    on every node; start nothing."""
+def dry_run(cfg, layout: Layout, script: str, more: str = "") -> dict:
+    """--dry_run: print the layout (and ``more`` of the plan), then the commands that start the job
+    (``script`` with ``cfg``'s flags) on every node; start nothing."""
     commands = launch_commands(layout.world, script, quote_flags(to_flags(cfg)), cfg.launch.master_port)
     print("\n".join([
-        layout.describe(),
+        layout.describe(), *([more] if more else []),
         "note: memory per rank above is this machine's; run --dry_run on a node of the job for its own",
         "", "launch commands (the same flags on every node):", format_commands(commands)]))
     return {"dry_run": True, "world_size": layout.world_size, "global_batch": layout.global_batch}

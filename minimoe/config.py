@@ -257,6 +257,11 @@ class DistillConfig(TrainConfig):
         "DeepSpeed config of the frozen teacher (inference, no optimizer): ZeRO-3 knobs; the stage "
         "follows --teacher_placement."))
     save_every: int = field(default=20, metadata=_help("Save a checkpoint every N optimizer steps (0: only at the end)."))
+    students: str = field(default="", metadata=_help(
+        "Several students from one teacher pass: a .json/.yaml file listing objects of student flags (name, "
+        "num_layers, hidden_size, num_heads, ffn_size, num_experts, ep_size, relation_heads, lr, ...), or inline "
+        "'name:key=value,key=value;name2:key=value'. The student flags given here are every entry's defaults. "
+        "Each student gets output_dir/students/<name>/ (student/, metrics.jsonl, summary.json)."))
     student: StudentConfig = field(default_factory=StudentConfig, metadata=_help("Student architecture."))
 
     def validate(self) -> "DistillConfig":
@@ -377,9 +382,17 @@ class ExportConfig:
 @dataclass
 class SweepConfig:
     """Fine-tune several models on several tasks and seeds (one launcher run each) and print the table
-    the paper reports: the main dev metric per task (mean over seeds) and the average over tasks."""
+    the paper reports: the main dev metric per task (mean over seeds) and the average over tasks. With
+    --students, the students are distilled first, together, from one teacher pass."""
 
-    models: str = field(default="runs/demo/student", metadata=_help("Comma-separated models (students or HF)."))
+    models: str = field(default="", metadata=_help(
+        "Comma-separated models (students or HF). Default: runs/demo/student, or none with --students."))
+    students: str = field(default="", metadata=_help(
+        "Distil these students first, in one run from one teacher pass (launchers/distill.py --students, into "
+        "<output_dir>/distill; a rerun continues it), then fine-tune and score each of them."))
+    distill_extra: str = field(default="", metadata=_help(
+        "With --students: the distillation's other flags, given with '=': --distill_extra='--teacher "
+        "bert-base-uncased --max_steps 20000'."))
     tasks: str = field(default="sentiment,wnut16", metadata=_help("Comma-separated task names."))
     seeds: str = field(default="42", metadata=_help("Comma-separated seeds."))
     output_dir: str = field(default="runs/sweep", metadata=_help("Root folder: <model>/<task>/seed<S>/ per run."))
@@ -389,9 +402,11 @@ class SweepConfig:
         "Extra finetune flags for every run, given with '=': --extra='--num_epochs 5 --lr 1e-4'."))
 
     def validate(self) -> "SweepConfig":
-        for name in ("models", "tasks", "seeds"):
+        for name in ("tasks", "seeds"):
             if not str(getattr(self, name)).strip():
                 raise ConfigError(f"--{name} is empty")
+        if self.distill_extra and not self.students:
+            raise ConfigError("--distill_extra configures the distillation of --students; give --students")
         return self
 
 

@@ -18,7 +18,7 @@ import torch
 
 from . import checkpoint, placement as placement_lib, runlock, weights
 from .commands import dry_run
-from .config import ConfigError, DistillConfig, StudentConfig, check_output_dir
+from .config import ConfigError, DistillConfig, check_output_dir
 from .data import assets, corpus as corpus_lib
 from .data.batches import GlobalBatches, StreamingBatches
 from .distributed import accelerator_name, agree, device
@@ -30,8 +30,9 @@ from .layout import Layout, plan_layout, run_world
 from .losses import relation_kl
 from .monitor import expert_utilisation, gather_peak_rss
 from .student import MiniMoEModel, count_parameters, flops_per_sequence, student_shape
+from .students import StudentPlan, check_fit, describe_students, expand
 from .teacher import Teacher, parameter_count, resolve_layer, teacher_info, truncated_config
-from .trainer import Cadence, Trainer, start
+from .trainer import Cadence, Member, Trainer, start
 
 
 @dataclass
@@ -42,13 +43,15 @@ class Plan:
     teacher: str
     data: str
     tokenizer: object
-    student: StudentConfig
+    students: list[StudentPlan]
     resume: Optional[tuple]
-    layout: Layout
-    student_ds: dict            # merged; the schedule's step counts are filled once the data is known
     teacher_ds: dict
-    resume_client: dict         # the checkpoint's loop state (step, global batch, student, layout)
-    target: dict                # the teacher layer, its width and the relation heads the student matches
+    resume_clients: dict        # each student's checkpoint loop state (step, global batch, student, layout)
+
+    @property
+    def layout(self) -> Layout:
+        """The run's world, batch and teacher placement (the same for every student)."""
+        return self.students[0].layout
 
     @property
     def world_size(self) -> int:
@@ -57,12 +60,15 @@ class Plan:
 
 def plan(cfg: DistillConfig) -> Plan:
     from transformers import AutoTokenizer
+    members = expand(cfg)  # --students: each entry as its own run's config, validated
     world = run_world(cfg.launch, dict(os.environ))
     accel = accelerator_name()
     teacher = assets.resolve_model(cfg.teacher)
     info = teacher_info(teacher)
-    if info.hidden_size % cfg.relation_heads:
-        raise ConfigError(f"--relation_heads {cfg.relation_heads} must divide the teacher hidden size {info.hidden_size}")
+    for name, one in members:
+        if info.hidden_size % one.relation_heads:
+            raise ConfigError(f"{_who(name)}--relation_heads {one.relation_heads} must divide the teacher hidden "
+                              f"size {info.hidden_size}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(teacher)
     except (OSError, ValueError) as e:
@@ -72,40 +78,60 @@ def plan(cfg: DistillConfig) -> Plan:
         weights.check_files(teacher)
     check_output_dir(cfg.output_dir)
     check_output_dir(assets.default_cache_dir(cfg.cache_dir), "--cache_dir")
-    student = dataclasses.replace(cfg.student, vocab_size=info.vocab_size, pad_token_id=tokenizer.pad_token_id)
-    s_ds = student_ds_config(cfg, world.size, accel)
-    precision = pop_precision(s_ds)
     layer = resolve_layer(cfg.teacher_layer, info.num_layers)
-    # What the student learns to match: a resumed run must keep it.
-    target = {"teacher_hidden_size": info.hidden_size, "teacher_layer": layer, "relation_heads": cfg.relation_heads}
     teacher_params = parameter_count(truncated_config(teacher, layer))
-    t_ds = teacher_ds_config(cfg, world.size, s_ds["train_micro_batch_size_per_gpu"], accel,
-                             layer_params=teacher_params // (layer + 1))
-    teacher_bytes = teacher_params * dtype_of(t_ds["_minimoe_precision"]).itemsize
-    placement = placement_lib.choose(cfg.teacher_placement, placement_lib.file_placement(t_ds), teacher_bytes,
-                                     world.size, accel, *placement_lib.memory_per_rank(world.hosts[0][1]))
-    layout = plan_layout(world, cfg.ep_size, student_shape(student), s_ds["train_micro_batch_size_per_gpu"],
-                         s_ds["gradient_accumulation_steps"], zero_stage(s_ds), precision, placement, teacher_bytes)
+    memory = placement_lib.memory_per_rank(world.hosts[0][1])
+    students, t_ds, placement = [], None, None
+    for name, one in members:
+        student = dataclasses.replace(one.student, vocab_size=info.vocab_size, pad_token_id=tokenizer.pad_token_id)
+        s_ds = student_ds_config(one, world.size, accel)
+        precision = pop_precision(s_ds)
+        micro = s_ds["train_micro_batch_size_per_gpu"]
+        if t_ds is None:  # the teacher is planned once, from the run's (the first student's) batch
+            t_ds = teacher_ds_config(cfg, world.size, micro, accel, layer_params=teacher_params // (layer + 1))
+            teacher_bytes = teacher_params * dtype_of(t_ds["_minimoe_precision"]).itemsize
+            placement = placement_lib.choose(cfg.teacher_placement, placement_lib.file_placement(t_ds),
+                                             teacher_bytes, world.size, accel, *memory)
+        try:
+            layout = plan_layout(world, one.ep_size, student_shape(student), micro,
+                                 s_ds["gradient_accumulation_steps"], zero_stage(s_ds), precision, placement,
+                                 teacher_bytes)
+        except ConfigError as e:
+            raise ConfigError(f"{_who(name)}{e}") from None
+        # What the student learns to match: a resumed run must keep it.
+        target = {"teacher_hidden_size": info.hidden_size, "teacher_layer": layer,
+                  "relation_heads": one.relation_heads}
+        students.append(StudentPlan(name, one, student, layout, s_ds, target))
+    if len(students) > 1:
+        check_fit(students, memory[0])
     data = assets.resolve_corpus(cfg.data, cfg.cache_dir)
     files = corpus_lib.local_files(data)           # raises on missing local files
     if files:
         corpus_lib.check_readable(files, cfg.text_column)
+    by_name = {sp.name: sp for sp in students}
 
-    def same_student_and_target(client: dict) -> None:
-        saved_target = client.get("minimoe_target", target)  # older checkpoints did not record it
-        changed = sorted(k for k in target if saved_target.get(k) != target[k])
+    def same_student_and_target(member: str, client: dict) -> None:
+        sp = by_name[member]
+        saved_target = client.get("minimoe_target", sp.target)  # older checkpoints did not record it
+        changed = sorted(k for k in sp.target if saved_target.get(k) != sp.target[k])
         if changed:
-            raise ConfigError(f"--resume: the checkpoint distilled another target: {changed} were "
-                              f"{[saved_target.get(k) for k in changed]}, this run has {[target[k] for k in changed]}")
+            raise ConfigError(f"--resume: {_who(member)}the checkpoint distilled another target: {changed} were "
+                              f"{[saved_target.get(k) for k in changed]}, this run has "
+                              f"{[sp.target[k] for k in changed]}")
         saved = client.get("minimoe_student") or {}
-        diff = sorted(k for k, v in student.to_dict().items() if saved.get(k) != v)
+        diff = sorted(k for k, v in sp.student.to_dict().items() if saved.get(k) != v)
         if diff:
-            raise ConfigError(f"--resume: the checkpoint's student differs from this run's in {diff}")
+            raise ConfigError(f"--resume: {_who(member)}the checkpoint's student differs from this run's in {diff}")
 
-    resume, resume_client = checkpoint.plan_resume(
+    layout = students[0].layout
+    resume, resume_clients = checkpoint.plan_resume(
         cfg, layout.global_batch, f"{layout.micro_batch} x {layout.grad_accum} x {layout.world_size} ranks",
-        same_student_and_target)
-    return Plan(accel, teacher, data, tokenizer, student, resume, layout, s_ds, t_ds, resume_client, target)
+        same_student_and_target, members=tuple(by_name))
+    return Plan(accel, teacher, data, tokenizer, students, resume, t_ds, resume_clients)
+
+
+def _who(name: str) -> str:
+    return f"student {name!r}: " if name else ""
 
 
 def _load_corpus(cfg: DistillConfig, p: Plan):
@@ -130,13 +156,14 @@ def _streaming_batches(cfg: DistillConfig, p: Plan, rank: int, micro: int, accum
 
 def run(cfg: DistillConfig) -> dict:
     p = plan(cfg)
+    multi = p.students[0].name != ""
     if cfg.launch.dry_run:
-        return dry_run(cfg, p.layout, "launchers/distill.py")
+        return dry_run(cfg, p.layout, "launchers/distill.py", describe_students(p.students) if multi else "")
     dist_info = start(cfg.seed)
     import torch.distributed as dist
     dev = device()
 
-    s_ds, t_ds = copy.deepcopy(p.student_ds), copy.deepcopy(p.teacher_ds)
+    t_ds = copy.deepcopy(p.teacher_ds)
     micro, accum = p.layout.micro_batch, p.layout.grad_accum
     if cfg.streaming:
         batches, corpus_size = _streaming_batches(cfg, p, dist_info.rank, micro, accum), None
@@ -149,59 +176,81 @@ def run(cfg: DistillConfig) -> dict:
 
     placement = p.layout.placement
     if dist_info.is_main:  # the plan of the run, as --dry_run shows it (also in run_config.json)
-        print(p.layout.describe(), flush=True)
+        print(p.layout.describe() + ("\n" + describe_students(p.students) if multi else ""), flush=True)
     teacher = Teacher(p.teacher, t_ds, cfg.teacher_layer, dtype_of(pop_precision(t_ds)), placement)
 
-    model = MiniMoEModel(p.student, ep_size=cfg.ep_size, ep_rank=p.layout.ep_rank(dist_info.rank))
-    model.pooler.requires_grad_(False)  # not part of the distillation loss; fine-tuning trains it
-    engine = build_student_engine(model, fill_schedule(s_ds, cfg, total_steps), f"--ds_config {cfg.ds_config}")
+    members = []
+    init_rng = torch.get_rng_state()
+    for sp in p.students:
+        torch.set_rng_state(init_rng)  # each student starts from the weights its own run would draw
+        model = MiniMoEModel(sp.student, ep_size=sp.cfg.ep_size, ep_rank=sp.layout.ep_rank(dist_info.rank))
+        model.pooler.requires_grad_(False)  # not part of the distillation loss; fine-tuning trains it
+        ds = fill_schedule(copy.deepcopy(sp.ds), sp.cfg, total_steps)
+        engine = build_student_engine(model, ds, f"--ds_config {cfg.ds_config}")
 
-    def client_state(step: int) -> dict:
-        return {"minimoe_global_batch": batches.global_batch, "minimoe_student": p.student.to_dict(),
-                "minimoe_samples_seen": step * batches.global_batch, "minimoe_world_size": p.world_size,
-                "minimoe_ep_size": cfg.ep_size, "minimoe_target": p.target}
+        def client_state(step: int, sp=sp) -> dict:
+            return {"minimoe_global_batch": batches.global_batch, "minimoe_student": sp.student.to_dict(),
+                    "minimoe_samples_seen": step * batches.global_batch, "minimoe_world_size": p.world_size,
+                    "minimoe_ep_size": sp.cfg.ep_size, "minimoe_target": sp.target}
 
-    spec = Distillation(cfg, batches, teacher, dev)
-    trainer = Trainer(spec, engine, cfg, dist_info, Cadence(total_steps, cfg.log_every, cfg.save_every),
-                      client_state)
-    start_step = trainer.resume(p.resume, p.resume_client, p.layout)
-    run_config = {**cfg.to_dict(), "command": command_line(), "student": p.student.to_dict(),
-                  "world_size": p.world_size, "global_batch": batches.global_batch, "total_steps": total_steps,
-                  "corpus_pairs": corpus_size,
-                  "teacher_placement": {"kind": placement.kind, "reason": placement.reason,
-                                        "teacher_bytes": p.layout.teacher_bytes,
-                                        "bytes_per_rank": teacher.bytes_per_rank()},
-                  "layout": p.layout.describe().splitlines()}
+        members.append(Member(engine, sp.layout, client_state, name=sp.name, cfg=sp.cfg))
+
+    spec = Distillation(batches, teacher, dev)
+    trainer = Trainer(spec, members, cfg, dist_info, Cadence(total_steps, cfg.log_every, cfg.save_every))
+    start_step = trainer.resume(p.resume, p.resume_clients)
+    common = {"command": command_line(), "world_size": p.world_size, "global_batch": batches.global_batch,
+              "total_steps": total_steps, "corpus_pairs": corpus_size,
+              "teacher_placement": {"kind": placement.kind, "reason": placement.reason,
+                                    "teacher_bytes": p.layout.teacher_bytes,
+                                    "bytes_per_rank": teacher.bytes_per_rank()}}
+    configs = {sp.name: {**sp.cfg.to_dict(), **common, "student": sp.student.to_dict(),
+                         "layout": sp.layout.describe().splitlines()} for sp in p.students}
+    run_config = configs[""] if not multi else {
+        **cfg.to_dict(), **common, "students": configs, "layout": p.layout.describe().splitlines()}
     monitor = trainer.open_run(run_config, start_step)
 
     wall0 = time.perf_counter()
-    history = trainer.fit(start_step)
+    trainer.fit(start_step)
     wall = time.perf_counter() - wall0
 
-    summary = _summary(cfg, p, history, wall, total_steps - start_step, total_steps, gather_peak_rss(), teacher,
-                       batches.global_batch)
-    if dist_info.is_main:
-        final = os.path.join(trainer.ckpt_root, checkpoint.tag_for(total_steps))
-        card_text = student_card(os.path.basename(os.path.abspath(cfg.output_dir)), p.student, run_config, summary)
-        export_student(checkpoint.gather_state_dict(final), os.path.join(cfg.output_dir, "student"), p.student,
-                       p.tokenizer, card_text, where=f"checkpoint {final!r}")
+    rss = gather_peak_rss()
+    summaries = {}
+    for sp, m in zip(p.students, members):
+        summary = summaries[sp.name] = _summary(sp, p, m.history, wall, total_steps - start_step, total_steps,
+                                                rss, teacher, batches.global_batch)
+        if dist_info.is_main:
+            folder = os.path.join(cfg.output_dir, sp.folder)
+            name = sp.name or os.path.basename(os.path.abspath(cfg.output_dir))
+            final = os.path.join(trainer.ckpt_root, checkpoint.tag_for(total_steps), sp.name)
+            card_text = student_card(name, sp.student, configs[sp.name], summary)
+            export_student(checkpoint.gather_state_dict(final), os.path.join(folder, "student"), sp.student,
+                           p.tokenizer, card_text, where=f"checkpoint {final!r}")
+            if multi:  # a student's folder reads like a single-student run's (launchers/export.py takes it)
+                with open(os.path.join(folder, "run_config.json"), "w") as fh:
+                    json.dump(configs[sp.name], fh, indent=2, default=str)
+            with open(os.path.join(folder, "summary.json"), "w") as fh:
+                json.dump(summary, fh, indent=2)
+            monitor.write((f"student {sp.name}: " if multi else "") + format_summary(summary))
+    result = summaries[""] if not multi else {"students": summaries, "wall_s": wall,
+                                              "steps": total_steps - start_step}
+    if dist_info.is_main and multi:
         with open(os.path.join(cfg.output_dir, "summary.json"), "w") as fh:
-            json.dump(summary, fh, indent=2)
-        monitor.write(format_summary(summary))
-    monitor.close(summary)
+            json.dump(result, fh, indent=2)
+    monitor.close(summaries[""] if not multi else {f"{n}/{k}": v for n, s in summaries.items()
+                                                  for k, v in s.items() if not isinstance(v, (dict, list))})
     dist.barrier()
     runlock.release()
-    return summary
+    return result
 
 
 class Distillation:
     """The distillation stage of the training loop (``trainer.TrainSpec``): the teacher's Q/K/V are the
-    shared forward, the relation KL plus the load balance the loss."""
+    shared forward, each student's relation KL plus its load balance its loss."""
 
     desc = "distill"
 
-    def __init__(self, cfg: DistillConfig, batches, teacher: Teacher, dev):
-        self.cfg, self.batches, self.teacher, self.dev = cfg, batches, teacher, dev
+    def __init__(self, batches, teacher: Teacher, dev):
+        self.batches, self.teacher, self.dev = batches, teacher, dev
         self._teacher_s = 0.0
 
     def micro_batches(self, step: int) -> list[dict]:
@@ -213,13 +262,14 @@ class Distillation:
         self._teacher_s = time.perf_counter() - t0
         return qkv
 
-    def loss(self, engine, batch: dict, t_qkv):
-        out = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], output_qkv=True)
-        relation = relation_kl(t_qkv, out.qkv, batch["attention_mask"], self.cfg.relation_heads)
-        return relation + self.cfg.load_balance_weight * out.aux_loss, (relation, out, self._teacher_s)
+    def loss(self, member, batch: dict, t_qkv):
+        cfg = member.cfg
+        out = member.engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], output_qkv=True)
+        relation = relation_kl(t_qkv, out.qkv, batch["attention_mask"], cfg.relation_heads)
+        return relation + cfg.load_balance_weight * out.aux_loss, (relation, out, self._teacher_s)
 
-    def window(self) -> "_Window":
-        return _Window(self.cfg.load_balance_weight)
+    def window(self, member) -> "_Window":
+        return _Window(member.cfg.load_balance_weight)
 
     def evaluate(self, engine, step: int):
         return {}, ""
@@ -243,7 +293,7 @@ class _Window:
     def __init__(self, load_balance_weight: float):
         self.weight = load_balance_weight
         self.relation = self.aux = self.micro = self.tokens = self.padded = 0.0
-        self.teacher_s = self.step_time = 0.0
+        self.teacher_s = self.step_time = self.member_s = 0.0
         self.counts = None
         self.steps = 0
 
@@ -262,14 +312,15 @@ class _Window:
     def reduce(self, world_size: int):
         import torch.distributed as dist
         v = torch.tensor([self.relation, self.aux, self.micro, self.tokens, self.padded, self.teacher_s,
-                          self.step_time], dtype=torch.float64)
+                          self.step_time, self.member_s], dtype=torch.float64)
         dist.all_reduce(v)
-        relation, aux, micro, tokens, padded, teacher_s, step_time = v.tolist()
+        relation, aux, micro, tokens, padded, teacher_s, step_time, member_s = v.tolist()
         step_time /= world_size  # every rank times the same steps
         metrics = {"relation": relation / micro, "load_balance": aux / micro,
                    "tokens": tokens, "tokens_per_s": tokens / step_time, "padded_tokens_per_s": padded / step_time,
                    "loss": (relation + self.weight * aux) / micro,
-                   "step_s": step_time / self.steps, "teacher_share": teacher_s / world_size / step_time}
+                   "step_s": step_time / self.steps, "teacher_share": teacher_s / world_size / step_time,
+                   "student_share": member_s / world_size / step_time}
         util = None
         if self.counts is not None:
             c = self.counts.clone()
@@ -278,12 +329,12 @@ class _Window:
         return metrics, util
 
 
-def _summary(cfg, p, history, wall, steps, total_steps, rss, teacher, global_batch) -> dict:
-    dense = dataclasses.replace(p.student, num_experts=1, relation_projection=False)
+def _summary(sp: StudentPlan, p: Plan, history, wall, steps, total_steps, rss, teacher, global_batch) -> dict:
+    dense = dataclasses.replace(sp.student, num_experts=1, relation_projection=False)
     table = {}
-    for name, sc in (("student", p.student), ("dense_twin", dense)):
+    for name, sc in (("student", sp.student), ("dense_twin", dense)):
         c = count_parameters(sc)
-        f = flops_per_sequence(sc, cfg.max_seq_length)
+        f = flops_per_sequence(sc, sp.cfg.max_seq_length)
         table[name] = {"params_total_M": c["total"] / 1e6, "params_active_M": c["active"] / 1e6,
                        "paper_gflops": f["paper_gflops"], "forward_gflops": f["forward_flops"] / 1e9}
     tokens_per_s = [h["tokens_per_s"] for h in history]
@@ -293,7 +344,7 @@ def _summary(cfg, p, history, wall, steps, total_steps, rss, teacher, global_bat
         "relation_first": history[0]["relation"] if history else None,
         "relation_last": history[-1]["relation"] if history else None,
         "tokens_seen": int(sum(h["tokens"] for h in history)),
-        "global_batch": global_batch, "world_size": p.world_size, "ep_size": cfg.ep_size,
+        "global_batch": global_batch, "world_size": p.world_size, "ep_size": sp.cfg.ep_size,
         "peak_rss_mib_per_rank": rss,
         "teacher": {"name": p.teacher, "hidden_size": teacher.info.hidden_size, "layers": teacher.info.num_layers,
                     "placement": teacher.placement.kind, "bytes_per_rank": teacher.bytes_per_rank()},

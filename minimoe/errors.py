@@ -32,8 +32,9 @@ class PeerFailed(Exception):
     """Raised on the ranks whose partner in a collective failed with an error that the partner reports
     itself: these ranks stop with its exit code and print nothing, so the cause is the line one reads."""
 
-    def __init__(self, rank: int, code: int):
-        super().__init__(f"rank {rank} failed (exit code {code}); its own line says why")
+    def __init__(self, rank: Optional[int], code: int):
+        who = f"rank {rank}" if rank is not None else "another rank"
+        super().__init__(f"{who} failed (exit code {code}); its own line says why")
         self.rank, self.code = rank, code
 
 

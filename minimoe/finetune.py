@@ -28,14 +28,15 @@ from .distributed import accelerator_name, agree, device
 from .engine import build_student_engine, fill_schedule, pop_precision, student_ds_config, zero_stage
 from .errors import reading
 from .export.card import command_line
-from .export.hf import TASK_META, save_task_model
+from .export.hf import save_task_model
+from .model_folder import TASK_META
 from .heads import TaskModel, check_positions, is_minimoe_folder, load_encoder, tokenizer_folder, tokenizer_for
 from .layout import Layout, StudentShape, plan_layout, run_world
 from .losses import logits_kd
 from .monitor import gather_peak_rss
 from .student import student_config_of, student_shape
 from .teacher import parameter_count
-from .trainer import Cadence, Trainer, start
+from .trainer import Cadence, Member, Trainer, start
 
 IGNORE = -100
 
@@ -161,7 +162,7 @@ class Plan:
     ds: dict                    # merged; the schedule's step counts are filled once the data is known
     splits: dict                # {"train": examples, dev split name: examples}: read before any work
     resume: Optional[tuple]     # (checkpoints root, tag), or None
-    resume_client: dict         # the checkpoint's loop state
+    resume_clients: dict        # the checkpoint's loop state ({"": ...}: one model)
 
     @property
     def world_size(self) -> int:
@@ -199,16 +200,16 @@ def plan(cfg: FinetuneConfig) -> Plan:
                   for name in ["train", *dev_split_names(task, data_dir is not None)]}
     source = _source(cfg, model, task)
 
-    def same_source(client: dict) -> None:
+    def same_source(member: str, client: dict) -> None:
         saved = client.get("minimoe_finetune")
         if saved != source:
             raise ConfigError(f"--resume: the checkpoint fine-tuned {saved}, this run is {source}")
 
-    resume, resume_client = checkpoint.plan_resume(
+    resume, resume_clients = checkpoint.plan_resume(
         cfg, layout.global_batch, f"{layout.micro_batch} x {layout.grad_accum} x {layout.world_size} ranks",
         same_source)
     return Plan(model, task, tokenizer, "minimoe" if minimoe else "hf", accel, data_dir, layout, ds, splits,
-                resume, resume_client)
+                resume, resume_clients)
 
 
 def _check_not_a_run_folder(model: str) -> None:
@@ -278,9 +279,9 @@ def run(cfg: FinetuneConfig) -> dict:
                 "minimoe_ep_size": cfg.ep_size, "minimoe_finetune": _source(cfg, p.model, task)}
 
     spec = FineTuning(cfg, task, train, dev_sets, batches, teacher, tok.pad_token_id, dev, info, micro)
-    trainer = Trainer(spec, engine, cfg, info, Cadence(total, cfg.log_every, cfg.save_every, eval_every),
-                      client_state, best_tag=BEST)
-    start_step = trainer.resume(p.resume, p.resume_client, p.layout)
+    trainer = Trainer(spec, [Member(engine, p.layout, client_state, cfg=cfg)], cfg, info,
+                      Cadence(total, cfg.log_every, cfg.save_every, eval_every), best_tag=BEST)
+    start_step = trainer.resume(p.resume, p.resume_clients)
     run_config = {**cfg.to_dict(), "command": command_line(), "encoder_type": p.encoder_type,
                   "world_size": p.world_size, "global_batch": batches.global_batch, "total_steps": total,
                   "train_examples": len(train), "layout": p.layout.describe().splitlines()}
@@ -339,8 +340,8 @@ class FineTuning:
         with torch.no_grad():
             return self.teacher(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])[0]
 
-    def loss(self, engine, batch: dict, t_logits):
-        logits, aux = engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    def loss(self, member, batch: dict, t_logits):
+        logits, aux = member.engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         loss = task_loss(self.task.kind, logits, batch["labels"])
         total, kd = loss, None
         if t_logits is not None:
@@ -349,7 +350,7 @@ class FineTuning:
             total = (1 - self.cfg.kd_weight) * loss + self.cfg.kd_weight * kd
         return total + self.cfg.load_balance_weight * aux, (loss, kd)
 
-    def window(self) -> "_LossWindow":
+    def window(self, member) -> "_LossWindow":
         return _LossWindow()
 
     def evaluate(self, engine, step: int) -> tuple[dict, str]:
@@ -387,7 +388,7 @@ class _LossWindow:
     def __init__(self):
         self.loss = self.kd = 0.0
         self.n = self.steps = 0
-        self.step_time = 0.0
+        self.step_time = self.member_s = 0.0
 
     def add(self, batch: dict, record) -> None:
         loss, kd = record

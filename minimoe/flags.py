@@ -54,6 +54,12 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     raise ConfigError(f"--{name} {value!r} is invalid: expected {allowed}")
 
 
+def coerce_fields(cls, values: dict) -> dict:
+    """``values`` converted to the types of ``cls``'s fields (a file's or an inline entry's settings)."""
+    hints = typing.get_type_hints(cls)
+    return {name: _coerce(name, value, hints[name]) for name, value in values.items()}
+
+
 def from_flags(cls, flags: dict):
     """Build ``cls`` from a flat ``{flag: value}`` dict (as fire gives it) and validate it."""
     fields = {f.name: (section, f) for section, f in _cli_fields(cls)}

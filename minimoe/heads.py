@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import ConfigError
 from .errors import reading
-from .export import names
+from . import model_folder as names
 from .student import CONFIG_NAME, WEIGHTS_NAME, MiniMoEModel, student_config_of
 
 
@@ -91,12 +91,11 @@ class TaskModel(nn.Module):
 
 def load_task_model(folder: str) -> tuple[TaskModel, dict]:
     """A fine-tuned model folder -> (TaskModel in eval mode, its task.json). Reads both layouts
-    (``minimoe.export.hf``): a Hugging Face task folder, or ``encoder/`` + ``head.safetensors``."""
+    (``minimoe.model_folder``): a Hugging Face task folder, or ``encoder/`` + ``head.safetensors``."""
     from safetensors.torch import load_file
-    from .export import hf
-    meta_path = os.path.join(folder, hf.TASK_META)
+    meta_path = os.path.join(folder, names.TASK_META)
     if not os.path.isfile(meta_path):
-        raise ConfigError(f"--model {folder!r} is not a fine-tuned model folder (no {hf.TASK_META})")
+        raise ConfigError(f"--model {folder!r} is not a fine-tuned model folder (no {names.TASK_META})")
     with reading(meta_path, "; fine-tune the model again"), open(meta_path) as fh:
         meta = json.load(fh)
     hf_layout = not os.path.isdir(os.path.join(folder, "encoder"))
@@ -105,19 +104,19 @@ def load_task_model(folder: str) -> tuple[TaskModel, dict]:
         weights_file = os.path.join(folder, WEIGHTS_NAME)
     else:
         encoder, kind = load_encoder(os.path.join(folder, "encoder"))
-        weights_file = os.path.join(folder, hf.HEAD_FILE)
+        weights_file = os.path.join(folder, names.HEAD_FILE)
     model = TaskModel(encoder, kind, meta["kind"], meta["num_labels"], meta["classifier_dropout"])
     with reading(weights_file, "; fine-tune the model again"):
         state = load_file(weights_file)
     if hf_layout:
-        state = hf.task_state_from_hf(state, encoder.config.num_experts)
+        state = names.task_state_from_hf(state, encoder.config.num_experts)
     missing, unexpected = model.load_state_dict(state, strict=False)
     # head.safetensors holds the head alone; a Hugging Face task folder all but the encoder's own pooler and
     # relation projection, which task models do not use.
     spare = ("encoder.pooler.", "encoder.relation_proj.") if hf_layout else ("encoder.",)
     missing = [k for k in missing if not k.startswith(spare)]
     if unexpected or missing:
-        raise ConfigError(f"{folder}: {os.path.basename(weights_file)} does not match {hf.TASK_META} "
+        raise ConfigError(f"{folder}: {os.path.basename(weights_file)} does not match {names.TASK_META} "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.eval(), meta
 

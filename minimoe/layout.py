@@ -232,12 +232,12 @@ class Layout:
             + ", ".join(f"{k}: experts {_span(self.experts_of(k))}" for k in range(self.ep_size)),
             "  expert-parallel groups (all-to-all): " + ", ".join(groups[:8])
             + (f", ... {len(groups) - 8} more" if len(groups) > 8 else ""),
-            f"student per rank (ZeRO-{self.zero_stage}, {self.precision}): weights {_gib(s['weights'])}, grads "
-            f"{_gib(s['grads'])}, optimizer {_gib(s['optimizer'])} = {_gib(s['total'])} + activations"]
+            f"student per rank (ZeRO-{self.zero_stage}, {self.precision}): weights {gib(s['weights'])}, grads "
+            f"{gib(s['grads'])}, optimizer {gib(s['optimizer'])} = {gib(s['total'])} + activations"]
         if self.placement is not None:
             t = self.teacher_bytes_per_rank()
-            where = ", ".join(f"{k} {_gib(v)}" for k, v in t.items() if v) or "0"
-            lines.append(f"teacher: {_gib(self.teacher_bytes)}, placement {self.placement.kind}: per rank {where}")
+            where = ", ".join(f"{k} {gib(v)}" for k, v in t.items() if v) or "0"
+            lines.append(f"teacher: {gib(self.teacher_bytes)}, placement {self.placement.kind}: per rank {where}")
             lines.append(f"  why: {self.placement.reason}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -247,7 +247,7 @@ def _span(r: range) -> str:
     return f"{r.start}" if len(r) == 1 else f"{r.start}-{r.stop - 1}"
 
 
-def _gib(n: float) -> str:
+def gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if n >= 0.01 * GiB else f"{n / 2 ** 20:.1f} MiB"
 
 

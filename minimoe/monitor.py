@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import resource
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -35,20 +35,29 @@ def expert_utilisation(counts: list[torch.Tensor]) -> dict:
 
 
 class Monitor:
-    """Writes metrics on the main rank only; every other rank gets a no-op monitor."""
+    """Writes metrics on the main rank only; every other rank gets a no-op monitor. A run of several
+    students (``members``) has one metrics.jsonl per student (``students/<name>/``, the keys of a single
+    run), one progress bar, and one wandb run whose keys are prefixed ``<name>/``."""
 
     def __init__(self, output_dir: str, enabled: bool, total_steps: int, start_step: int, wandb_mode: str,
-                 wandb_project: str, run_config: dict, desc: str = "distill"):
+                 wandb_project: str, run_config: dict, desc: str = "distill", members: Sequence[str] = ("",)):
         self.enabled = enabled
-        self._file = None
+        self._files: dict = {}
         self._bar = None
         self._wandb = None
+        self._postfix: dict = {}
+        # wandb keeps what an interrupted run sent it: the steps up to this one are not sent again, so its
+        # curves hold each step once too (metrics.jsonl drops and rewrites them instead)
+        self._wandb_after = 0
         if not enabled:
             return
-        os.makedirs(output_dir, exist_ok=True)
-        path = os.path.join(output_dir, "metrics.jsonl")
-        _drop_rows_after(path, start_step)
-        self._file = open(path, "a")
+        for name in members:
+            folder = os.path.join(output_dir, "students", name) if name else output_dir
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, "metrics.jsonl")
+            self._wandb_after = max(self._wandb_after, _last_step(path))
+            _drop_rows_after(path, start_step)
+            self._files[name] = open(path, "a")
         from tqdm import tqdm
         self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
         if wandb_mode != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
@@ -56,22 +65,28 @@ class Monitor:
             self._wandb = wandb.init(project=wandb_project, mode=wandb_mode, dir=output_dir, config=run_config,
                                      resume="allow", id=_run_id(output_dir))
 
-    def log(self, step: int, metrics: dict, utilisation: Optional[dict] = None) -> None:
+    def log(self, step: int, metrics: dict, utilisation: Optional[dict] = None, member: str = "") -> None:
         if not self.enabled:
             return
         record = {"step": step, **metrics}
         if utilisation:
             record["experts"] = utilisation
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        self._bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "relation", "tokens_per_s", "train_loss")})
-        if self._wandb is not None:
+        fh = self._files[member]
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        prefix = f"{member}/" if member else ""
+        shown = {f"{prefix}{k}": f"{v:.4g}" for k, v in metrics.items()
+                 if k in ("loss", "relation", "train_loss") or (k == "tokens_per_s" and not member)}
+        if shown:
+            self._postfix.update(shown)
+            self._bar.set_postfix(self._postfix)
+        if self._wandb is not None and step > self._wandb_after:
             flat = dict(metrics)
             for layer, u in (utilisation or {}).items():
                 flat[f"experts/{layer}/max_load"] = u["max_load"]
                 for e, s in enumerate(u["share"]):
                     flat[f"experts/{layer}/e{e}"] = s
-            self._wandb.log(flat, step=step)
+            self._wandb.log({f"{prefix}{k}": v for k, v in flat.items()}, step=step)
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
@@ -89,8 +104,8 @@ class Monitor:
             self._wandb.summary.update(summary)
         if self._bar is not None:
             self._bar.close()
-        if self._file is not None:
-            self._file.close()
+        for fh in self._files.values():
+            fh.close()
         if self._wandb is not None:
             self._wandb.finish()
 
@@ -106,6 +121,19 @@ def _run_id(output_dir: str) -> str:
     with open(path, "w") as fh:
         fh.write(rid)
     return rid
+
+
+def _last_step(path: str) -> int:
+    """The last step a metrics file logged (0 if none)."""
+    last = 0
+    if os.path.isfile(path):
+        with open(path) as fh:
+            for line in fh:
+                try:
+                    last = max(last, int(json.loads(line).get("step", 0)))
+                except (ValueError, AttributeError):  # a row cut short by a kill
+                    continue
+    return last
 
 
 def _drop_rows_after(path: str, step: int) -> None:

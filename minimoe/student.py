@@ -18,8 +18,8 @@ from torch import nn
 
 from .config import ConfigError, StudentConfig
 from .errors import reading
-from .export import names
-from .export.hf import TASK_META, write_model
+from . import model_folder as names
+from .model_folder import TASK_META, write_model
 from .layout import StudentShape
 from .moe import DenseFeedForward, MoEFeedForward, moefy_
 
@@ -166,7 +166,7 @@ class MiniMoEModel(nn.Module):
         """Write a Hugging Face folder: ``config.json`` + ``model.safetensors`` with every expert under its
         global id, in BERT's parameter names; a MoE student also gets its modeling code (``auto_map``), so
         ``transformers.AutoModel.from_pretrained(path, trust_remote_code=True)`` loads it, and a dense one is
-        a plain ``BertModel`` folder (``minimoe.export.names``).
+        a plain ``BertModel`` folder (``minimoe.model_folder``).
 
         ``state_dict`` lets a caller that gathered experts from several ranks (or from checkpoint
         files) save them; by default this model must hold all experts (ep_size 1).

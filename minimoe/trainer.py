@@ -2,20 +2,22 @@
 
 A stage (distillation, fine-tuning) supplies what differs as a ``TrainSpec``: its micro-batches, the
 forward it shares across members (the teacher's Q/K/V; nothing, or the task teacher's logits), the loss
-of one member, a window of metrics between log lines, its evaluation and the loop state of its own
-that a checkpoint must carry (fine-tuning's best score). The ``Trainer`` owns what is the same: the
+of one member (a ``Member``: a model trained, with its engine; distillation may train several students
+from one teacher pass), a window of metrics between log lines, its evaluation and the loop state of its
+own that a checkpoint must carry (fine-tuning's best score). The ``Trainer`` owns what is the same: the
 optimizer steps, the non-finite guard, the progress bar and metrics, the log / eval / save cadences,
 committed checkpoints (``complete`` marker, ``latest``), resume and elastic resume.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
@@ -92,7 +94,8 @@ class Window(Protocol):
     """Sums over the steps between two log lines, reduced across ranks when logged."""
 
     steps: int
-    step_time: float
+    step_time: float                            # the steps' wall time (teacher and every member)
+    member_s: float                             # this member's own share of it
 
     def add(self, batch: dict, record: Any) -> None: ...
 
@@ -108,9 +111,9 @@ class TrainSpec(Protocol):
 
     def shared_forward(self, batch: dict) -> Any: ...               # once per micro-batch, for every member
 
-    def loss(self, engine, batch: dict, shared: Any) -> tuple[torch.Tensor, Any]: ...   # (to backward, record)
+    def loss(self, member: "Member", batch: dict, shared: Any) -> tuple[torch.Tensor, Any]: ...  # loss, record
 
-    def window(self) -> Window: ...
+    def window(self, member: "Member") -> Window: ...
 
     def evaluate(self, engine, step: int) -> tuple[dict, str]: ...  # (metrics to log, a line to print)
 
@@ -140,37 +143,94 @@ class Cadence:
         return bool(self.save_every and done % self.save_every == 0) or done == self.total_steps
 
 
-class Trainer:
-    """Runs ``spec`` on ``engine`` from ``start_step`` to ``cadence.total_steps`` (or an early stop)."""
+@dataclass
+class Member:
+    """One model the loop trains. A run of several (``--students``) trains each on the same micro-batches and
+    shared forward, one after the other, each with its own engine, RNG streams (dropout, gate noise: swapped
+    in around its work, so it draws what it would draw alone), checkpoint folder and metrics."""
 
-    def __init__(self, spec: TrainSpec, engine, cfg: TrainConfig, info: DistInfo, cadence: Cadence,
-                 client_state: Callable[[int], dict], best_tag: Optional[str] = None):
-        self.spec, self.engine, self.cfg, self.info, self.cadence = spec, engine, cfg, info, cadence
-        self.client_state, self.best_tag = client_state, best_tag
+    engine: Any
+    layout: Any                                 # its Layout (ep_size, experts per rank) for resume
+    client_state: Callable[[int], dict]         # what its checkpoints record besides the loop position
+    name: str = ""                              # "" in a one-model run
+    cfg: Any = None                             # its own settings (a --students entry's config)
+    history: list = field(default_factory=list)  # its logged metrics
+    rng: Optional[dict] = None                  # its torch RNG streams while another member runs
+
+    @property
+    def folder(self) -> str:
+        """Its folder inside the run folder (its checkpoint files are in ``<tag>/<name>``)."""
+        return os.path.join("students", self.name) if self.name else ""
+
+
+def _torch_rng() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_torch_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Runs ``spec`` on the ``members``' engines from ``start_step`` to ``cadence.total_steps`` (or an early
+    stop)."""
+
+    def __init__(self, spec: TrainSpec, members: list[Member], cfg: TrainConfig, info: DistInfo,
+                 cadence: Cadence, best_tag: Optional[str] = None):
+        self.spec, self.members, self.cfg, self.info, self.cadence = spec, members, cfg, info, cadence
+        self.best_tag = best_tag
         self.monitor: Optional[Monitor] = None
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
-        self.history: list[dict] = []           # the logged metrics
         self.last_step = 0
 
-    def resume(self, resume: Optional[tuple], client: dict, layout) -> int:
+    @property
+    def history(self) -> list[dict]:
+        """The first member's logged metrics (the only one's, in a one-model run)."""
+        return self.members[0].history
+
+    @contextlib.contextmanager
+    def _stream(self, member: Member):
+        """``member``'s RNG streams in place while it works (a no-op in a one-model run)."""
+        if len(self.members) == 1:
+            yield
+            return
+        _set_torch_rng(member.rng)
+        try:
+            yield
+        finally:
+            member.rng = _torch_rng()
+
+    def resume(self, resume: Optional[tuple], clients: dict) -> int:
         """Take the output folder (rank 0 holds its lock for the whole job: a live run there refuses this
-        one), then restore the engine, this rank's RNG and the stage's loop state; the step to start from.
-        A fresh start seeds this rank's own stream (dropout, gate noise). Incomplete tags of a killed save
-        go. The lock is taken here, the first write into the folder, so a run that fails before it leaves
-        no folder behind."""
+        one), then restore each member's engine and RNG and the stage's loop state (``clients``: each
+        member's checkpoint loop state by name); the step to start from. A fresh start seeds this rank's
+        own stream (dropout, gate noise), every member's from the same seed, as it would be alone.
+        Incomplete tags of a killed save go. The lock is taken here, the first write into the folder, so a
+        run that fails before it leaves no folder behind."""
         took_over = agree(lambda: runlock.acquire(self.cfg.output_dir), main_only=True)
         if took_over:
             print(took_over, flush=True)
         start_step = 0
         if resume:
-            start_step = int(client["minimoe_step"])
+            first = clients[self.members[0].name]
+            start_step = int(first["minimoe_step"])
             if start_step > self.cadence.total_steps:
                 raise ConfigError(f"--resume: the checkpoint is at step {start_step}, past this run's "
                                   f"{self.cadence.total_steps} steps; raise --max_steps")
-            checkpoint.load(self.engine, *resume, self.info.rank, layout, client, self.cfg.resume_weights_only)
-            self.spec.load_loop_state(client.get("minimoe_loop", {}))
+            for m in self.members:
+                checkpoint.load(m.engine, *resume, self.info.rank, m.layout, clients[m.name],
+                                self.cfg.resume_weights_only, subdir=m.name)
+                m.rng = _torch_rng()
+            self.spec.load_loop_state(first.get("minimoe_loop", {}))
         else:
             torch.manual_seed(self.cfg.seed + self.info.rank)
+            for m in self.members:
+                m.rng = _torch_rng()
         if self.info.is_main:
             for tag in checkpoint.remove_incomplete(self.ckpt_root):
                 print(f"removed {os.path.join(self.ckpt_root, tag)!r}: its save did not finish", flush=True)
@@ -188,15 +248,17 @@ class Trainer:
                 json.dump(run_config, fh, indent=2, default=str)
         arm_native_crash_log(output_dir, self.info.rank)
         self.monitor = Monitor(output_dir, self.info.is_main, self.cadence.total_steps, start_step,
-                               self.cfg.wandb, self.cfg.wandb_project, run_config, desc=self.spec.desc)
+                               self.cfg.wandb, self.cfg.wandb_project, run_config, desc=self.spec.desc,
+                               members=[m.name for m in self.members])
         return self.monitor
 
-    def _state(self, step: int) -> dict:
-        return {**self.client_state(step), "minimoe_step": step, "minimoe_loop": self.spec.loop_state()}
-
     def save(self, step: int, tag: Optional[str] = None) -> None:
-        checkpoint.save(self.engine, self.ckpt_root, step, self._state(step), self.info.rank,
-                        self.cfg.keep_checkpoints, tag=tag)
+        loop = self.spec.loop_state()
+        parts = [checkpoint.Part(m.engine, m.name, {**m.client_state(step), "minimoe_step": step,
+                                                      "minimoe_loop": loop},
+                                 m.rng if len(self.members) > 1 else None)
+                 for m in self.members]
+        checkpoint.save(parts, self.ckpt_root, step, self.info.rank, self.cfg.keep_checkpoints, tag=tag)
 
     def fit(self, start_step: int) -> list[dict]:
         """Train to the end (or an early stop) and return the logged metrics; a stop signal ends in a
@@ -224,9 +286,10 @@ class Trainer:
         return os.path.join(self.ckpt_root, tags[-1]) if tags else None
 
     def _steps(self, start_step: int, requests: StopRequests) -> list[dict]:
-        spec, engine, cadence = self.spec, self.engine, self.cadence
-        engine.train()
-        window = spec.window()
+        spec, members, cadence = self.spec, self.members, self.cadence
+        for m in members:
+            m.engine.train()
+        windows = [spec.window(m) for m in members]
         stop_signal = 0
         # The first step's batches are read on every rank first: an empty stream shard on one rank stops all.
         first = agree(lambda: spec.micro_batches(start_step)) if start_step < cadence.total_steps else None
@@ -234,25 +297,31 @@ class Trainer:
             t0 = time.perf_counter()
             for batch in (first if step == start_step else spec.micro_batches(step)):
                 shared = spec.shared_forward(batch)
-                loss, record = spec.loss(engine, batch, shared)
-                stop_signal = self._check(loss, step + 1, requests.signum) or stop_signal
-                engine.backward(loss)
-                engine.step()
-                window.add(batch, record)
-            window.step_time += time.perf_counter() - t0
-            window.steps += 1
+                for m, window in zip(members, windows):
+                    t1 = time.perf_counter()
+                    with self._stream(m):
+                        loss, record = spec.loss(m, batch, shared)
+                        stop_signal = self._check(loss, step + 1, requests.signum, m.name) or stop_signal
+                        m.engine.backward(loss)
+                        m.engine.step()
+                    window.add(batch, record)
+                    window.member_s += time.perf_counter() - t1
+            for window in windows:
+                window.step_time += time.perf_counter() - t0
+                window.steps += 1
             self.monitor.advance()
             runlock.touch()
             done = self.last_step = step + 1
             if cadence.log(done):
-                metrics, util = window.reduce(self.info.world_size)
-                metrics["lr"] = engine.get_lr()[0]
-                self.history.append({"step": done, **metrics})
-                self.monitor.log(done, metrics, util)
-                window = spec.window()
+                for i, (m, window) in enumerate(zip(members, windows)):
+                    metrics, util = window.reduce(self.info.world_size)
+                    metrics["lr"] = m.engine.get_lr()[0]
+                    m.history.append({"step": done, **metrics})
+                    self.monitor.log(done, metrics, util, member=m.name)
+                    windows[i] = spec.window(m)
             stop = ""
             if cadence.eval(done):
-                scores, line = spec.evaluate(engine, done)
+                scores, line = spec.evaluate(members[0].engine, done)
                 self.monitor.log(done, scores)
                 self.monitor.write(line)
                 if self.best_tag and spec.improved():
@@ -271,7 +340,7 @@ class Trainer:
                 break
         return self.history
 
-    def _check(self, loss: torch.Tensor, step: int, signum: int) -> int:
+    def _check(self, loss: torch.Tensor, step: int, signum: int, member: str = "") -> int:
         """One all-reduce per micro-step tells every rank whether any rank's loss is not finite (stop before
         its gradients reach the weights, naming the step and the last good checkpoint) and whether any
         rank was asked to stop (the signal, or 0)."""
@@ -282,6 +351,7 @@ class Trainer:
             last = self._last_complete()
             where = (f"the last good checkpoint is {last!r} (--resume)" if last
                      else "no checkpoint was saved before it")
-            raise ConfigError(f"the loss is not finite at step {step}: training diverged (lower --lr, raise "
+            whose = f"student {member!r}'s loss" if member else "the loss"
+            raise ConfigError(f"{whose} is not finite at step {step}: training diverged (lower --lr, raise "
                               f"--warmup_ratio or --gradient_clipping); {where}; nothing was exported")
         return int(flags[1])

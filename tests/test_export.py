@@ -11,7 +11,7 @@ import torch
 from helpers import REPO, env, flag_dict, sentiment_dir, tiny_teacher, wiki_slice
 from minimoe import MiniMoEModel, StudentConfig
 from minimoe.data.tasks import get_task
-from minimoe.export import names
+from minimoe import model_folder as names
 from minimoe.export.hf import save_task_model
 from minimoe.heads import TaskModel, load_task_model, tokenizer_for
 

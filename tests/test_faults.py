@@ -354,7 +354,7 @@ def test_two_ranks_resume_refuses_what_cannot_continue(assets, straight_run, tmp
 
 
 def test_an_export_that_fails_leaves_the_previous_one_and_no_temporary_folder(tmp_path):
-    from minimoe.export.hf import staged_folder
+    from minimoe.model_folder import staged_folder
     out = tmp_path / "student"
     with staged_folder(str(out)) as tmp:
         open(os.path.join(tmp, "model.safetensors"), "w").write("v1")

@@ -210,3 +210,25 @@ def test_a_killed_fine_tuning_run_resumes_to_the_same_result_and_its_folder_expo
                        env=env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert os.path.isfile(killed / "model" / "onnx" / "model.onnx")
+
+
+def test_a_resumed_run_logs_each_step_once_to_metrics_and_wandb(tmp_path):
+    """Resumed at step 5 after logging 8 steps: metrics.jsonl drops and rewrites steps 6-8; wandb, which
+    keeps what it was sent, is sent only the steps after 8."""
+    from minimoe.monitor import Monitor
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n"
+                                                    for s in range(1, 9)) + '{"step": 9, "lo')
+    sent = []
+
+    class FakeRun:
+        def log(self, row, step):
+            sent.append(step)
+
+    monitor = Monitor(str(tmp_path), True, 12, 5, "disabled", "p", {})
+    monitor._wandb = FakeRun()
+    for step in range(6, 13):
+        monitor.log(step, {"loss": 0.5})
+    monitor._wandb = None
+    monitor.close()
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == list(range(1, 13))
+    assert sent == [9, 10, 11, 12]

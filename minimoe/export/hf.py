@@ -15,68 +15,16 @@ see half of one, and a failure leaves the previous one.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 from typing import Optional
 
 import torch
 
 from ..config import ConfigError
-from . import card, names
-
-TASK_META = "task.json"
-HEAD_FILE = "head.safetensors"  # minimoe's layout, for task models on other Hugging Face encoders
-
-
-@contextlib.contextmanager
-def staged_folder(out_dir: str):
-    """Yield a sibling folder to fill; on success it replaces ``out_dir``, so readers never see a
-    half-written export; a failure (a full disk) removes it and leaves the previous export in place."""
-    out_dir = out_dir.rstrip("/")
-    tmp, old = out_dir + ".tmp", out_dir + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        os.makedirs(tmp)
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(out_dir):
-        os.replace(out_dir, old)  # two renames: at every moment one complete export exists
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_model(folder: str, hf_state: dict, config: dict) -> None:
-    """``model.safetensors`` (names already Hugging Face's) and ``config.json`` into ``folder``, plus the
-    modeling code when the config is a MoE's. The weights go through a temporary file: never half a file."""
-    from safetensors.torch import save_file
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, names.WEIGHTS_NAME + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in hf_state.items()}, tmp,
-              metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(folder, names.WEIGHTS_NAME))
-    with open(os.path.join(folder, names.CONFIG_NAME), "w") as fh:
-        json.dump(config, fh, indent=2)
-    if config["model_type"] == names.MOE_MODEL_TYPE:
-        copy_code(folder)
-
-
-def copy_code(folder: str) -> None:
-    """The modeling code a MoE folder needs for ``trust_remote_code`` (``remote/``)."""
-    code = os.path.join(os.path.dirname(os.path.abspath(__file__)), "remote")
-    for f in names.CODE_FILES:
-        shutil.copyfile(os.path.join(code, f), os.path.join(folder, f))
-
-
-def copy_tokenizer_files(src: str, dst: str) -> None:
-    """The tokenizer's files of a model folder (what ``save_pretrained`` of a tokenizer writes)."""
-    for f in os.listdir(src):
-        if f.startswith(("tokenizer", "special_tokens", "vocab")) and os.path.isfile(os.path.join(src, f)):
-            shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
+from ..model_folder import (BERT_CLASSES, HEAD_FILE, MOE_CLASSES, TASK_META, head_of,
+                            hf_config, staged_folder, task_state_to_hf, write_model)
+from . import card
 
 
 def _fp32(state: dict) -> dict:
@@ -111,48 +59,11 @@ def export_student(state: dict, out_dir: str, student_config, tokenizer=None, ca
 # ---------------------------------------------------------------------- task models
 
 
-def head_of(kind: str) -> str:
-    return "token" if kind == "ner" else "sequence"
-
-
-def task_prefix(num_experts: int) -> str:
-    """Where transformers' task classes keep the encoder: ``minimoe.`` for MoE, ``bert.`` for BERT."""
-    return names.MOE_MODEL_TYPE + "." if num_experts > 1 else "bert."
-
-
-def task_state_to_hf(state: dict, kind: str, num_experts: int) -> dict:
-    """TaskModel state (``encoder.*``, ``dense.*``, ``out.*``) -> transformers' task-model names. The
-    encoder's own pooler and relation projection are not part of a task model and are left out."""
-    prefix, out = task_prefix(num_experts), {}
-    for k, v in state.items():
-        if k.startswith("encoder."):
-            inner = k[len("encoder."):]
-            if not inner.startswith(("pooler.", "relation_proj.")):
-                out[prefix + names.to_hf(inner)] = v
-        elif k.startswith("dense."):  # the sentence head's dense + tanh is BERT's pooler
-            out[prefix + "pooler.dense." + k[len("dense."):]] = v
-        elif k.startswith("out."):
-            out["classifier." + k[len("out."):]] = v
-    return out
-
-
-def task_state_from_hf(state: dict, num_experts: int) -> dict:
-    prefix, out = task_prefix(num_experts), {}
-    for k, v in state.items():
-        if k.startswith(prefix + "pooler.dense."):
-            out["dense." + k[len(prefix + "pooler.dense."):]] = v
-        elif k.startswith(prefix):
-            out["encoder." + names.from_hf(k[len(prefix):])] = v
-        elif k.startswith("classifier."):
-            out["out." + k[len("classifier."):]] = v
-    return out
-
-
 def task_config(student: dict, task, dropout: float, version: str) -> dict:
     labels = list(task.labels) if task.kind != "regression" else ["score"]
     head = head_of(task.kind)
-    cfg = names.hf_config(student, version)
-    cfg["architectures"] = [(names.MOE_CLASSES if student["num_experts"] > 1 else names.BERT_CLASSES)[head]]
+    cfg = hf_config(student, version)
+    cfg["architectures"] = [(MOE_CLASSES if student["num_experts"] > 1 else BERT_CLASSES)[head]]
     cfg.update(id2label={str(i): x for i, x in enumerate(labels)},
                label2id={x: i for i, x in enumerate(labels)}, classifier_dropout=dropout)
     if head == "sequence":

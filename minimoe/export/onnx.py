@@ -24,8 +24,8 @@ from torch import nn
 
 from ..config import ConfigError
 from ..errors import CheckFailed
-from . import names
-from .hf import copy_tokenizer_files, staged_folder
+from .. import model_folder as names
+from ..model_folder import copy_tokenizer_files, staged_folder
 
 GRAPH_NAME = "model.onnx"
 REPORT_NAME = "onnx_export.json"

@@ -12,7 +12,7 @@ import shutil
 
 from ..config import ConfigError, ExportConfig, check_output_dir
 from ..heads import is_minimoe_folder
-from .hf import TASK_META, copy_tokenizer_files, staged_folder
+from ..model_folder import TASK_META, copy_tokenizer_files, staged_folder
 
 _DISTILL_DONE, _FINETUNE_DONE = ("summary.json", "student"), ("results.json", "model")
 
