@@ -125,6 +125,8 @@ def expand(cfg: DistillConfig) -> list[tuple[str, DistillConfig]]:
     out, allowed = [], allowed_keys()
     base = _base_student(cfg.student)
     for i, entry in enumerate(read_entries(cfg.students)):
+        # YAML reads 2e-4 as text (only 2.0e-4 as a number): read values as the inline form does
+        entry = {k: _scalar(v) if isinstance(v, str) and k != "name" else v for k, v in entry.items()}
         name = str(entry.get("name", "")).strip()
         if not _NAME.match(name):
             raise ConfigError(f"--students entry {i + 1}: name {name!r} is invalid: give each student a name of "

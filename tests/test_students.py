@@ -34,12 +34,14 @@ def test_the_inline_form_and_the_command_line_defaults():
 
 def test_a_yaml_or_json_file_lists_the_students(tmp_path):
     yml = tmp_path / "s.yaml"
-    yml.write_text("students:\n  - {name: a, num_layers: 2}\n  - name: b\n    num_experts: 1\n    ffn_size: 512\n")
+    yml.write_text("students:\n  - {name: a, num_layers: 2, lr: 2e-4}\n  - name: b\n    num_experts: 1\n"
+                   "    ffn_size: 512\n")
     js = tmp_path / "s.json"
     js.write_text(json.dumps([{"name": "a", "num_layers": 2}, {"name": "b", "num_experts": 1, "ffn_size": 512}]))
     for path in (yml, js):
         runs = dict(expand(_cfg(students=str(path))))
         assert runs["a"].student.num_layers == 2 and runs["b"].student.ffn_size == 512
+    assert dict(expand(_cfg(students=str(yml))))["a"].lr == 2e-4  # YAML's text "2e-4" read as a number
     assert read_entries(str(js)) == json.loads(js.read_text())
 
 
