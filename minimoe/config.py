@@ -140,7 +140,8 @@ class TrainConfig:
         "Expert-parallel size: ranks that share one copy of the experts (divides num_experts and world size)."))
     max_seq_length: int = field(default=128, metadata=_help("Maximum tokens per sequence."))
     max_steps: int = field(default=-1, metadata=_help("Optimizer steps to run; -1 means num_epochs full passes."))
-    num_epochs: float = field(default=1.0, metadata=_help("Passes over the data when max_steps is -1."))
+    num_epochs: float = field(default=1.0, metadata=_help(
+        "Passes over the data when max_steps is -1 (given alone, it sets max_steps to -1)."))
     micro_batch_size: Optional[int] = field(default=None, metadata=_help(
         "Sequences per rank per micro-step (overrides ds_config train_micro_batch_size_per_gpu)."))
     grad_accum: Optional[int] = field(default=None, metadata=_help(
@@ -171,6 +172,20 @@ class TrainConfig:
     save_every: int = field(default=0, metadata=_help("Save a checkpoint every N optimizer steps (0: only at the end)."))
     keep_checkpoints: int = field(default=2, metadata=_help("Checkpoints kept on disk (older ones are deleted)."))
     launch: LaunchConfig = field(default_factory=LaunchConfig, metadata=_help("Job planning (--dry_run)."))
+
+    @classmethod
+    def settle_given(cls, given: dict) -> dict:
+        """The flags given on the command line, settled before the config is built: ``--num_epochs`` alone
+        trains that many epochs (``--max_steps``' default would otherwise win without a word), and a
+        step count given with it is refused rather than silently preferred."""
+        if "num_epochs" not in given:
+            return given
+        if "max_steps" not in given:
+            return {**given, "max_steps": -1}
+        if given["max_steps"] != -1:
+            raise ConfigError(f"--max_steps {given['max_steps']} and --num_epochs {given['num_epochs']} both set "
+                              "the run's length: give one (--max_steps -1 trains --num_epochs)")
+        return given
 
     def validate(self):
         self.launch.validate()

@@ -75,6 +75,8 @@ def from_flags(cls, flags: dict):
         (nested.setdefault(section, {}) if section else top)[name] = value
     for section, values in nested.items():
         top[section] = hints[section](**values)
+    if hasattr(cls, "settle_given"):  # what one flag given alone implies for another's default
+        top = cls.settle_given(top)
     return cls(**top).validate()
 
 

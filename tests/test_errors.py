@@ -220,3 +220,14 @@ def test_an_output_dir_that_cannot_be_a_folder(teacher, tmp_path):
         plan(cfg(teacher, tmp_path, output_dir=afile, ep_size=1))
     with pytest.raises(ConfigError, match="cannot be written .*afile' is not a writable folder"):
         plan(cfg(teacher, tmp_path, output_dir=os.path.join(afile, "run"), ep_size=1))
+
+
+def test_num_epochs_given_alone_trains_the_epochs():
+    """--num_epochs 5 once trained the 60 steps of --max_steps' default without a word."""
+    from minimoe.config import FinetuneConfig
+    assert from_flags(DistillConfig, {"num_epochs": 5}).max_steps == -1
+    assert from_flags(DistillConfig, {}).max_steps == 60  # the demo's length when neither is given
+    assert from_flags(DistillConfig, {"num_epochs": 5, "max_steps": -1}).num_epochs == 5.0
+    assert from_flags(FinetuneConfig, {"num_epochs": 2}).max_steps == -1
+    with pytest.raises(ConfigError, match=r"--max_steps 100 and --num_epochs 5.0 both set the run's length"):
+        from_flags(DistillConfig, {"num_epochs": 5, "max_steps": 100})
