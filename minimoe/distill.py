@@ -16,9 +16,9 @@ from typing import Optional
 
 import torch
 
-from . import checkpoint, placement as placement_lib, runlock, weights
+from . import checkpoint, heldout, placement as placement_lib, plots, runlock, weights
 from .commands import dry_run
-from .config import ConfigError, DistillConfig, check_output_dir
+from .config import ConfigError, DistillConfig, StudentConfig, check_output_dir
 from .data import assets, corpus as corpus_lib
 from .data.batches import GlobalBatches, StreamingBatches
 from .distributed import accelerator_name, agree, device
@@ -47,6 +47,7 @@ class Plan:
     resume: Optional[tuple]
     teacher_ds: dict
     resume_clients: dict        # each student's checkpoint loop state (step, global batch, student, layout)
+    held: Optional[heldout.HeldOutSet] = None  # the held-out pairs (--eval_data / --eval_fraction)
 
     @property
     def layout(self) -> Layout:
@@ -83,7 +84,8 @@ def plan(cfg: DistillConfig) -> Plan:
     memory = placement_lib.memory_per_rank(world.hosts[0][1])
     students, t_ds, placement = [], None, None
     for name, one in members:
-        student = dataclasses.replace(one.student, vocab_size=info.vocab_size, pad_token_id=tokenizer.pad_token_id)
+        student = dataclasses.replace(one.student, vocab_size=info.vocab_size, pad_token_id=tokenizer.pad_token_id,
+                                      router_seed=cfg.seed if one.student.router == "random" else 0)
         s_ds = student_ds_config(one, world.size, accel)
         precision = pop_precision(s_ds)
         micro = s_ds["train_micro_batch_size_per_gpu"]
@@ -108,6 +110,13 @@ def plan(cfg: DistillConfig) -> Plan:
     files = corpus_lib.local_files(data)           # raises on missing local files
     if files:
         corpus_lib.check_readable(files, cfg.text_column)
+    if cfg.eval_data:
+        eval_files = corpus_lib.local_files(assets.resolve_corpus(cfg.eval_data, cfg.cache_dir))
+        if eval_files:
+            corpus_lib.check_readable(eval_files, cfg.text_column)
+    held = heldout.build(data, assets.resolve_corpus(cfg.eval_data, cfg.cache_dir) if cfg.eval_data else "",
+                         cfg.eval_fraction, cfg.text_column, tokenizer, cfg.max_seq_length, cfg.short_seq_prob,
+                         cfg.pair_recipe, cfg.eval_pairs)
     by_name = {sp.name: sp for sp in students}
 
     def same_student_and_target(member: str, client: dict) -> None:
@@ -118,7 +127,8 @@ def plan(cfg: DistillConfig) -> Plan:
             raise ConfigError(f"--resume: {_who(member)}the checkpoint distilled another target: {changed} were "
                               f"{[saved_target.get(k) for k in changed]}, this run has "
                               f"{[sp.target[k] for k in changed]}")
-        saved = client.get("minimoe_student") or {}
+        # a key the checkpoint lacks is a field added since: it had that field's default
+        saved = {**StudentConfig().to_dict(), **(client.get("minimoe_student") or {})}
         diff = sorted(k for k, v in sp.student.to_dict().items() if saved.get(k) != v)
         if diff:
             raise ConfigError(f"--resume: {_who(member)}the checkpoint's student differs from this run's in {diff}")
@@ -127,7 +137,7 @@ def plan(cfg: DistillConfig) -> Plan:
     resume, resume_clients = checkpoint.plan_resume(
         cfg, layout.global_batch, f"{layout.micro_batch} x {layout.grad_accum} x {layout.world_size} ranks",
         same_student_and_target, members=tuple(by_name))
-    return Plan(accel, teacher, data, tokenizer, students, resume, t_ds, resume_clients)
+    return Plan(accel, teacher, data, tokenizer, students, resume, t_ds, resume_clients, held)
 
 
 def _who(name: str) -> str:
@@ -138,18 +148,20 @@ def _load_corpus(cfg: DistillConfig, p: Plan):
     """Rank 0 tokenises (or finds the cache); the others wait, then load. Errors reach every rank."""
     cache = assets.default_cache_dir(cfg.cache_dir)
     args = (p.data, cfg.text_column, p.tokenizer, cfg.max_seq_length, cfg.short_seq_prob, cfg.seed, cache)
-    agree(lambda: corpus_lib.build_or_load(*args, progress=True), main_only=True)
-    return corpus_lib.build_or_load(*args)
+    kw = {"split": (cfg.eval_fraction, "train"), "recipe": cfg.pair_recipe}
+    agree(lambda: corpus_lib.build_or_load(*args, progress=True, **kw), main_only=True)
+    return corpus_lib.build_or_load(*args, **kw)
 
 
 def _streaming_batches(cfg: DistillConfig, p: Plan, rank: int, micro: int, accum: int) -> StreamingBatches:
     template = corpus_lib.PairTemplate.from_tokenizer(p.tokenizer)
 
     def make_examples(epoch: int, rank: int, world: int):
-        docs = (d for i, d in enumerate(corpus_lib.iter_documents(p.data, cfg.text_column, streaming=True))
-                if i % world == rank)
+        docs = corpus_lib.select_documents(corpus_lib.iter_documents(p.data, cfg.text_column, streaming=True),
+                                           cfg.eval_fraction, "train")
+        docs = (d for i, d in enumerate(docs) if i % world == rank)
         return corpus_lib.iter_examples(docs, p.tokenizer, template, cfg.max_seq_length, cfg.short_seq_prob,
-                                        cfg.seed + 7919 * epoch + rank)
+                                        cfg.seed + 7919 * epoch + rank, recipe=cfg.pair_recipe)
 
     return StreamingBatches(make_examples, micro, accum, p.world_size, rank, cfg.seed, p.tokenizer.pad_token_id)
 
@@ -195,8 +207,10 @@ def run(cfg: DistillConfig) -> dict:
 
         members.append(Member(engine, sp.layout, client_state, name=sp.name, cfg=sp.cfg))
 
-    spec = Distillation(batches, teacher, dev)
-    trainer = Trainer(spec, members, cfg, dist_info, Cadence(total_steps, cfg.log_every, cfg.save_every))
+    held = p.held and heldout.HeldOutLoss(p.held, micro, dist_info.rank, p.world_size, p.tokenizer.pad_token_id, dev)
+    spec = Distillation(batches, teacher, dev, held)
+    eval_every = (cfg.eval_every or total_steps) if held else 0  # 0: at the end only
+    trainer = Trainer(spec, members, cfg, dist_info, Cadence(total_steps, cfg.log_every, cfg.save_every, eval_every))
     start_step = trainer.resume(p.resume, p.resume_clients)
     common = {"command": command_line(), "world_size": p.world_size, "global_batch": batches.global_batch,
               "total_steps": total_steps, "corpus_pairs": corpus_size,
@@ -217,9 +231,11 @@ def run(cfg: DistillConfig) -> dict:
     summaries = {}
     for sp, m in zip(p.students, members):
         summary = summaries[sp.name] = _summary(sp, p, m.history, wall, total_steps - start_step, total_steps,
-                                                rss, teacher, batches.global_batch)
+                                                rss, teacher, batches.global_batch, spec.heldout.get(sp.name))
         if dist_info.is_main:
             folder = os.path.join(cfg.output_dir, sp.folder)
+            plots.relation_curves(os.path.join(folder, "metrics.jsonl"), os.path.join(folder, "relation.png"),
+                                  sp.name or os.path.basename(os.path.abspath(cfg.output_dir)))
             name = sp.name or os.path.basename(os.path.abspath(cfg.output_dir))
             final = os.path.join(trainer.ckpt_root, checkpoint.tag_for(total_steps), sp.name)
             card_text = student_card(name, sp.student, configs[sp.name], summary)
@@ -249,9 +265,10 @@ class Distillation:
 
     desc = "distill"
 
-    def __init__(self, batches, teacher: Teacher, dev):
-        self.batches, self.teacher, self.dev = batches, teacher, dev
+    def __init__(self, batches, teacher: Teacher, dev, held: Optional[heldout.HeldOutLoss] = None):
+        self.batches, self.teacher, self.dev, self.held = batches, teacher, dev, held
         self._teacher_s = 0.0
+        self.heldout: dict[str, dict] = {}  # each student's last held-out scores
 
     def micro_batches(self, step: int) -> list[dict]:
         return [{k: v.to(self.dev) for k, v in b.items()} for b in self.batches.micro_batches(step)]
@@ -265,14 +282,24 @@ class Distillation:
     def loss(self, member, batch: dict, t_qkv):
         cfg = member.cfg
         out = member.engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], output_qkv=True)
-        relation = relation_kl(t_qkv, out.qkv, batch["attention_mask"], cfg.relation_heads)
+        relation = relation_kl(t_qkv, out.qkv, batch["attention_mask"], cfg.relation_heads,
+                               dropout=cfg.relation_dropout)
         return relation + cfg.load_balance_weight * out.aux_loss, (relation, out, self._teacher_s)
 
     def window(self, member) -> "_Window":
         return _Window(member.cfg.load_balance_weight)
 
-    def evaluate(self, engine, step: int):
-        return {}, ""
+    def evaluate(self, members, step: int) -> list[tuple[dict, str]]:
+        out = []
+        for m, scores in zip(members, self.held.evaluate(members, self.teacher)):
+            self.heldout[m.name] = {"step": step, **scores}
+            who = f"student {m.name} " if m.name else ""
+            line = (f"step {step}: {who}held-out relation {scores['relation']:.4f} (Q-Q {scores['qq']:.4f}, "
+                    f"K-K {scores['kk']:.4f}, V-V {scores['vv']:.4f})")
+            if "routing_entropy" in scores:
+                line += f", routing entropy {scores['routing_entropy']:.3f}, max load {scores['max_load']:.2f}"
+            out.append(({f"heldout_{k}": v for k, v in scores.items()}, line))
+        return out
 
     def should_stop(self) -> str:
         return ""
@@ -329,7 +356,8 @@ class _Window:
         return metrics, util
 
 
-def _summary(sp: StudentPlan, p: Plan, history, wall, steps, total_steps, rss, teacher, global_batch) -> dict:
+def _summary(sp: StudentPlan, p: Plan, history, wall, steps, total_steps, rss, teacher, global_batch,
+             held: Optional[dict]) -> dict:
     dense = dataclasses.replace(sp.student, num_experts=1, relation_projection=False)
     table = {}
     for name, sc in (("student", sp.student), ("dense_twin", dense)):
@@ -349,6 +377,8 @@ def _summary(sp: StudentPlan, p: Plan, history, wall, steps, total_steps, rss, t
         "teacher": {"name": p.teacher, "hidden_size": teacher.info.hidden_size, "layers": teacher.info.num_layers,
                     "placement": teacher.placement.kind, "bytes_per_rank": teacher.bytes_per_rank()},
         "models": table,
+        "heldout": None if held is None else {**held, "pairs": len(p.held.examples), "tokens": p.held.tokens,
+                                              "source": p.held.source},
     }
 
 
@@ -356,6 +386,10 @@ def format_summary(s: dict) -> str:
     done = (f"done: {s['steps']} steps in {s['wall_s']:.1f} s ({s['steps_per_s']:.3f} steps/s, "
             f"{s['tokens_per_s']:.0f} tokens/s), relation loss {s['relation_first']:.4f} -> {s['relation_last']:.4f}"
             if s["relation_first"] is not None else "done: the checkpoint was already at the last step; exported it")
+    held = s.get("heldout")
+    if held:
+        done += (f"; held-out relation {held['relation']:.4f} ({held['pairs']} pairs, dropout and gate noise "
+                 "off)")
     lines = [done, f"peak RSS per rank (MiB): {s['peak_rss_mib_per_rank']}",
              f"{'model':<12}{'params':>10}{'active':>10}{'paper GFLOPs':>14}{'fwd GFLOPs':>12}"]
     for name, m in s["models"].items():

@@ -21,6 +21,8 @@ PAPER_GRAD_CLIP = 5.0
 
 
 def _precision(ds: dict, precision: str, accelerator: str, what: str) -> str:
+    if precision == "mixed":  # the paper trains with fp16 autocast; bf16 where the GPU has it is the safer half
+        precision = "fp32" if accelerator == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if precision != "auto":
         ds.setdefault("bf16", {})["enabled"] = precision == "bf16"
         ds.setdefault("fp16", {})["enabled"] = precision == "fp16"
@@ -50,6 +52,11 @@ def student_ds_config(cfg: TrainConfig, world_size: int, accelerator: str) -> di
 
     micro = cfg.micro_batch_size or _int_or_none(ds.get("train_micro_batch_size_per_gpu")) or DEFAULT_MICRO_BATCH
     accum = cfg.grad_accum or _int_or_none(ds.get("gradient_accumulation_steps")) or 1
+    if cfg.global_batch:
+        accum, rest = divmod(cfg.global_batch, micro * world_size)
+        if rest or not accum:
+            raise ConfigError(f"--global_batch {cfg.global_batch} is not a multiple of micro batch x ranks = {micro} "
+                              f"x {world_size}; choose a multiple, or set --micro_batch_size")
     stated = ds.get("train_batch_size", "auto")
     if stated != "auto" and stated != micro * accum * world_size:
         raise ConfigError(f"{what}: train_batch_size {stated} is not micro batch x grad accum x ranks = {micro} x "

@@ -353,9 +353,9 @@ class FineTuning:
     def window(self, member) -> "_LossWindow":
         return _LossWindow()
 
-    def evaluate(self, engine, step: int) -> tuple[dict, str]:
-        scores = evaluate(engine, self.task, self.dev_sets, self.micro, self.info.rank, self.info.world_size,
-                          self.pad_id, self.dev)
+    def evaluate(self, members, step: int) -> list[tuple[dict, str]]:
+        scores = evaluate(members[0].engine, self.task, self.dev_sets, self.micro, self.info.rank,
+                          self.info.world_size, self.pad_id, self.dev)
         main = scores[next(iter(self.dev_sets))][self.task.main_metric]
         self.history.append({"step": step, "epoch": step / self.batches.steps_per_epoch, "dev": scores})
         self._improved = self.best is None or main > self.best["main"]
@@ -363,8 +363,8 @@ class FineTuning:
             self.best, self.bad_evals = {"step": step, "main": main, "dev": scores}, 0
         else:
             self.bad_evals += 1
-        return ({f"dev/{s}/{k}": v for s, m in scores.items() for k, v in m.items()},
-                f"step {step}: dev {self.task.main_metric} {main:.4f}")
+        return [({f"dev/{s}/{k}": v for s, m in scores.items() for k, v in m.items()},
+                 f"step {step}: dev {self.task.main_metric} {main:.4f}")]
 
     def improved(self) -> bool:
         return self._improved

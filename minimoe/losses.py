@@ -22,6 +22,9 @@ import torch.nn.functional as F
 
 # Relation entries per chunk: 4 Mi fp32 (16 MiB a tensor), so a few live tensors stay cache-sized.
 CHUNK_ELEMENTS = 1 << 22
+# With relation dropout a dropped student probability is 0: the authors take log(p + 1e-7), so the teacher's
+# mass on it costs a large but finite penalty.
+DROPOUT_EPS = 1e-7
 
 
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -43,7 +46,7 @@ class _RelationKL(torch.autograd.Function):
     """The loss in ``forward``, its gradient too (see the module docstring); ``backward`` only scales it."""
 
     @staticmethod
-    def forward(ctx, attention_mask, num_heads, chunk_elements, *qkv):
+    def forward(ctx, attention_mask, num_heads, chunk_elements, dropout, *qkv):
         teacher, student = qkv[:len(qkv) // 2], qkv[len(qkv) // 2:]
         valid = attention_mask.bool()
         b, l = valid.shape
@@ -59,15 +62,18 @@ class _RelationKL(torch.autograd.Function):
         grads = []
         for i, (t, s) in enumerate(zip(teacher, student, strict=True)):
             ts, ss = _heads(t, num_heads), _heads(s, num_heads)
-            grad = torch.empty_like(ss) if ctx.needs_input_grad[3 + len(teacher) + i] else None
+            grad = torch.empty_like(ss) if ctx.needs_input_grad[4 + len(teacher) + i] else None
             for r in range(0, ss.shape[0], rows):
                 part = slice(r, r + rows)
                 t_logp = _log_relations(ts[part], bias[part])
                 s_logp = _log_relations(ss[part], bias[part])
                 t_p = t_logp.exp()
+                if dropout:
+                    s_logp, g = _dropped(s_logp, t_p, dropout)
                 total += ((t_p * (t_logp - s_logp)).sum(-1, keepdim=True) * weight[part]).sum().double()
                 if grad is not None:
-                    g = s_logp.exp_().sub_(t_p).mul_(weight[part])  # d loss / d student scores
+                    # d loss / d student scores
+                    g = g.mul_(weight[part]) if dropout else s_logp.exp_().sub_(t_p).mul_(weight[part])
                     x, scale = ss[part], 1.0 / math.sqrt(ss.shape[-1])
                     grad[part] = torch.baddbmm(torch.bmm(g, x), g.transpose(1, 2), x, alpha=scale, beta=scale)
             grads.append(None if grad is None else
@@ -78,22 +84,39 @@ class _RelationKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grads, ctx.grads = ctx.grads, None
-        return (None, None, None, *(None for _ in grads),
+        return (None, None, None, None, *(None for _ in grads),
                 *(None if g is None else g * grad_output for g in grads))
 
 
+def _dropped(s_logp: torch.Tensor, t_p: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Relation dropout: the student's probabilities ``s`` through dropout (``d = s * m``, ``m`` 0 or
+    ``1 / (1 - p)``), then ``log(d + eps)`` as the authors take it. Returns that log and the loss's gradient
+    with respect to the student's scores (before the row weights): with ``a = -t m / (d + eps)`` (the
+    gradient with respect to ``s``), the softmax's Jacobian gives ``s * (a - sum(s * a))``."""
+    s = s_logp.exp()
+    m = torch.empty_like(s).bernoulli_(1.0 - p).div_(1.0 - p)
+    d = s * m
+    a = -t_p * m / (d + DROPOUT_EPS)
+    return torch.log(d + DROPOUT_EPS), s * (a - (s * a).sum(-1, keepdim=True))
+
+
 def relation_kl(teacher_qkv: Sequence[torch.Tensor], student_qkv: Sequence[torch.Tensor],
-                attention_mask: torch.Tensor, num_heads: int,
-                chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+                attention_mask: torch.Tensor, num_heads: int, chunk_elements: int = CHUNK_ELEMENTS,
+                dropout: float = 0.0) -> torch.Tensor:
     """Mean over Q-Q, K-K, V-V of KL(teacher || student) per (query token, relation head) row.
 
     The teacher and student hidden sizes may differ; both are split into ``num_heads`` relations, so
     their [L, L] relation maps compare one to one. Padded keys get probability 0; rows of padded
     query positions are dropped. Differentiable with respect to the student's tensors only.
+
+    ``dropout`` > 0 applies dropout to the student's relation probabilities first (the authors' training:
+    0.1), drawing its masks from the default generator; 0 is the plain loss (and draws nothing).
     """
     if len(teacher_qkv) != len(student_qkv):
         raise ValueError(f"{len(teacher_qkv)} teacher and {len(student_qkv)} student relation inputs")
-    return _RelationKL.apply(attention_mask, num_heads, chunk_elements, *teacher_qkv, *student_qkv)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"relation dropout {dropout} must be in [0, 1)")
+    return _RelationKL.apply(attention_mask, num_heads, chunk_elements, float(dropout), *teacher_qkv, *student_qkv)
 
 
 def logits_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,

@@ -60,6 +60,46 @@ def top1(logits: torch.Tensor, used: Optional[torch.Tensor]) -> Top1:
     return Top1(prob, expert, counts)
 
 
+def fixed_top1(expert: torch.Tensor, used: Optional[torch.Tensor], num_experts: int) -> Top1:
+    """A routing decided without a gate (``fixed_route``): every chosen expert's output has weight 1."""
+    if used is not None:
+        expert = expert.masked_fill(~used.bool(), num_experts)
+    counts = torch.bincount(expert, minlength=num_experts + 1)[:num_experts]
+    return Top1(torch.ones(expert.shape, device=expert.device), expert, counts)
+
+
+_MASK32 = 1 << 32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply, two rounds: every output bit depends on every input bit) of
+    int64 values in [0, 2^32). Shifts are floor divisions and no product exceeds 2^59, so torch, the exported
+    remote code and an ONNX graph (Div, Mul, Mod, BitwiseXor) compute the same integers."""
+    for _ in range(2):
+        x = (torch.bitwise_xor(x // 65536, x) * 0x45D9F3B) % _MASK32
+    return torch.bitwise_xor(x // 65536, x)
+
+
+def fixed_route(router: str, token_ids: torch.Tensor, layer: int, num_experts: int, seed: int = 0,
+                salt: int = 0) -> torch.Tensor:
+    """The expert of every token of ``token_ids`` [B, L] (flattened) under a router without a gate.
+
+    ``hash``: a fixed function of the token id (and the layer), as in Hash Layers (Roller et al., 2021): every
+    occurrence of a token, on any rank, in training and at inference, goes to the same expert. ``random``: a
+    uniformly random expert per token occurrence (token id, position, layer), drawn from ``seed`` and ``salt``
+    (the student's training forward count, so each step draws anew; 0 at inference), again the same on every
+    rank and in every process. Both are integer hashes: no random generator is touched.
+    """
+    ids = token_ids.long()
+    key = ids * 0x9E3779B1 + (layer + 1) * 0x85EBCA6B
+    if router == "random":
+        pos = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
+        key = key + pos * 0xC2B2AE35 + (seed * 0x27D4EB2F + salt * 0x165667B1) % _MASK32
+    elif router != "hash":
+        raise ValueError(f"router {router!r} has a gate; fixed_route serves 'random' and 'hash'")
+    return _mix32(key.reshape(-1) % _MASK32) % num_experts
+
+
 def agreed_capacity(counts: torch.Tensor, routed_tokens: torch.Tensor, drop_tokens: bool,
                     capacity_factor: float, min_capacity: int, group=None) -> int:
     """Rows per expert in the dispatch buffer, the same on every rank of ``group`` by construction.
@@ -97,16 +137,21 @@ class NoisyTop1Gate(TopKGate):
     Returns what DeepSpeed's ``MOELayer`` (0.19) expects of a gate asked for sparse routes:
     ``(l_aux, capacity, E, indices, rows, weights, counts)``, with ``l_aux`` over the tokens that are
     really routed (``used_token``) and the capacity agreed across the expert-parallel group.
+
+    With ``learned=False`` (the random and hash routers) it has no parameters: the layer sets ``fixed``, the
+    experts of the tokens it is about to dispatch, and the gate only turns them into routes (weight 1, no
+    balance loss).
     """
 
     def __init__(self, hidden_size: int, num_experts: int, noise: float, drop_tokens: bool,
-                 capacity_factor: float):
+                 capacity_factor: float, learned: bool = True):
         super().__init__(hidden_size, num_experts, k=1, capacity_factor=capacity_factor,
                          eval_capacity_factor=capacity_factor, min_capacity=4 if drop_tokens else 0,
                          noisy_gate_policy=None, drop_tokens=drop_tokens, use_rts=False)
-        self.wg = nn.Linear(hidden_size, num_experts, bias=True)
+        self.wg = nn.Linear(hidden_size, num_experts, bias=True) if learned else None
         self.noise = noise
         self.num_experts = num_experts
+        self.fixed: Optional[torch.Tensor] = None
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         # Routing runs in fp32 whatever the model dtype, as DeepSpeed's gate does.
@@ -119,12 +164,16 @@ class NoisyTop1Gate(TopKGate):
                 sparse_routes: bool = True, use_tutel: bool = False):
         if not sparse_routes or use_tutel:
             raise NotImplementedError("NoisyTop1Gate gives DeepSpeed's sparse routes only (MOELayer, 0.19)")
-        logits = self.logits(input)
-        choice = top1(logits, used_token)
+        if self.wg is None:
+            choice = fixed_top1(self.fixed, used_token, self.num_experts)
+            l_aux = input.new_zeros((), dtype=torch.float32)
+        else:
+            logits = self.logits(input)
+            choice = top1(logits, used_token)
+            l_aux = load_balance_loss(logits, choice.counts, used_token)
         routed = choice.counts.sum()
         capacity = agreed_capacity(choice.counts, routed, self.drop_tokens, self.capacity_factor,
                                    self.min_capacity, self.ep_group)
-        l_aux = load_balance_loss(logits, choice.counts, used_token)
         return (l_aux, capacity, self.num_experts, *dispatch_routes(choice, capacity), choice.counts)
 
 
@@ -163,10 +212,14 @@ class MoEFeedForward(nn.Module):
 
     def __init__(self, hidden_size: int, ffn_size: int, num_experts: int, ep_size: int, dropout: float,
                  gate_noise: float, drop_tokens: bool, capacity_factor: float, route_padding: bool,
-                 local_dispatch: Optional[bool] = None):
+                 local_dispatch: Optional[bool] = None, router: str = "learned", layer: int = 0,
+                 router_seed: int = 0):
         super().__init__()
         self.num_experts = num_experts
         self.route_padding = route_padding
+        self.router, self.layer, self.router_seed = router, layer, router_seed
+        if router == "random":  # its training forwards so far: the draws' salt (checkpoints and resumes carry it)
+            self.register_buffer("route_draws", torch.zeros((), dtype=torch.long))
         self.local_dispatch = (ep_size == 1 and not drop_tokens) if local_dispatch is None else local_dispatch
         if self.local_dispatch and (ep_size != 1 or drop_tokens):
             raise ValueError("local dispatch needs ep_size 1 and dropless routing")
@@ -176,7 +229,7 @@ class MoEFeedForward(nn.Module):
                        drop_tokens=drop_tokens, use_rts=False)
         # Swap in the paper's gate before DeepSpeed assigns the expert-parallel group to it.
         self.moe.deepspeed_moe.gate = NoisyTop1Gate(hidden_size, num_experts, gate_noise, drop_tokens,
-                                                    capacity_factor)
+                                                    capacity_factor, learned=router == "learned")
 
     @property
     def local_experts(self) -> nn.ModuleList:
@@ -186,21 +239,39 @@ class MoEFeedForward(nn.Module):
     def gate(self) -> NoisyTop1Gate:
         return self.moe.deepspeed_moe.gate
 
-    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                token_ids: Optional[torch.Tensor] = None):
         used = None
         if attention_mask is not None and not self.route_padding:
             used = attention_mask.reshape(-1)
+        fixed = None
+        if self.router != "learned":
+            if token_ids is None:
+                raise ValueError(f"the {self.router} router routes by token id: pass token_ids")
+            drawing = self.router == "random" and self.training
+            fixed = fixed_route(self.router, token_ids, self.layer, self.num_experts, self.router_seed,
+                                int(self.route_draws) if drawing else 0)
+            if drawing:
+                self.route_draws += 1
         if self.local_dispatch:
-            return self._local_forward(x, used)
-        out, l_aux, counts = self.moe(x, used)
+            return self._local_forward(x, used, fixed)
+        self.gate.fixed = fixed
+        try:
+            out, l_aux, counts = self.moe(x, used)
+        finally:
+            self.gate.fixed = None
         return out, l_aux, counts
 
-    def _local_forward(self, x: torch.Tensor, used: Optional[torch.Tensor]):
+    def _local_forward(self, x: torch.Tensor, used: Optional[torch.Tensor], fixed: Optional[torch.Tensor]):
         """Top-1 routing without capacity buffers: sort tokens by expert, run each on its own slice."""
         tokens = x.reshape(-1, x.shape[-1])
-        logits = self.gate.logits(tokens)
-        prob, expert, counts = top1(logits, used)  # unrouted tokens get expert E: sorted last, skipped
-        l_aux = load_balance_loss(logits, counts, used)
+        if fixed is not None:
+            prob, expert, counts = fixed_top1(fixed, used, self.num_experts)
+            l_aux = tokens.new_zeros((), dtype=torch.float32)
+        else:
+            logits = self.gate.logits(tokens)
+            prob, expert, counts = top1(logits, used)  # unrouted tokens get expert E: sorted last, skipped
+            l_aux = load_balance_loss(logits, counts, used)
         order = torch.argsort(expert, stable=True)
         outs, start = [], 0
         for e, n in enumerate(counts.tolist()):
@@ -221,7 +292,8 @@ class DenseFeedForward(nn.Module):
         super().__init__()
         self.ffn = ExpertFFN(hidden_size, ffn_size, dropout)
 
-    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                token_ids: Optional[torch.Tensor] = None):
         return self.ffn(x), x.new_zeros((), dtype=torch.float32), None
 
 

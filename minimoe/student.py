@@ -24,6 +24,7 @@ from .layout import StudentShape
 from .moe import DenseFeedForward, MoEFeedForward, moefy_
 
 CONFIG_NAME, WEIGHTS_NAME = names.CONFIG_NAME, names.WEIGHTS_NAME
+ROUTE_DRAWS = "route_draws"  # the random router's buffer (``moe.MoEFeedForward``)
 
 
 @dataclass
@@ -69,7 +70,7 @@ class SelfAttention(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, cfg: StudentConfig, ep_size: int):
+    def __init__(self, cfg: StudentConfig, ep_size: int, index: int = 0):
         super().__init__()
         self.attention = SelfAttention(cfg)
         self.attention_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -79,13 +80,14 @@ class Layer(nn.Module):
         else:
             self.ffn = MoEFeedForward(cfg.hidden_size, cfg.ffn_size, cfg.num_experts, ep_size,
                                       cfg.hidden_dropout, cfg.gate_noise, cfg.drop_tokens, cfg.capacity_factor,
-                                      cfg.route_padding)
+                                      cfg.route_padding, router=cfg.router, layer=index,
+                                      router_seed=cfg.router_seed)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, x, attn_mask, attention_mask):
+    def forward(self, x, attn_mask, attention_mask, input_ids):
         a, qkv = self.attention(x, attn_mask)
         x = self.attention_norm(x + self.dropout(a))
-        f, l_aux, counts = self.ffn(x, attention_mask)
+        f, l_aux, counts = self.ffn(x, attention_mask, input_ids)
         return self.ffn_norm(x + f), l_aux, counts, qkv
 
 
@@ -99,7 +101,7 @@ class MiniMoEModel(nn.Module):
             raise ConfigError(f"ep_size {ep_size} must divide num_experts {config.num_experts}")
         self.config, self.ep_size, self.ep_rank = config, ep_size, ep_rank
         self.embeddings = Embeddings(config)
-        self.layers = nn.ModuleList(Layer(config, ep_size) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(Layer(config, ep_size, i) for i in range(config.num_layers))
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
         # Distillation-only: Q/K/V over the final hidden states (paper, MoE students). Not exported
         # into compute or parameter counts of the deployed model.
@@ -130,7 +132,8 @@ class MiniMoEModel(nn.Module):
                 m.bias.zero_()
         for layer in self.layers:
             if isinstance(layer.ffn, MoEFeedForward):
-                layer.ffn.gate.wg.reset_parameters()  # paper: the gate keeps PyTorch's default init
+                if layer.ffn.gate.wg is not None:
+                    layer.ffn.gate.wg.reset_parameters()  # paper: the gate keeps PyTorch's default init
                 moefy_(layer.ffn, self.ep_rank, self.config.moefy_shared_fraction, std)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
@@ -144,7 +147,7 @@ class MiniMoEModel(nn.Module):
         attn_mask = attention_mask.bool()[:, None, None, :]
         aux, counts, qkv = [], [], None
         for layer in self.layers:
-            x, l_aux, c, qkv = layer(x, attn_mask, attention_mask)
+            x, l_aux, c, qkv = layer(x, attn_mask, attention_mask, input_ids)
             aux.append(l_aux)
             if c is not None:
                 counts.append(c)
@@ -178,6 +181,8 @@ class MiniMoEModel(nn.Module):
             state_dict = self.state_dict()
         if self.config.num_experts == 1:  # a plain BertModel folder: no distillation-only projection in it
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith("relation_proj.")}
+        # the random router's training-forward count is loop state, not a weight (inference draws with 0)
+        state_dict = {k: v for k, v in state_dict.items() if not k.endswith(ROUTE_DRAWS)}
         write_model(path, {names.to_hf(k): v for k, v in state_dict.items()},
                     names.hf_config(self.config.to_dict(), __version__))
 
@@ -196,7 +201,7 @@ class MiniMoEModel(nn.Module):
             state = {names.from_hf(k, strict=False): v for k, v in state.items()}
         missing, unexpected = model.load_state_dict(localize_experts(state, model), strict=False)
         # A folder re-saved by transformers may lack the distillation-only projection: it starts afresh.
-        missing = [k for k in missing if not k.startswith("relation_proj.")]
+        missing = [k for k in missing if not k.startswith("relation_proj.") and not k.endswith(ROUTE_DRAWS)]
         if missing or unexpected:
             raise ConfigError(f"{path!r}: the weights do not match its config.json (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})")
@@ -250,7 +255,7 @@ def count_parameters(cfg: StudentConfig) -> dict:
     embeddings = (cfg.vocab_size + cfg.max_position_embeddings + cfg.type_vocab_size) * h + 2 * h
     attention = 4 * (h * h + h) + 2 * h            # q, k, v, output + attention LayerNorm
     expert = 2 * h * f + f + h
-    gate = (h * e + e) if e > 1 else 0
+    gate = (h * e + e) if e > 1 and cfg.router == "learned" else 0
     per_layer_shared = attention + 2 * h + gate    # + FFN LayerNorm
     pooler = h * h + h
     shared = embeddings + cfg.num_layers * per_layer_shared + pooler
@@ -280,7 +285,7 @@ def flops_per_sequence(cfg: StudentConfig, seq_len: int = 128) -> dict:
     h, f, e, L, s = cfg.hidden_size, cfg.ffn_size, cfg.num_experts, cfg.num_layers, seq_len
     linear_macs = L * s * (4 * h * h + 2 * h * f)
     attention_macs = L * 2 * s * s * h
-    gate_macs = L * s * h * e if e > 1 else 0
+    gate_macs = L * s * h * e if e > 1 and cfg.router == "learned" else 0
     return {
         "paper_gflops": linear_macs / 1e9,
         "forward_flops": 2 * (linear_macs + attention_macs + gate_macs),

@@ -32,7 +32,7 @@ from .layout import Layout, gib
 from .placement import GiB
 
 # What an entry may set besides the student's architecture: the run-level flags that are the student's own.
-RUN_KEYS = ("ep_size", "relation_heads", "lr", "load_balance_weight")
+RUN_KEYS = ("ep_size", "relation_heads", "lr", "load_balance_weight", "relation_dropout")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _DERIVED = ("gate_noise", "relation_projection")  # StudentConfig fills these from others when not given
 

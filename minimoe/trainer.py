@@ -115,7 +115,8 @@ class TrainSpec(Protocol):
 
     def window(self, member: "Member") -> Window: ...
 
-    def evaluate(self, engine, step: int) -> tuple[dict, str]: ...  # (metrics to log, a line to print)
+    def evaluate(self, members: list["Member"], step: int) -> list[tuple[dict, str]]: ...  # per member:
+    #                                                                 (metrics to log, a line to print)
 
     def should_stop(self) -> str: ...                               # why to stop early ("" to go on)
 
@@ -321,9 +322,9 @@ class Trainer:
                     windows[i] = spec.window(m)
             stop = ""
             if cadence.eval(done):
-                scores, line = spec.evaluate(members[0].engine, done)
-                self.monitor.log(done, scores)
-                self.monitor.write(line)
+                for m, (scores, line) in zip(members, spec.evaluate(members, done)):
+                    self.monitor.log(done, scores, member=m.name)
+                    self.monitor.write(line)
                 if self.best_tag and spec.improved():
                     self.save(done, tag=self.best_tag)
                 stop = spec.should_stop()

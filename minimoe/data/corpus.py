@@ -14,11 +14,11 @@ import os
 import random
 import re
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from ..config import ConfigError
+from ..config import PAIR_RECIPES, ConfigError  # noqa: F401 - PAIR_RECIPES: the recipes built here
 from ..errors import reading
 
 LOCAL_EXTENSIONS = (".txt", ".json", ".jsonl", ".parquet")
@@ -160,10 +160,36 @@ def _hub_documents(name: str, text_column: str, streaming: bool) -> Iterator[str
 # ---------------------------------------------------------------------- segment pairs
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
+# The authors' data also ends sentences at ';' and before any character, and drops sentences of 7 words or
+# fewer (mostly headings, list items and fragments).
+_BERT_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
+_BERT_MIN_WORDS = 8
 
 
-def split_sentences(document: str) -> list[str]:
+def split_sentences(document: str, recipe: str = "contiguous") -> list[str]:
+    if recipe == "bert":
+        return [s for para in document.split("\n") for s in _BERT_SENTENCE_END.split(para.strip())
+                if len(s.split()) >= _BERT_MIN_WORDS]
     return [s for para in document.split("\n") for s in _SENTENCE_END.split(para.strip()) if s]
+
+
+def held_out(document: str, eval_fraction: float) -> bool:
+    """Whether ``document`` belongs to the held-out split: a hash of its text below ``eval_fraction``. The
+    split depends on the text alone (not on order, seed, world size or streaming), so every run that holds
+    out the same fraction of a corpus holds out the same documents, and none is ever trained on."""
+    if eval_fraction <= 0:
+        return False
+    digest = hashlib.blake2b(document.encode("utf-8", "replace"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < eval_fraction * 2 ** 64
+
+
+def select_documents(documents: Iterable[str], eval_fraction: float, side: str) -> Iterator[str]:
+    """The documents of one side (``train`` or ``eval``) of the split of ``held_out``."""
+    if eval_fraction <= 0:
+        yield from (documents if side == "train" else ())
+        return
+    want = side == "eval"
+    yield from (d for d in documents if held_out(d, eval_fraction) == want)
 
 
 @dataclass(frozen=True)
@@ -204,24 +230,36 @@ def _find(seq: list, sub: list, start: int) -> int:
 
 
 def document_pairs(sentences: list[list[int]], max_tokens: int, short_seq_prob: float,
-                   rng: random.Random) -> Iterator[tuple[list, list]]:
-    """BERT's segment-pair recipe without NSP: B is always A's true continuation.
+                   rng: random.Random, others: Sequence[list[list[int]]] = ()) -> Iterator[tuple[list, list]]:
+    """BERT's segment-pair recipe, without the NSP label.
 
-    Sentences are packed into chunks of a target length (shorter with ``short_seq_prob``); each chunk
-    is cut at a random sentence boundary into A and B and trimmed to ``max_tokens``.
+    Sentences are packed into chunks of a target length (shorter with ``short_seq_prob``); each chunk is
+    cut at a random sentence boundary into A and B and trimmed to ``max_tokens``. With ``others`` (other
+    documents' sentences: the ``bert`` recipe), B is instead taken from a random one of them, from a random
+    sentence on, half of the time and whenever the chunk is one sentence; the chunk's sentences B did not use
+    go back to be packed again. Without ``others`` (``contiguous``), B is always A's true continuation.
     """
     target = _target(max_tokens, short_seq_prob, rng)
     chunk: list[list[int]] = []
     length = 0
-    for i, sent in enumerate(sentences):
-        chunk.append(sent)
-        length += len(sent)
+    i = 0
+    while i < len(sentences):
+        chunk.append(sentences[i])
+        length += len(sentences[i])
         if i == len(sentences) - 1 or length >= target:
-            if len(chunk) >= 2:
-                cut = rng.randint(1, len(chunk) - 1)
-                a = [t for s in chunk[:cut] for t in s]
+            cut = rng.randint(1, len(chunk) - 1) if len(chunk) >= 2 else 1
+            a = [t for s in chunk[:cut] for t in s]
+            if others and (len(chunk) == 1 or rng.random() < 0.5):
+                other = others[rng.randrange(len(others))]
+                b = []
+                for s in other[rng.randrange(len(other)):]:
+                    b += s
+                    if len(b) >= target - len(a):
+                        break
+                i -= len(chunk) - cut           # B did not use them: pack them again
+            elif len(chunk) >= 2:
                 b = [t for s in chunk[cut:] for t in s]
-            else:  # one long sentence: cut it inside
+            else:  # one long sentence, no other document: cut it inside
                 flat = chunk[0]
                 cut = rng.randint(1, len(flat) - 1) if len(flat) >= 2 else 0
                 a, b = flat[:cut], flat[cut:]
@@ -230,6 +268,7 @@ def document_pairs(sentences: list[list[int]], max_tokens: int, short_seq_prob: 
                 yield a, b
             chunk, length = [], 0
             target = _target(max_tokens, short_seq_prob, rng)
+        i += 1
 
 
 def _target(max_tokens: int, short_seq_prob: float, rng: random.Random) -> int:
@@ -243,21 +282,26 @@ def _truncate_pair(a: list, b: list, max_tokens: int, rng: random.Random) -> Non
 
 
 def iter_examples(documents: Iterable[str], tokenizer, template: PairTemplate, max_seq_length: int,
-                  short_seq_prob: float, seed: int, batch_docs: int = 64) -> Iterator[tuple[list, list]]:
-    """Documents -> (input_ids, token_type_ids) pairs, tokenising sentences in batches (fast path)."""
+                  short_seq_prob: float, seed: int, batch_docs: int = 64,
+                  recipe: str = "contiguous") -> Iterator[tuple[list, list]]:
+    """Documents -> (input_ids, token_type_ids) pairs, tokenising sentences in batches (fast path). The
+    ``bert`` recipe draws its random B segments from the other documents of the same batch."""
     rng = random.Random(seed)
     max_tokens = max_seq_length - template.num_special
     buf: list[str] = []
 
     def flush():
-        sents = [split_sentences(d) for d in buf]
+        sents = [split_sentences(d, recipe) for d in buf]
         flat = [s for ss in sents for s in ss]
         ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
-        k = 0
+        docs, k = [], 0
         for ss in sents:
-            doc = [x for x in ids[k:k + len(ss)] if x]
+            docs.append([x for x in ids[k:k + len(ss)] if x])
             k += len(ss)
-            for a, b in document_pairs(doc, max_tokens, short_seq_prob, rng):
+        docs = [d for d in docs if d]
+        for j, doc in enumerate(docs):
+            others = docs[:j] + docs[j + 1:] if recipe == "bert" else ()
+            for a, b in document_pairs(doc, max_tokens, short_seq_prob, rng, others):
                 yield template.build(a, b)
 
     for doc in documents:
@@ -303,32 +347,38 @@ class TokenizedCorpus:
                    torch.tensor(offsets, dtype=torch.int64))
 
 
-def cache_key(data: str, text_column: str, tokenizer, max_seq_length: int, short_seq_prob: float, seed: int) -> str:
+def cache_key(data: str, text_column: str, tokenizer, max_seq_length: int, short_seq_prob: float, seed: int,
+              split: tuple = (0.0, "train"), recipe: str = "contiguous") -> str:
     files = local_files(data)
     source = [(os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)) for f in files] if files else data
     backend = getattr(tokenizer, "backend_tokenizer", None)
     tok = backend.to_str() if backend is not None else str(sorted(tokenizer.get_vocab().items()))
     blob = json.dumps([CACHE_VERSION, source, text_column, hashlib.sha256(tok.encode()).hexdigest(),
-                       max_seq_length, short_seq_prob, seed])
+                       max_seq_length, short_seq_prob, seed]
+                      + ([list(split), recipe] if (split[0] > 0 or recipe != "contiguous") else []))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def build_or_load(data: str, text_column: str, tokenizer, max_seq_length: int, short_seq_prob: float,
-                  seed: int, cache_dir: str, progress: bool = False) -> TokenizedCorpus:
-    """Tokenise ``data`` once into ``cache_dir`` (atomically) and return it; load it if cached."""
-    key = cache_key(data, text_column, tokenizer, max_seq_length, short_seq_prob, seed)
+                  seed: int, cache_dir: str, progress: bool = False, split: tuple = (0.0, "train"),
+                  recipe: str = "contiguous") -> TokenizedCorpus:
+    """Tokenise ``data`` once into ``cache_dir`` (atomically) and return it; load it if cached. ``split``:
+    (eval fraction, side): only that side's documents (``held_out``)."""
+    key = cache_key(data, text_column, tokenizer, max_seq_length, short_seq_prob, seed, split, recipe)
     path = os.path.join(cache_dir, "tokenized", f"{key}.pt")
     if os.path.isfile(path):
         return TokenizedCorpus(**torch.load(path))
     template = PairTemplate.from_tokenizer(tokenizer)
-    docs = iter_documents(data, text_column)
+    docs = select_documents(iter_documents(data, text_column), *split)
     if progress:
         from tqdm import tqdm
         docs = tqdm(docs, desc="tokenising", unit="doc")
     corpus = TokenizedCorpus.from_examples(iter_examples(docs, tokenizer, template, max_seq_length,
-                                                         short_seq_prob, seed))
+                                                         short_seq_prob, seed, recipe=recipe))
     if len(corpus) == 0:
-        raise ConfigError(f"--data {data!r} gave no training pairs (empty corpus, or documents of < 2 tokens)")
+        what = {"train": "no training pairs", "eval": "no held-out pairs"}[split[1]]
+        held = f" of the documents --eval_fraction {split[0]} leaves it" if split[0] > 0 else ""
+        raise ConfigError(f"--data {data!r} gave {what}{held} (empty corpus, or documents of < 2 tokens)")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     torch.save({"ids": corpus.ids, "types": corpus.types, "offsets": corpus.offsets}, tmp)

@@ -88,6 +88,17 @@ def student_card(name: str, student, run_config: dict, summary: dict) -> str:
     if rel is not None:
         rows.append(f"| relation loss | {rel:.4f} at the first logged step, {summary['relation_last']:.4f} "
                     "at the end |")
+    held = summary.get("heldout")
+    if held:
+        rows.append(f"| held-out relation loss | {held['relation']:.4f} (Q-Q {held['qq']:.4f}, K-K {held['kk']:.4f}, "
+                    f"V-V {held['vv']:.4f}) at step {held['step']}, on {held['pairs']} pairs of {held['source']}; "
+                    "dropout and gate noise off |")
+        if "routing_entropy" in held:
+            rows.append(f"| routing (held-out) | entropy {held['routing_entropy']:.3f} of the maximum, busiest "
+                        f"expert at {held['max_load']:.2f}x an even share |")
+    if student.num_experts > 1 and student.router != "learned":
+        rows.append(f"| router | {student.router}: a fixed hash of the token id"
+                    f"{' and position' if student.router == 'random' else ''}, no gate (a routing ablation) |")
     rows += _architecture(student, count_parameters(student), flops_per_sequence(student, seq_len), seq_len)
     return "\n".join([
         _front_matter("base"), f"# {name}", "",

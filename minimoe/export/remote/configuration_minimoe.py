@@ -1,7 +1,7 @@
 """Configuration of a MiniMoE encoder (written into exported folders; see modeling_minimoe.py).
 
 BERT's configuration keys, plus the mixture: ``num_experts`` minimal experts per FFN, each of
-``intermediate_size``, top-1 routed. Keys that only matter to training (``drop_tokens``,
+``intermediate_size``, top-1 routed by ``router``. Keys that only matter to training (``drop_tokens``,
 ``moefy_shared_fraction``, ...) are kept as plain attributes so a folder round-trips.
 """
 try:
@@ -17,7 +17,7 @@ class MiniMoEConfig(PreTrainedConfig):
                  intermediate_size=1536, num_experts=4, hidden_act="gelu", hidden_dropout_prob=0.1,
                  attention_probs_dropout_prob=0.1, gate_noise=0.1, route_padding=False,
                  max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12, initializer_range=0.02,
-                 pad_token_id=0, classifier_dropout=None, **kwargs):
+                 pad_token_id=0, classifier_dropout=None, router="learned", router_seed=0, **kwargs):
         super().__init__(pad_token_id=pad_token_id, **kwargs)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -35,3 +35,5 @@ class MiniMoEConfig(PreTrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
         self.classifier_dropout = classifier_dropout
+        self.router = router  # learned (a gate), random or hash (a fixed integer hash, no gate)
+        self.router_seed = router_seed

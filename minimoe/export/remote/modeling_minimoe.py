@@ -13,6 +13,10 @@ choice it is (``nonzero``), runs on exactly those, and scatters its output, scal
 probability, back into place. No expert computes a token it was not chosen for, an expert that gets no
 token runs on an empty batch, and no choice is fixed at trace time. Padding tokens are not routed (their
 FFN output is zero) unless ``route_padding`` is set.
+
+Students trained with the ``random`` or ``hash`` router have no gate: the expert of a token is an integer
+hash of its id (and, for ``random``, its position and the router's seed), with weight 1, the rule minimoe
+trained them with (minimoe.moe.fixed_route; a random router draws at inference as at training's step 0).
 """
 from typing import Optional
 
@@ -98,23 +102,47 @@ class MiniMoEExpert(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class MiniMoESparseFFN(nn.Module):
-    """Top-1 mixture: ``p_e(x) * expert_e(x)`` for the expert ``e`` of highest gate probability."""
+_MASK32 = 1 << 32
 
-    def __init__(self, config: MiniMoEConfig):
+
+def fixed_route(router: str, token_ids: torch.Tensor, layer: int, num_experts: int, seed: int) -> torch.Tensor:
+    """The expert of each token (flattened) under the random or hash router, at inference."""
+    ids = token_ids.long()
+    key = ids * 0x9E3779B1 + (layer + 1) * 0x85EBCA6B
+    if router == "random":
+        pos = torch.arange(ids.shape[-1], device=ids.device).expand_as(ids)
+        key = key + pos * 0xC2B2AE35 + (seed * 0x27D4EB2F) % _MASK32
+    x = key.reshape(-1) % _MASK32
+    for _ in range(2):  # a 32-bit xor-shift-multiply hash, in operations ONNX has for int64
+        x = (torch.bitwise_xor(x // 65536, x) * 0x45D9F3B) % _MASK32
+    return torch.bitwise_xor(x // 65536, x) % num_experts
+
+
+class MiniMoESparseFFN(nn.Module):
+    """Top-1 mixture: ``p_e(x) * expert_e(x)`` for the expert ``e`` of highest gate probability (or, without a
+    gate, the expert ``fixed_route`` gives, with ``p = 1``)."""
+
+    def __init__(self, config: MiniMoEConfig, layer: int = 0):
         super().__init__()
-        self.gate = nn.Linear(config.hidden_size, config.num_experts)
+        self.router = getattr(config, "router", "learned")
+        self.router_seed = getattr(config, "router_seed", 0)
+        self.layer = layer
+        self.gate = nn.Linear(config.hidden_size, config.num_experts) if self.router == "learned" else None
         self.experts = nn.ModuleList(MiniMoEExpert(config) for _ in range(config.num_experts))
         self.noise = config.gate_noise
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x, routed: Optional[torch.Tensor]):
+    def forward(self, x, routed: Optional[torch.Tensor], input_ids: Optional[torch.Tensor] = None):
         tokens = x.reshape(-1, x.shape[-1])
-        # The gate runs in fp32 whatever the model's dtype, as it did in training.
-        logits = F.linear(tokens.float(), self.gate.weight.float(), self.gate.bias.float())
-        if self.training and self.noise > 0:
-            logits = logits + torch.empty_like(logits).uniform_(-self.noise, self.noise)
-        prob, choice = F.softmax(logits, dim=-1).max(dim=-1)
+        if self.gate is None:
+            choice = fixed_route(self.router, input_ids, self.layer, len(self.experts), self.router_seed)
+            prob = torch.ones(choice.shape, device=x.device)
+        else:
+            # The gate runs in fp32 whatever the model's dtype, as it did in training.
+            logits = F.linear(tokens.float(), self.gate.weight.float(), self.gate.bias.float())
+            if self.training and self.noise > 0:
+                logits = logits + torch.empty_like(logits).uniform_(-self.noise, self.noise)
+            prob, choice = F.softmax(logits, dim=-1).max(dim=-1)
         if routed is not None:  # unrouted tokens choose no expert
             choice = choice.masked_fill(~routed.reshape(-1), len(self.experts))
         out = torch.zeros_like(tokens)
@@ -126,15 +154,15 @@ class MiniMoESparseFFN(nn.Module):
 
 
 class MiniMoELayer(nn.Module):
-    def __init__(self, config: MiniMoEConfig):
+    def __init__(self, config: MiniMoEConfig, layer: int = 0):
         super().__init__()
         self.attention = MiniMoEAttention(config)
-        self.moe = MiniMoESparseFFN(config)
+        self.moe = MiniMoESparseFFN(config, layer)
         self.output = MiniMoEResidualOutput(config, dense=False)
 
-    def forward(self, x, key_mask, routed):
+    def forward(self, x, key_mask, routed, input_ids=None):
         x = self.attention(x, key_mask)
-        return self.output(self.moe(x, routed), x)
+        return self.output(self.moe(x, routed, input_ids), x)
 
 
 class MiniMoEPreTrainedModel(PreTrainedModel):
@@ -173,7 +201,7 @@ class MiniMoEModel(MiniMoEPreTrainedModel):
         super().__init__(config)
         self.embeddings = MiniMoEEmbeddings(config)
         self.encoder = nn.Module()
-        self.encoder.layer = nn.ModuleList(MiniMoELayer(config) for _ in range(config.num_hidden_layers))
+        self.encoder.layer = nn.ModuleList(MiniMoELayer(config, i) for i in range(config.num_hidden_layers))
         self.pooler = MiniMoEPooler(config) if add_pooling_layer else None
         self.post_init()
 
@@ -193,7 +221,7 @@ class MiniMoEModel(MiniMoEPreTrainedModel):
         routed = None if self.config.route_padding else attention_mask.bool()
         x = self.embeddings(input_ids, token_type_ids)
         for layer in self.encoder.layer:
-            x = layer(x, key_mask, routed)
+            x = layer(x, key_mask, routed, input_ids)
         pooled = self.pooler(x) if self.pooler is not None else None
         if return_dict is False:
             return (x, pooled) if pooled is not None else (x,)
