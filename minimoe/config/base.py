@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the minimoe checkout
+
 
 class ConfigError(ValueError):
     """A user error: bad flag, bad file, bad combination. Launchers print it as one line and exit 2."""
@@ -17,7 +19,7 @@ def _help(text: str, cli: bool = True) -> dict:
 def load_json(path: str, what: str) -> dict:
     """Read a JSON file with one-line errors for the usual mistakes. A relative path that is not found
     here is looked up in the minimoe checkout, so the default ``ds_configs/...`` work from any folder."""
-    shipped = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+    shipped = os.path.join(REPO, path)
     if not os.path.isfile(path) and not os.path.isabs(path) and os.path.isfile(shipped):
         path = shipped
     if os.path.isdir(path):

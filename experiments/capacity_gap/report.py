@@ -1,0 +1,173 @@
+"""The capacity-gap experiment's tables and plot, from the runs in its output folder (see run.py).
+
+Held-out relation loss: each student's last held-out score (dropout and gate noise off), mean and spread over
+distillation seeds; comparable between students of one teacher, not across teachers (each teacher sets its
+own target). Downstream: the best dev score of each fine-tuning run (sentiment accuracy, WNUT-16 entity F1),
+mean and spread over every distillation x fine-tuning seed; comparable across teachers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TASKS = ("sentiment", "wnut16")
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float, int]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return float("nan"), float("nan"), 0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def _fmt(ms: tuple, scale: float = 1.0, digits: int = 4) -> str:
+    m, sd, n = ms
+    if n == 0:
+        return "-"
+    return f"{m * scale:.{digits}f}" + (f" ± {sd * scale:.{digits}f}" if n > 1 else "")
+
+
+def teacher_parameters(folder: str) -> dict:
+    """Total parameters of a teacher checkpoint, and those outside its embedding tables."""
+    from minimoe.data.assets import resolve_model
+    from minimoe.weights import LazyCheckpoint
+    total = embedding = 0
+    with LazyCheckpoint(resolve_model(folder)) as ckpt:
+        for key in ckpt.keys():
+            n = 1
+            for d in ckpt.shape(key):
+                n *= d
+            if key.endswith(("position_ids", "token_type_ids")):  # buffers saved with some checkpoints
+                continue
+            total += n
+            embedding += n if "embeddings." in key and "LayerNorm" not in key else 0
+    return {"total": total, "without_embeddings": total - embedding}
+
+
+def student_facts(student_folder: str, seq_len: int = 128) -> dict:
+    from minimoe.student import count_parameters, flops_per_sequence, student_config_of
+    cfg = student_config_of(student_folder)
+    c, f = count_parameters(cfg), flops_per_sequence(cfg, seq_len)
+    return {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "experts": cfg.num_experts, "router": cfg.router,
+            "params": c["total"], "params_no_emb": c["total"] - c["embedding"],
+            "active_no_emb": c["active"] - c["embedding"], "gflops": f["forward_flops"] / 1e9}
+
+
+def collect(out: str, teachers: list[str], dseeds: list[str]) -> dict:
+    """{teacher: {student: {facts, heldout: [per distill seed], routing, scores: {task: [runs]}}}}"""
+    from run import TEACHERS
+    result = {}
+    for t in teachers:
+        rows = result.setdefault(t, {})
+        for seed in dseeds:
+            folder = os.path.join(out, t, f"seed{seed}")
+            summary_path = os.path.join(folder, "distill", "summary.json")
+            if not os.path.isfile(summary_path):
+                continue
+            with open(summary_path) as fh:
+                summaries = json.load(fh)["students"]
+            sweep = {}
+            if os.path.isfile(os.path.join(folder, "sweep.json")):
+                with open(os.path.join(folder, "sweep.json")) as fh:
+                    sweep = json.load(fh)
+            for name, s in summaries.items():
+                row = rows.setdefault(name, {"heldout": [], "entropy": [], "max_load": [], "tokens": [],
+                                             "scores": {task: [] for task in TASKS}})
+                if "facts" not in row:
+                    row["facts"] = student_facts(os.path.join(folder, "distill", "students", name, "student"))
+                held = s.get("heldout") or {}
+                row["heldout"].append(held.get("relation"))
+                row["entropy"].append(held.get("routing_entropy"))
+                row["max_load"].append(held.get("max_load"))
+                row["tokens"].append(s.get("tokens_seen"))
+                for task in TASKS:
+                    row["scores"][task] += sweep.get(name, {}).get("runs", {}).get(task, [])
+        result[t] = {"label": TEACHERS[t][1], "teacher": teacher_parameters(TEACHERS[t][0]), "students": rows}
+    return result
+
+
+def report(out: str, teachers: list[str], dseeds: list[str], mode: dict) -> str:
+    data = collect(out, teachers, dseeds)
+    lines = [f"Budget: {mode['steps']} steps x 32 sequences of up to 128 tokens per student (the same for all), "
+             f"distillation seeds {','.join(dseeds)}, fine-tuning seeds {mode['seeds']} "
+             f"({mode['finetune_epochs']} epochs, lr 1e-4).", ""]
+    for t, d in data.items():
+        tp = d["teacher"]
+        lines += [f"### Teacher {d['label']} ({tp['total'] / 1e6:.1f}M parameters, "
+                  f"{tp['without_embeddings'] / 1e6:.1f}M without embeddings)", "",
+                  "| student | params (w/o emb.) | active w/o emb. | GFLOPs | held-out relation | sentiment acc | "
+                  "WNUT-16 F1 | routing entropy |", "|---|---|---|---|---|---|---|---|"]
+        for name, row in d["students"].items():
+            f = row["facts"]
+            lines.append(
+                f"| {name} | {f['params'] / 1e6:.1f}M ({f['params_no_emb'] / 1e6:.2f}M) | "
+                f"{f['active_no_emb'] / 1e6:.2f}M | {f['gflops']:.2f} | {_fmt(_mean_sd(row['heldout']))} | "
+                f"{_fmt(_mean_sd(row['scores']['sentiment']), 100, 1)} | "
+                f"{_fmt(_mean_sd(row['scores']['wnut16']), 100, 1)} | {_fmt(_mean_sd(row['entropy']), 1, 3)} |")
+        lines.append("")
+    lines += _curse_table(data)
+    text = "\n".join(lines)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.md"), "w") as fh:
+        fh.write(text + "\n")
+    with open(os.path.join(out, "results.json"), "w") as fh:
+        json.dump({"mode": mode, "distill_seeds": dseeds, "teachers": data}, fh, indent=1)
+    _plot(data, os.path.join(out, "curse.png"))
+    return text
+
+
+def _curse_table(data: dict) -> list[str]:
+    """Each student's downstream average (sentiment and WNUT-16) by teacher: the curse is a small dense student
+    that does worse with the larger teacher."""
+    teachers = list(data)
+    names = [n for n in next(iter(data.values()))["students"]] if data else []
+    lines = ["### Downstream average by teacher (mean of sentiment accuracy and WNUT-16 F1)", "",
+             "| student | " + " | ".join(data[t]["label"] for t in teachers) + " |",
+             "|---|" + "---|" * len(teachers)]
+    for name in names:
+        cells = []
+        for t in teachers:
+            row = data[t]["students"].get(name)
+            cells.append(_fmt(_average(row), 100, 1) if row else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _average(row: dict) -> tuple:
+    """Mean and spread of the per-run average over the tasks (runs paired by position)."""
+    runs = [row["scores"][t] for t in TASKS]
+    n = min(len(r) for r in runs)
+    return _mean_sd([sum(r[i] for r in runs) / len(runs) for i in range(n)])
+
+
+def _plot(data: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    names = sorted({n for d in data.values() for n in d["students"] if n.startswith(("dense-", "moe4-"))})
+    for name in names:
+        xs, ys, es = [], [], []
+        for d in data.values():
+            row = d["students"].get(name)
+            if row is None:
+                continue
+            m, sd, n = _average(row)
+            if n:
+                xs.append(d["teacher"]["without_embeddings"] / 1e6)
+                ys.append(100 * m)
+                es.append(100 * sd)
+        if xs:
+            ax.errorbar(xs, ys, yerr=es, marker="o" if name.startswith("moe") else "s", capsize=3,
+                        linestyle="-" if name.startswith("moe") else "--", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("teacher parameters without embeddings (M)")
+    ax.set_ylabel("downstream average (%)")
+    ax.set_title("student score against teacher size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

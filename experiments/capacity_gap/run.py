@@ -1,0 +1,122 @@
+"""Does MiniMoE lift the curse of capacity gap here? Distil students of several sizes, dense and MoE-4, from a
+small and a larger teacher, with the same token budget for all; score them on held-out text and fine-tuned on
+the offline tasks; tabulate and plot.
+
+    make extra-assets tasks                                   # the MPNet teacher, the chat corpus, the tasks
+    python experiments/capacity_gap/run.py --quick            # under 30 minutes on 2 CPU cores
+    python experiments/capacity_gap/run.py                    # the full grid: hours on 2 cores; resumable
+
+Built only on the public launchers: per teacher and distillation seed one ``launchers/sweep.py --students``
+run, which distils every student from one teacher pass (``launchers/distill.py --students``, held-out text
+scored every ``--eval_every`` steps) and fine-tunes each on every task and seed (``launchers/finetune.py``).
+Run it again after an interruption: finished runs are kept, an interrupted distillation continues from its
+last checkpoint. ``results.json``, ``results.md`` and ``curse.png`` are written into the output folder at the
+end (``--report_only`` writes them from what is there).
+
+Teachers: MiniLM-L6 (22.7M parameters) and MPNet-base (109.5M). Corpus:
+``packaged:chat`` (15M words of English chat text, so the budget is read once, never repeated), 1% of its
+conversations held out by a hash of their text. Students: 2L H128, 3L H192 and 4L H384 (``--quick``: 2L H128
+only), dense and MoE-4; with the small teacher also the ablations at 2L H128: random and hash routers, no
+load-balance loss, and 2 and 8 experts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+TEACHERS = {  # name: (--teacher, label); report.py counts their parameters from the checkpoints
+    "minilm": ("packaged:all-MiniLM-L6-v2", "MiniLM-L6"),
+    "mpnet": ("packaged:all-mpnet-base-v2", "MPNet-base"),
+}
+SIZES = {  # name: student flags (FFN 4H; heads of 64 dims)
+    "s": dict(num_layers=2, hidden_size=128, num_heads=2, ffn_size=512),
+    "m": dict(num_layers=3, hidden_size=192, num_heads=3, ffn_size=768),
+    "l": dict(num_layers=4, hidden_size=384, num_heads=6, ffn_size=1536),
+}
+ABLATIONS = {  # at size s, small teacher: name -> what differs from moe4-s
+    "random-s": dict(num_experts=4, router="random"),
+    "hash-s": dict(num_experts=4, router="hash"),
+    "nolb-s": dict(num_experts=4, load_balance_weight=0.0),
+    "moe2-s": dict(num_experts=2),
+    "moe8-s": dict(num_experts=8),
+}
+MODES = {  # steps of a global batch of 32 sequences of up to 128 tokens; fine-tuning epochs and seeds
+    "quick": dict(sizes="s", steps=100, eval_every=50, eval_pairs=128, finetune_epochs=2, seeds="1",
+                  distill_seeds="776", ablations=False),
+    "full": dict(sizes="s,m,l", steps=1500, eval_every=250, eval_pairs=256, finetune_epochs=3, seeds="1,2,3",
+                 distill_seeds="776,777", ablations=True),
+}
+
+
+def students(sizes: list[str], ablations: bool) -> list[dict]:
+    out = []
+    for size in sizes:
+        for kind, experts in (("dense", 1), ("moe4", 4)):
+            out.append({"name": f"{kind}-{size}", **SIZES[size], "num_experts": experts})
+    if ablations and "s" in sizes:
+        out += [{"name": name, **SIZES["s"], **flags} for name, flags in ABLATIONS.items()]
+    return out
+
+
+def main(quick: bool = False, out: str = "", teachers: str = "minilm,mpnet", sizes: str = "", steps: int = 0,
+         seeds: str = "", distill_seeds: str = "", launcher: str = "python", report_only: bool = False):
+    """Run the experiment (see the module docstring).
+
+    quick: the quick mode (2L H128 students, 100 steps, sentiment and WNUT-16 once); default the full grid.
+    out: output folder (default experiments/capacity_gap/runs/<quick|full>).
+    teachers / sizes / steps / seeds / distill_seeds: override the mode's choice (comma-separated).
+    launcher: how each launcher run starts ('python', or 'deepspeed --num_gpus 8' on a GPU node).
+    report_only: only (re)write results.json, results.md and curse.png from the runs that exist.
+    """
+    mode = dict(MODES["quick" if quick else "full"])
+    for key, value in (("sizes", sizes), ("steps", steps), ("seeds", seeds), ("distill_seeds", distill_seeds)):
+        if value:
+            mode[key] = value
+    out = out or os.path.join(HERE, "runs", "quick" if quick else "full")
+    names = [t for t in str(teachers).split(",") if t]
+    for t in names:
+        if t not in TEACHERS:
+            raise SystemExit(f"error: --teachers: unknown teacher {t!r}; allowed {', '.join(TEACHERS)}")
+    sizes_ = str(mode["sizes"]).split(",")
+    dseeds = [s for s in str(mode["distill_seeds"]).split(",") if s]
+    if not report_only:
+        for t in names:
+            grid = students(sizes_, mode["ablations"] and t == "minilm")
+            for seed in dseeds:
+                _sweep(t, grid, seed, mode, os.path.join(out, t, f"seed{seed}"), launcher)
+    from report import report
+    print(report(out, names, dseeds, mode))
+
+
+def _sweep(teacher: str, grid: list[dict], seed: str, mode: dict, folder: str, launcher: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    spec = os.path.join(folder, "students.json")
+    with open(spec, "w") as fh:
+        json.dump(grid, fh, indent=1)
+    distill = (f"--teacher {TEACHERS[teacher][0]} --data packaged:chat --streaming true --eval_fraction 0.01 "
+               f"--eval_pairs {mode['eval_pairs']} "
+               f"--eval_every {mode['eval_every']} --max_steps {mode['steps']} --global_batch 32 "
+               f"--micro_batch_size 32 --max_seq_length 128 --seed {seed} --save_every {mode['eval_every']} "
+               "--log_every 10 --wandb disabled")
+    finetune = (f"--lr 1e-4 --num_epochs {mode['finetune_epochs']} --max_seq_length 64 --micro_batch_size 32 "
+                "--wandb disabled")
+    cmd = [sys.executable, os.path.join(REPO, "launchers", "sweep.py"), "--students", spec,
+           f"--distill_extra={distill}", "--tasks", "sentiment,wnut16", "--seeds", mode["seeds"],
+           "--output_dir", folder, f"--extra={finetune}", "--launcher", launcher]
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    code = subprocess.run(cmd).returncode
+    if code:
+        raise SystemExit(f"error: the sweep for teacher {teacher} (seed {seed}) failed with exit code {code} (its "
+                         "error is above); run the experiment again to continue")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, HERE)
+    import fire
+    fire.Fire(main)
