@@ -94,7 +94,7 @@ def to_flags(cfg, skip_sections: tuple = ("launch",)) -> list[tuple[str, Any]]:
     default = type(cfg)()
     out = []
     for section, f in _cli_fields(type(cfg)):
-        if section in skip_sections:
+        if section in skip_sections or not f.metadata.get("replayed", True):
             continue
         value = getattr(getattr(cfg, section) if section else cfg, f.name)
         if value != getattr(getattr(default, section) if section else default, f.name):

