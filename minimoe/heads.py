@@ -114,7 +114,7 @@ def load_task_model(folder: str) -> tuple[TaskModel, dict]:
     # head.safetensors holds the head alone; a Hugging Face task folder all but the encoder's own pooler and
     # relation projection, which task models do not use.
     spare = ("encoder.pooler.", "encoder.relation_proj.") if hf_layout else ("encoder.",)
-    missing = [k for k in missing if not k.startswith(spare)]
+    missing = [k for k in missing if not k.startswith(spare) and not k.endswith(names.ROUTE_DRAWS)]
     if unexpected or missing:
         raise ConfigError(f"{folder}: {os.path.basename(weights_file)} does not match {names.TASK_META} "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

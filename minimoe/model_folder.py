@@ -170,6 +170,9 @@ def head_of(kind: str) -> str:
     return "token" if kind == "ner" else "sequence"
 
 
+ROUTE_DRAWS = "route_draws"  # the random router's buffer (``moe.MoEFeedForward``): never in a model folder
+
+
 def task_prefix(num_experts: int) -> str:
     """Where transformers' task classes keep the encoder: ``minimoe.`` for MoE, ``bert.`` for BERT."""
     return MOE_MODEL_TYPE + "." if num_experts > 1 else "bert."
@@ -182,7 +185,8 @@ def task_state_to_hf(state: dict, kind: str, num_experts: int) -> dict:
     for k, v in state.items():
         if k.startswith("encoder."):
             inner = k[len("encoder."):]
-            if not inner.startswith(("pooler.", "relation_proj.")):
+            # the random router's training-forward count is loop state, not a weight (inference draws with 0)
+            if not inner.startswith(("pooler.", "relation_proj.")) and not inner.endswith(ROUTE_DRAWS):
                 out[prefix + to_hf(inner)] = v
         elif k.startswith("dense."):  # the sentence head's dense + tanh is BERT's pooler
             out[prefix + "pooler.dense." + k[len("dense."):]] = v

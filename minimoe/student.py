@@ -24,7 +24,7 @@ from .layout import StudentShape
 from .moe import DenseFeedForward, MoEFeedForward, moefy_
 
 CONFIG_NAME, WEIGHTS_NAME = names.CONFIG_NAME, names.WEIGHTS_NAME
-ROUTE_DRAWS = "route_draws"  # the random router's buffer (``moe.MoEFeedForward``)
+ROUTE_DRAWS = names.ROUTE_DRAWS
 
 
 @dataclass

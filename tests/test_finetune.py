@@ -141,3 +141,23 @@ def test_sweep_table_averages_seeds_then_tasks(tmp_path):
     table = (tmp_path / "sweep.md").read_text().splitlines()
     assert table[2] == "| a | 85.00 | 40.00 | 62.50 |"
     assert table[3] == "| b | 60.00 | 20.00 | 40.00 |"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("router", ["random", "hash"])
+def test_a_fixed_router_student_fine_tunes_at_ep2_and_its_model_scores_the_same(fx, router):
+    """The random router's draw count is loop state: kept in checkpoints, left out of the exported task
+    model, which loads and scores as the engine did (found by the capacity-gap experiment's ablations)."""
+    from minimoe.finetune import evaluate_folder
+    student = fx["tmp"] / f"student-{router}"
+    MiniMoEModel(StudentConfig(num_layers=2, hidden_size=64, num_heads=4, ffn_size=128, num_experts=4,
+                               router=router, router_seed=7)).save_pretrained(str(student))
+    for f in TOKENIZER_FILES:
+        shutil.copy(os.path.join(resolve_model(PACKAGED_TEACHER), f), student)
+    out = fx["tmp"] / f"run_{router}"
+    spawn(_worker, 2, flags(fx, out, model=str(student), task="sentiment", data=fx["sentiment"], ep_size=2,
+                            max_steps=30, eval_every=30))
+    res = json.load(open(out / "results.json"))
+    again = evaluate_folder(str(out / "model"), "dev", fx["sentiment"], 32, 16)
+    assert again["scores"] == pytest.approx(res["best"]["dev"]["dev"])
+    assert json.load(open(out / "model" / "config.json"))["router"] == router
