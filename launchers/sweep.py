@@ -8,7 +8,8 @@
         --max_steps 20000' --tasks sst2,mrpc --launcher "deepspeed --num_gpus 8"
 
 Each run is one launchers/finetune.py process in <output_dir>/<model>/<task>/seed<S>/ (a run whose
-results.json exists is not run again, so a sweep can be resumed). With --students, one launchers/distill.py
+results.json exists is not run again, and an interrupted one continues from its checkpoint with --resume
+auto, so a sweep can be resumed). With --students, one launchers/distill.py
 run first distils every listed student from one teacher pass into <output_dir>/distill/ (continued with
 --resume auto when the sweep is run again), and each student is then fine-tuned under its name.
 Writes sweep.json and sweep.md.
@@ -66,7 +67,7 @@ def _check(cfg: SweepConfig) -> tuple[list, list, list, list, list, list]:
         raise ConfigError(f"--launcher / --extra / --distill_extra cannot be split into arguments: {e}")
     if not launcher or not shutil.which(launcher[0]):
         raise ConfigError(f"--launcher {cfg.launcher!r}: {launcher[:1]} is not a command on PATH")
-    _check_extra(extra, FinetuneConfig, "--extra", ("model", "task", "seed", "output_dir"))
+    _check_extra(extra, FinetuneConfig, "--extra", ("model", "task", "seed", "output_dir", "resume"))
     students = []
     if cfg.students:
         from minimoe.students import expand
@@ -133,8 +134,10 @@ def run(cfg: SweepConfig) -> None:
                 out = os.path.join(cfg.output_dir, _name(m), t, f"seed{s}")
                 res = os.path.join(out, "results.json")
                 if not os.path.isfile(res):
+                    # --resume auto: a run interrupted (or failed after a checkpoint) continues when the sweep does
                     _run([*launcher, os.path.join(HERE, "finetune.py"), "--model", paths[m], "--task", t,
-                          "--seed", s, "--output_dir", out, *extra], f"the run for model {m}, task {t}, seed {s}")
+                          "--seed", s, "--output_dir", out, "--resume", "auto", *extra],
+                         f"the run for model {m}, task {t}, seed {s}")
                 with open(res) as fh:
                     r = json.load(fh)
                 scores.setdefault(m, {}).setdefault(t, []).append(r["best"]["main"])

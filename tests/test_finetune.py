@@ -161,3 +161,23 @@ def test_a_fixed_router_student_fine_tunes_at_ep2_and_its_model_scores_the_same(
     again = evaluate_folder(str(out / "model"), "dev", fx["sentiment"], 32, 16)
     assert again["scores"] == pytest.approx(res["best"]["dev"]["dev"])
     assert json.load(open(out / "model" / "config.json"))["router"] == router
+
+
+def test_sweep_continues_an_interrupted_fine_tuning_run(tmp_path, monkeypatch):
+    """A run without results.json is started with --resume auto: one a failure or a kill left checkpoints
+    behind continues when the sweep is run again, instead of being refused."""
+    sys.path.insert(0, os.path.join(REPO, "launchers"))
+    import sweep
+    from minimoe.config import SweepConfig
+    launched = []
+
+    def fake_run(cmd, what):
+        launched.append(cmd)
+        out = cmd[cmd.index("--output_dir") + 1]
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "results.json"), "w") as fh:
+            json.dump({"best": {"main": 0.5}}, fh)
+
+    monkeypatch.setattr(sweep, "_run", fake_run)
+    sweep.run(SweepConfig(models="a", tasks="sentiment", seeds="1", output_dir=str(tmp_path)))
+    assert len(launched) == 1 and launched[0][launched[0].index("--resume") + 1] == "auto"
