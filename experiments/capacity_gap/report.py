@@ -73,7 +73,7 @@ def collect(out: str, teachers: list[str], dseeds: list[str]) -> dict:
                 with open(os.path.join(folder, "sweep.json")) as fh:
                     sweep = json.load(fh)
             for name, s in summaries.items():
-                row = rows.setdefault(name, {"heldout": [], "entropy": [], "max_load": [], "tokens": [],
+                row = rows.setdefault(name, {"heldout": [], "entropy": [], "max_load": [], "tokens": [], "steps": [],
                                              "scores": {task: [] for task in TASKS}})
                 if "facts" not in row:
                     row["facts"] = student_facts(os.path.join(folder, "distill", "students", name, "student"))
@@ -82,6 +82,7 @@ def collect(out: str, teachers: list[str], dseeds: list[str]) -> dict:
                 row["entropy"].append(held.get("routing_entropy"))
                 row["max_load"].append(held.get("max_load"))
                 row["tokens"].append(s.get("tokens_seen"))
+                row["steps"].append(s.get("total_steps"))
                 for task in TASKS:
                     row["scores"][task] += sweep.get(name, {}).get("runs", {}).get(task, [])
         result[t] = {"label": TEACHERS[t][1], "teacher": teacher_parameters(TEACHERS[t][0]), "students": rows}
@@ -90,7 +91,10 @@ def collect(out: str, teachers: list[str], dseeds: list[str]) -> dict:
 
 def report(out: str, teachers: list[str], dseeds: list[str], mode: dict) -> str:
     data = collect(out, teachers, dseeds)
-    lines = [f"Budget: {mode['steps']} steps x 32 sequences of up to 128 tokens per student (the same for all), "
+    # the runs' own step counts (a report over earlier runs must not print the mode's current one)
+    steps = sorted({n for d in data.values() for r in d["students"].values() for n in r["steps"] if n})
+    lines = [f"Budget: {', '.join(map(str, steps)) or mode['steps']} steps x 32 sequences of up to 128 tokens per "
+             "student (the same for all), "
              f"distillation seeds {','.join(dseeds)}, fine-tuning seeds {mode['seeds']} "
              f"({mode['finetune_epochs']} epochs, lr 1e-4).", ""]
     for t, d in data.items():

@@ -21,8 +21,9 @@ and hash routers, no load-balance loss, and 2 and 8 experts.
 
 Cost on 2 CPU cores (measured per step of 32 x 128 tokens, fp32): the MiniLM-L6 teacher's forward ~1 s, the
 MPNet-base one's ~8 s, each 2L H128 student ~0.9 s (mostly its relation loss, which does not shrink with the
-student); a fine-tuning run ~1 minute. The quick mode is about 27 minutes (estimated from those), the full grid (400 steps, 9 + 4
-students, 3 fine-tuning seeds) about 4 hours; a GPU runs ``--steps 20000 --sizes s,m,l --distill_seeds 776,777``.
+student); a fine-tuning run ~1 minute. The quick mode is about 27 minutes (estimated from those), the full grid
+(400 steps, 9 + 4 students, 3 fine-tuning seeds) about 4 hours; a GPU runs
+``--steps 20000 --sizes s,m,l --distill_seeds 776,777``.
 """
 from __future__ import annotations
 
