@@ -25,12 +25,17 @@ _created_dir: Optional[str] = None
 
 
 def _start_time(pid: int) -> Optional[str]:
-    """The process's start time in clock ticks since boot (/proc/PID/stat, field 22); None once it is gone."""
+    """The process's start time in clock ticks since boot (/proc/PID/stat, field 22); None once it is gone.
+    A zombie counts as gone: a killed rank whose launcher exited first waits for PID 1 to reap it, and in a
+    container started without an init process that may never happen."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
         return None
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
 
 
 def _holder(path: str) -> Optional[dict]:

@@ -106,6 +106,17 @@ def test_the_output_folder_lock_refuses_a_live_holder_and_takes_over_a_dead_ones
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "start": "1"}))
     runlock.check(str(out))  # its holder is gone
+    # a zombie holder (killed, its launcher gone, PID 1 not reaping it: a container without init) is gone too
+    zombie = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": zombie.pid,
+                                "start": runlock._start_time(zombie.pid)}))
+    with pytest.raises(ConfigError, match="in use by a live run"):
+        runlock.check(str(out))
+    zombie.kill()
+    while _running(zombie.pid):  # killed, not yet reaped: a zombie until zombie.wait()
+        time.sleep(0.01)
+    runlock.check(str(out))
+    zombie.wait()
     assert "took over" in runlock.acquire(str(out))
     assert json.loads(lock.read_text())["pid"] == os.getpid()
     runlock.release()
