@@ -20,13 +20,33 @@ from . import placement as placement_lib
 from .config import ConfigError
 from .weights import LazyCheckpoint, local_folder
 
-# Names of the Q/K/V projections inside one layer, by architecture family.
-QKV_NAMES = (
-    ("query", "key", "value"),              # BERT, RoBERTa, ELECTRA, XLM-R
-    ("q", "k", "v"),                        # MPNet
-    ("q_lin", "k_lin", "v_lin"),            # DistilBERT
-    ("query_proj", "key_proj", "value_proj"),  # DeBERTa-v2/v3
+
+@dataclass(frozen=True)
+class QKVLayout:
+    """Where one layer of an encoder family computes its Q, K and V: three Linear modules, or one fused
+    Linear whose output is split by the family's own head layout."""
+
+    names: tuple[str, ...]          # leaf names of the projection modules: three, or one fused
+    families: str                   # for messages and readers
+    per_head: bool = False          # fused output laid out [heads, 3, head_dim], not [3, heads, head_dim]
+    biases: tuple = (None, None, None)  # bias parameters of the projection's parent added after the split
+
+    @property
+    def fused(self) -> bool:
+        return len(self.names) == 1
+
+
+QKV_LAYOUTS = (
+    QKVLayout(("query", "key", "value"), "BERT, RoBERTa, XLM-R, ELECTRA"),
+    QKVLayout(("q", "k", "v"), "MPNet"),
+    QKVLayout(("q_lin", "k_lin", "v_lin"), "DistilBERT"),
+    QKVLayout(("query_proj", "key_proj", "value_proj"), "DeBERTa-v2/v3"),
+    QKVLayout(("Wqkv",), "ModernBERT, NomicBERT"),
+    # DeBERTa (v1) projects without a bias, then adds q_bias / v_bias per head (transformers' deberta)
+    QKVLayout(("in_proj",), "DeBERTa", per_head=True, biases=("q_bias", None, "v_bias")),
 )
+# Q/K/V are captured as the projections compute them: for rotary encoders (ModernBERT) before the rotation,
+# so the relations are between the token contents the layer attends with, as for BERT's absolute positions.
 
 
 @dataclass
@@ -56,6 +76,8 @@ def truncated_config(name: str, layer: int):
     """The teacher's HF config with only the layers up to ``layer`` (an index from resolve_layer)."""
     cfg = _hf_config(name)
     cfg.num_hidden_layers = layer + 1
+    if isinstance(getattr(cfg, "layer_types", None), list):  # per-layer attention kinds (ModernBERT)
+        cfg.layer_types = cfg.layer_types[:layer + 1]
     return cfg
 
 
@@ -72,9 +94,11 @@ def build_encoder(hf_config, dtype: Optional[torch.dtype] = None) -> nn.Module:
 
 
 def parameter_count(hf_config) -> int:
-    """Parameters of the (truncated) teacher, counted on the meta device: no memory, no weights read."""
+    """Parameters of the (truncated) teacher, counted on the meta device: no memory, no weights read. An
+    encoder whose Q/K/V this module cannot find is refused here, before any process group."""
     with torch.device("meta"):
         model = build_encoder(hf_config)
+    find_layer_stack(model, hf_config.num_hidden_layers)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -123,33 +147,62 @@ def resolve_layer(layer: int, num_layers: int) -> int:
 def find_layer_stack(model: nn.Module, num_layers: int) -> tuple[nn.Module, str, nn.ModuleList]:
     """The (parent, attribute, ModuleList) holding the encoder's transformer layers."""
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers and _qkv_modules(module[0]):
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers and _find_qkv(module[0]):
             parent_name, _, attr = name.rpartition(".")
             return model.get_submodule(parent_name), attr, module
-    raise ConfigError(f"cannot find the attention layers of {type(model).__name__}: expected a layer list with "
-                      f"Q/K/V Linear modules named one of {QKV_NAMES}")
+    known = "; ".join(f"{'/'.join(lay.names)} ({lay.families})" for lay in QKV_LAYOUTS)
+    raise ConfigError(f"cannot find the attention layers of {type(model).__name__} "
+                      f"({getattr(model.config, 'model_type', '?')}): expected a list of {num_layers} layers with "
+                      f"Q/K/V Linear modules named as in one of: {known}")
 
 
-def _qkv_modules(layer: nn.Module) -> Optional[tuple[nn.Module, nn.Module, nn.Module]]:
-    named = dict(layer.named_modules())
-    for names in QKV_NAMES:
-        by_leaf = {n.rpartition(".")[2]: m for n, m in named.items() if n.rpartition(".")[2] in names}
-        if all(isinstance(by_leaf.get(n), nn.Linear) for n in names):
-            return tuple(by_leaf[n] for n in names)
+def _find_qkv(layer: nn.Module) -> Optional[tuple[QKVLayout, list[tuple[str, nn.Module]]]]:
+    """The layout this layer follows and its projection modules (qualified name, module), in Q, K, V order."""
+    named = list(layer.named_modules())
+    for layout in QKV_LAYOUTS:
+        found = []
+        for leaf in layout.names:
+            hits = [(n, m) for n, m in named if n.rpartition(".")[2] == leaf and isinstance(m, nn.Linear)]
+            if len(hits) != 1:
+                break
+            found.append(hits[0])
+        if len(found) == len(layout.names):
+            return layout, found
     return None
 
 
 class QKVCapture:
-    """Forward hooks that keep the outputs of one layer's Q, K and V projections."""
+    """Forward hooks that keep the outputs of one layer's Q, K and V projections, each [batch, seq, hidden]
+    (a fused projection's output split by its layout; ``num_heads`` is needed for per-head layouts)."""
 
-    def __init__(self, layer: nn.Module):
-        modules = _qkv_modules(layer)
+    def __init__(self, layer: nn.Module, num_heads: Optional[int] = None):
+        layout, modules = _find_qkv(layer)
         self._out: list = [None, None, None]
-        self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(modules)]
+        if not layout.fused:
+            self._handles = [m.register_forward_hook(self._keep(i)) for i, (_, m) in enumerate(modules)]
+            return
+        name, module = modules[0]
+        if layout.per_head and not num_heads:
+            raise ValueError(f"{layout.families}: splitting its fused Q/K/V needs the number of heads")
+        parent = layer.get_submodule(name.rpartition(".")[0])
+        biases = [getattr(parent, b) if b else None for b in layout.biases]
+        self._handles = [module.register_forward_hook(self._split(layout, num_heads, biases))]
 
-    def _hook(self, i):
+    def _keep(self, i):
         def hook(module, inputs, output):
             self._out[i] = output
+        return hook
+
+    def _split(self, layout: QKVLayout, num_heads: Optional[int], biases: list):
+        def hook(module, inputs, output):
+            *lead, width = output.shape
+            hidden = width // 3
+            if layout.per_head:  # [..., heads, 3, head_dim]
+                parts = output.view(*lead, num_heads, 3, hidden // num_heads).unbind(-2)
+            else:                # [..., 3, heads, head_dim]
+                parts = output.view(*lead, 3, hidden).unbind(-2)
+            # the biases are read while the parent's forward runs: under ZeRO-3 that is when they are gathered
+            self._out = [p.reshape(*lead, hidden) + (b if b is not None else 0) for p, b in zip(parts, biases)]
         return hook
 
     def pop(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -188,7 +241,7 @@ class Teacher:
             load_weights(model, ckpt, placement.partitioned)
         model.eval().requires_grad_(False)
         stack = find_layer_stack(model, self.layer + 1)[2]
-        self.capture = QKVCapture(stack[self.layer])
+        self.capture = QKVCapture(stack[self.layer], hf_config.num_attention_heads)
         self._accepts_token_types = "token_type_ids" in inspect.signature(model.forward).parameters
         self.engine, *_ = deepspeed.initialize(model=model, config=ds_config)
         self.engine.eval()

@@ -22,13 +22,27 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
+# Every encoder family the README names, plus ModernBERT, XLM-R and ELECTRA: what its tiny config needs
+# beyond the common shape (DeBERTa with its relative attention on, ModernBERT with local and global layers).
+FAMILIES = {
+    "bert": {}, "roberta": {}, "xlm-roberta": {}, "electra": {"embedding_size": 32}, "mpnet": {},
+    "distilbert": {"dim": 64, "n_layers": 3, "n_heads": 4, "hidden_dim": 128},
+    "deberta": {"relative_attention": True, "pos_att_type": ["c2p", "p2c"], "max_relative_positions": 64},
+    "deberta-v2": {"relative_attention": True, "pos_att_type": ["c2p", "p2c"], "position_buckets": 32,
+                   "max_relative_positions": 64},
+    "modernbert": {"global_attn_every_n_layers": 2, "local_attention": 8, "cls_token_id": 101,
+                   "sep_token_id": 102, "bos_token_id": 101, "eos_token_id": 102},
+}
+
+
 def tiny_teacher(path: str, kind: str = "bert", hidden: int = 64, layers: int = 3, seed: int = 0) -> str:
-    """A randomly initialised BERT or MPNet encoder saved with the packaged bert-base-uncased tokenizer."""
-    from transformers import BertConfig, BertModel, MPNetConfig, MPNetModel
+    """A randomly initialised encoder of family ``kind`` (a key of FAMILIES, a transformers model type)
+    saved with ``save_pretrained`` and the packaged bert-base-uncased tokenizer."""
+    from transformers import AutoConfig, AutoModel
     torch.manual_seed(seed)
     common = dict(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
                   intermediate_size=2 * hidden, max_position_embeddings=160, pad_token_id=0)
-    model = BertModel(BertConfig(**common)) if kind == "bert" else MPNetModel(MPNetConfig(**common))
+    model = AutoModel.from_config(AutoConfig.for_model(kind, **common, **FAMILIES[kind]))
     model.save_pretrained(path)
     src = assets.resolve_model(PACKAGED_TEACHER)
     for f in TOKENIZER_FILES:

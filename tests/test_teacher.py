@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from helpers import spawn, tiny_teacher
+from helpers import FAMILIES, spawn, tiny_teacher
 
 ZERO3 = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 4,
          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
@@ -15,40 +15,81 @@ def _batch():
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
 
 
+# Per family, the projection module(s) of a layer and how its output holds Q, K and V (written out here
+# apart from minimoe.teacher's table, from reading each family's attention code).
+def _reference_split(model, layer, captured):
+    """Q, K, V of ``layer`` from the hooked module outputs ``captured`` (name -> tensor)."""
+    kind, heads = model.config.model_type, model.config.num_attention_heads
+    if kind == "modernbert":        # Wqkv: [..., 3 * hidden] = [q | k | v], then heads inside each
+        return list(torch.chunk(captured["Wqkv"], 3, dim=-1))
+    if kind == "deberta":           # in_proj: per head [q_h | k_h | v_h]; q_bias and v_bias added after
+        attn = model.encoder.layer[layer].attention.self
+        b, n, _ = captured["in_proj"].shape
+        per_head = captured["in_proj"].view(b, n, heads, -1)
+        q, k, v = (t.reshape(b, n, -1) for t in torch.chunk(per_head, 3, dim=-1))
+        return [q + attn.q_bias, k, v + attn.v_bias]
+    return [captured[n] for n in sorted(captured, key=lambda name: "qkv".index(name[0]))]  # query, key, value
+
+
 def _plain_qkv(path, layer):
+    """The full (untruncated) model's Q/K/V at ``layer``, as transformers loads and runs it."""
     from transformers import AutoModel
     model = AutoModel.from_pretrained(path).eval()
+    stack = model.layers if model.config.model_type == "modernbert" else (
+        model.transformer.layer if model.config.model_type == "distilbert" else model.encoder.layer)
+    wanted = {"query", "key", "value", "q", "k", "v", "q_lin", "k_lin", "v_lin", "query_proj", "key_proj",
+              "value_proj", "Wqkv", "in_proj"}
     captured = {}
-    attn = model.encoder.layer[layer].attention
-    mods = (attn.self.query, attn.self.key, attn.self.value) if hasattr(attn, "self") else (attn.attn.q, attn.attn.k, attn.attn.v)
-    for i, m in enumerate(mods):
-        m.register_forward_hook(lambda mod, inp, out, i=i: captured.__setitem__(i, out))
+    for name, mod in stack[layer].named_modules():
+        leaf = name.rpartition(".")[2]
+        if leaf in wanted and isinstance(mod, torch.nn.Linear):
+            mod.register_forward_hook(lambda m, i, out, leaf=leaf: captured.__setitem__(leaf, out))
     b = _batch()
-    kw = {k: v for k, v in b.items() if k != "token_type_ids" or model.config.model_type == "bert"}
+    import inspect
+    kw = {k: v for k, v in b.items() if k in inspect.signature(model.forward).parameters}
     with torch.no_grad():
         model(**kw)
-    return [captured[i] for i in range(3)]
+        return _reference_split(model, layer, captured)
 
 
-@pytest.mark.parametrize("kind", ["bert", "mpnet"])
+@pytest.mark.parametrize("kind", list(FAMILIES))
 def test_the_truncated_teacher_captures_the_full_models_qkv(tmp_path, kind):
-    """Built with only the layers up to the distilled one, no pooler, filled from the checkpoint: its
-    captured Q/K/V equal the full plain model's at that layer."""
+    """Every encoder family (separate or fused Q/K/V projections), built with only the layers up to the
+    distilled one, no pooler, filled from its save_pretrained checkpoint: its captured Q/K/V equal the
+    full plain model's at that layer."""
+    import inspect
     from minimoe.teacher import QKVCapture, build_encoder, find_layer_stack, load_weights, truncated_config
     from minimoe.weights import LazyCheckpoint
     path = tiny_teacher(str(tmp_path / kind), kind)
     want = _plain_qkv(path, 1)
-    model = build_encoder(truncated_config(path, 1)).eval()
+    config = truncated_config(path, 1)
+    model = build_encoder(config).eval()
     with LazyCheckpoint(path) as ckpt:
         load_weights(model, ckpt, partitioned=False)
     assert model.config.num_hidden_layers == 2 and getattr(model, "pooler", None) is None
-    cap = QKVCapture(find_layer_stack(model, 2)[2][1])
+    cap = QKVCapture(find_layer_stack(model, 2)[2][1], config.num_attention_heads)
     b = _batch()
-    kw = {k: v for k, v in b.items() if k != "token_type_ids" or kind == "bert"}
+    kw = {k: v for k, v in b.items() if k in inspect.signature(model.forward).parameters}
     with torch.no_grad():
         model(**kw)
-    for got, exp in zip(cap.pop(), want):
-        torch.testing.assert_close(got, exp)
+    got = cap.pop()
+    assert [g.shape for g in got] == [(2, 10, 64)] * 3
+    for g, exp in zip(got, want):
+        torch.testing.assert_close(g, exp)
+
+
+def test_an_encoder_without_findable_qkv_is_refused_in_one_line_before_any_process_group(tmp_path):
+    """A family whose attention this module cannot read: refused when the teacher is planned (meta device,
+    no process group, no weights), naming the model and the layouts it knows."""
+    from transformers import AutoConfig
+    from minimoe.config import ConfigError
+    from minimoe.teacher import parameter_count
+    # SqueezeBERT names its projections query/key/value, but they are grouped 1x1 convolutions
+    config = AutoConfig.for_model("squeezebert", vocab_size=100, hidden_size=32, num_attention_heads=4,
+                                  intermediate_size=64, num_hidden_layers=2, embedding_size=32)
+    with pytest.raises(ConfigError, match=r"cannot find the attention layers of SqueezeBertModel \(squeezebert\)"
+                                          r".*Wqkv \(ModernBERT"):
+        parameter_count(config)
 
 
 def _zero3_worker(rank, path, want, bf16=False):
@@ -72,7 +113,31 @@ def _zero3_worker(rank, path, want, bf16=False):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["bert", "mpnet"])
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_a_two_step_distillation_from_every_encoder_family(assets, tmp_path, kind):
+    """The public launcher, one process, from a save_pretrained teacher of each family (ModernBERT at a
+    middle layer: its per-layer attention kinds are truncated with the layers)."""
+    import json
+    import subprocess
+    import sys
+    from helpers import REPO, env, flags
+    teacher = tiny_teacher(str(tmp_path / kind), kind)
+    out = tmp_path / "run"
+    layer = 1 if kind == "modernbert" else -1
+    p = subprocess.run([sys.executable, f"{REPO}/launchers/distill.py",
+                        *flags(assets, out, teacher=teacher, ep_size=1, max_steps=2, save_every=2,
+                               cache_dir=tmp_path / "cache", teacher_layer=layer)],
+                       env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert len(losses) == 2 and all(0 < x < 10 for x in losses)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["bert", "mpnet", "modernbert", "deberta"])
 def test_zero3_teacher_over_two_ranks_matches_the_plain_model(tmp_path, kind):
     path = tiny_teacher(str(tmp_path / kind), kind)
     want = _plain_qkv(path, 2)
