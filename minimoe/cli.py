@@ -54,6 +54,8 @@ def main(config_cls, run: Callable | str, prog: str, argv: list[str] | None = No
         return 0
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
+    from . import console
+    console.install()  # before DeepSpeed is imported: its logger binds to the filtered stdout
     seen: dict = {}
 
     def entry(**flags):
@@ -81,5 +83,6 @@ def main(config_cls, run: Callable | str, prog: str, argv: list[str] | None = No
         return code
     finally:
         release()  # the output folder's lock, held by rank 0 while the run lives
+        console.save(getattr(seen.get("cfg"), "output_dir", None))
     shutdown()
     return 0

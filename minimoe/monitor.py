@@ -58,12 +58,16 @@ class Monitor:
             self._wandb_after = max(self._wandb_after, _last_step(path))
             _drop_rows_after(path, start_step)
             self._files[name] = open(path, "a")
-        from tqdm import tqdm
-        self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
         if wandb_mode != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
             import wandb
+            # wandb's own banner (five lines at start, four at the end) gives way to one line of ours
             self._wandb = wandb.init(project=wandb_project, mode=wandb_mode, dir=output_dir, config=run_config,
-                                     resume="allow", id=_run_id(output_dir))
+                                     resume="allow", id=_run_id(output_dir), settings=wandb.Settings(silent=True))
+            where = self._wandb.dir.removesuffix(os.sep + "files")
+            print(f"wandb: {wandb_mode} run {self._wandb.id} in {where}"
+                  + (f" (upload: wandb sync {where})" if wandb_mode == "offline" else ""), flush=True)
+        from tqdm import tqdm  # after wandb's start, so nothing is printed under the bar
+        self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict, utilisation: Optional[dict] = None, member: str = "") -> None:
         if not self.enabled:
@@ -93,7 +97,16 @@ class Monitor:
             self._bar.update(n)
 
     def write(self, message: str) -> None:
-        if self.enabled:
+        """A line above the bar; once the bar is full it is closed first, so it is drawn once, above the
+        summary (tqdm.write would draw it again under every line, and close() once more)."""
+        if not self.enabled:
+            return
+        if self._bar is not None and self._bar.total is not None and self._bar.n >= self._bar.total:
+            self._bar.close()
+            self._bar = None
+        if self._bar is None:
+            print(message, flush=True)
+        else:
             from tqdm import tqdm
             tqdm.write(message)
 

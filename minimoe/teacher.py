@@ -16,8 +16,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import hostmem
 from . import placement as placement_lib
 from .config import ConfigError
+from .distributed import accelerator_name
 from .weights import LazyCheckpoint, local_folder
 
 
@@ -245,6 +247,9 @@ class Teacher:
         self._accepts_token_types = "token_type_ids" in inspect.signature(model.forward).parameters
         self.engine, *_ = deepspeed.initialize(model=model, config=ds_config)
         self.engine.eval()
+        # after DeepSpeed's hooks: each partitioned layer's gathered weights go back to the system once freed
+        self._trims = (hostmem.return_gathers_after_each(stack)
+                       if placement.partitioned and accelerator_name() == "cpu" else [])
 
     def bytes_per_rank(self) -> int:
         """Teacher weight bytes this rank keeps (its partitions, or the whole replicated teacher)."""

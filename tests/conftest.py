@@ -1,10 +1,11 @@
 import glob
 import os
+import subprocess
 import time
 
 import pytest
 
-from helpers import deepspeed_cmd, flags, run_ok, tiny_teacher, wiki_slice
+from helpers import deepspeed_cmd, env, flags, run_ok, tiny_teacher, wiki_slice
 
 # CPU DeepSpeed, quietly; no wandb network; all tests offline.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -41,5 +42,9 @@ def assets(tmp_path_factory):
 def straight_run(assets):
     """Uninterrupted reference run under the deepspeed launcher: 2 ranks, 4 experts split 2 + 2."""
     out = assets / "straight"
-    run_ok(deepspeed_cmd(flags(assets, out)))
+    # stdout and stderr as a terminal shows them, interleaved (tests/test_console.py reads it)
+    p = subprocess.run(deepspeed_cmd(flags(assets, out)), env=env(), stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-6000:]
+    (assets / "straight.console").write_text(p.stdout)
     return out

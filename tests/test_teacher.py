@@ -270,7 +270,8 @@ def _rss_worker(rank, path, stage, out):
           "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 10000}}
     teacher = Teacher(path, ds, layer=-1)
     load_peak = _status_mib("VmHWM") - before
-    teacher.qkv(_batch())
+    for _ in range(3):
+        teacher.qkv(_batch())
     with open(f"{out}.{stage}.{rank}", "w") as fh:
         json.dump({"load_peak": load_peak, "steady": _status_mib("VmRSS") - before,
                    "bytes": teacher.bytes_per_rank()}, fh)
@@ -285,7 +286,8 @@ def _status_mib(key):
 def test_zero3_teacher_host_memory_scales_with_one_over_n(tmp_path):
     """A 268 MB teacher (BERT H768, 6 layers, fp32) loaded by 2 ranks: partitioned, each rank's peak
     RSS during the load stays near half of what a replicated load costs (today's transformers path
-    under HfDeepSpeedConfig cost *more* than replicated), and each keeps <= 1.1 x half the bytes."""
+    under HfDeepSpeedConfig cost *more* than replicated), each keeps <= 1.1 x half the bytes, and its
+    resident memory after three forwards is still near half the teacher."""
     import json
     from transformers import BertConfig, BertModel
     torch.manual_seed(0)
@@ -303,3 +305,6 @@ def test_zero3_teacher_host_memory_scales_with_one_over_n(tmp_path):
         assert zero3["bytes"] <= 1.1 * total / 2, (zero3, total)
         assert zero3["load_peak"] <= 0.65 * replicated["load_peak"], (rank, replicated, zero3)
         assert zero3["load_peak"] <= 1.3 * total / 2 / 2 ** 20, (rank, zero3, total)
+        # and after forwards: the gathered layers went back to the system (hostmem), not into glibc's heap
+        # (glibc alone kept them: 345 MiB, more than the whole teacher; trimmed: 164, half + 38 MiB of buffers)
+        assert zero3["steady"] <= total / 2 / 2 ** 20 + 64, (rank, zero3, total)
