@@ -231,3 +231,24 @@ def test_num_epochs_given_alone_trains_the_epochs():
     assert from_flags(FinetuneConfig, {"num_epochs": 2}).max_steps == -1
     with pytest.raises(ConfigError, match=r"--max_steps 100 and --num_epochs 5.0 both set the run's length"):
         from_flags(DistillConfig, {"num_epochs": 5, "max_steps": 100})
+
+
+def test_a_leading_tilde_is_expanded_in_every_path_flag(monkeypatch, tmp_path):
+    """The shell leaves ``~`` alone after ``--output_dir=~/run``: the run created a folder named ``~``."""
+    from minimoe.config import EvaluateConfig, ExportConfig, FinetuneConfig, SweepConfig
+    from minimoe.flags import _cli_fields
+    monkeypatch.setenv("HOME", str(tmp_path))
+    c = from_flags(DistillConfig, {"output_dir": "~/run", "data": "~/a.txt,~/b.txt", "teacher": "~/t",
+                                   "cache_dir": "~", "ds_config": "~/ds.json", "resume": "~/run/ckpt"})
+    assert (c.output_dir, c.data, c.teacher) == (f"{tmp_path}/run", f"{tmp_path}/a.txt,{tmp_path}/b.txt", f"{tmp_path}/t")
+    assert (c.cache_dir, c.ds_config, c.resume) == (str(tmp_path), f"{tmp_path}/ds.json", f"{tmp_path}/run/ckpt")
+    assert from_flags(DistillConfig, {"data": "packaged:wikipedia", "resume": True}).resume is True
+    # Every flag that names a file or folder, in every launcher: a field redeclared without the mark fails here.
+    paths = {"output_dir", "ds_config", "resume", "hostfile", "teacher", "data", "eval_data", "cache_dir",
+             "teacher_ds_config", "students", "model", "output", "models"}
+    for cls in (DistillConfig, FinetuneConfig, EvaluateConfig, ExportConfig, SweepConfig):
+        marked = {f.name for _, f in _cli_fields(cls) if f.metadata.get("path")}
+        assert marked == paths & {f.name for _, f in _cli_fields(cls)}, cls.__name__
+        for name in marked:
+            got = from_flags(cls, {name: "~/x", **({"dry_run": True} if name == "hostfile" else {})})
+            assert getattr(got.launch if name == "hostfile" else got, name) == f"{tmp_path}/x", (cls, name)

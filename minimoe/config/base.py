@@ -12,8 +12,10 @@ class ConfigError(ValueError):
     """A user error: bad flag, bad file, bad combination. Launchers print it as one line and exit 2."""
 
 
-def _help(text: str, cli: bool = True) -> dict:
-    return {"help": text, "cli": cli}
+def _help(text: str, cli: bool = True, path: bool = False) -> dict:
+    """Field metadata; ``path``: the value names files or folders (comma-separated allowed), whose leading
+    ``~`` the flag parser expands (the shell leaves it alone after ``--flag=``)."""
+    return {"help": text, "cli": cli, "path": path}
 
 
 def load_json(path: str, what: str) -> dict:
