@@ -222,6 +222,20 @@ def test_an_output_dir_that_cannot_be_a_folder(teacher, tmp_path):
         plan(cfg(teacher, tmp_path, output_dir=os.path.join(afile, "run"), ep_size=1))
 
 
+def test_an_output_dir_that_is_a_dangling_link(tmp_path):
+    """Refused before any work, naming the link and its missing target (it failed with "File exists" once
+    the engines were built)."""
+    from minimoe.config import check_output_dir
+    os.symlink(tmp_path / "gone", tmp_path / "link")
+    with pytest.raises(ConfigError, match=f"--output_dir '{tmp_path}/link' is a symbolic link to "
+                                          f"'{tmp_path}/gone', which does not exist"):
+        check_output_dir(str(tmp_path / "link"))
+    with pytest.raises(ConfigError, match=f"'{tmp_path}/link/run': '{tmp_path}/link' is a symbolic link"):
+        check_output_dir(str(tmp_path / "link" / "run"))
+    (tmp_path / "gone").mkdir()
+    check_output_dir(str(tmp_path / "link" / "run"))  # its target made: a link is a fine run folder
+
+
 def test_num_epochs_given_alone_trains_the_epochs():
     """--num_epochs 5 once trained the 60 steps of --max_steps' default without a word."""
     from minimoe.config import FinetuneConfig

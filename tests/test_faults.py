@@ -89,6 +89,8 @@ def fx(tmp_path_factory):
     f["corpus_dir"] = str(tmp / "corpus_dir")
     (tmp / "afile").write_text("x")
     f["afile"] = str(tmp / "afile")
+    os.symlink(tmp / "gone", tmp / "dangling")  # a link whose target was removed (or is on an unmounted disk)
+    f["dangling"] = str(tmp / "dangling")
     # Fine-tuning: a student, its damaged twins, task folders good and bad, a fine-tuned model folder.
     student = tmp / "student"
     MiniMoEModel(StudentConfig(num_layers=2, hidden_size=64, num_heads=4, ffn_size=128, num_experts=4)
@@ -155,6 +157,7 @@ DISTILL = [  # (case, bad flags (values naming fx entries are resolved), exit co
     ("teacher without tokenizer", {"teacher": "bare_teacher"}, 2, "tokenizer"),
     ("misspelt ds_config key", {"ds_config": "typo"}, 2, "did you mean 'gradient_clipping'"),
     ("output_dir is a file", {"output_dir": "afile"}, 2, "afile' is a file, not a folder"),
+    ("output_dir is a dangling link", {"output_dir": "dangling"}, 2, "dangling' is a symbolic link to '"),
     ("learning rate not finite", {"lr": "nan"}, 2, "--lr nan is invalid: must be a finite number"),
     ("seed out of range", {"seed": -1}, 2, "--seed -1 is invalid"),
     ("missing data", {"data": "/nope/corpus.txt"}, 2, "--data '/nope/corpus.txt' does not exist"),
@@ -172,6 +175,7 @@ FINETUNE = [
     ("label outside the task's set", {"data": "sent_label"}, 2, "has labels [7]; allowed 0..1"),
     ("model without tokenizer", {"model": "bare_student"}, 2, "tokenizer"),
     ("output_dir is a file", {"output_dir": "afile"}, 2, "afile' is a file, not a folder"),
+    ("output_dir is a dangling link", {"output_dir": "dangling"}, 2, "dangling' is a symbolic link to '"),
     ("truncated student weights", {"model": "cut_student"}, 1, "model.safetensors' is truncated or corrupt"),
     ("model is a distillation run folder", {"model": "run_folder"}, 2, "is a distillation run folder; fine-tune"),
     ("max_seq_length past the positions", {"max_seq_length": 4096}, 2, "4096 exceeds the 512 positions"),
@@ -202,6 +206,7 @@ EXPORT = [
     ("run that did not finish", {"model": "run_folder"}, 2, "is not a finished run"),
     ("truncated weights", {"model": "cut_student"}, 1, "model.safetensors' is truncated"),
     ("output_dir is a file", {"output_dir": "afile"}, 2, "afile' is a file, not a folder"),
+    ("output_dir is a dangling link", {"output_dir": "dangling"}, 2, "gone', which does not exist"),
     ("output_dir is the model", {"output_dir": "student"}, 2, "is the folder being exported: choose another"),
 ]
 
