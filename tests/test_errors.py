@@ -160,6 +160,29 @@ def test_failures_are_classified_as_user_or_environment():
     assert classify(ValueError("boom\nmore"))[1] == "internal error: ValueError: boom"
 
 
+def test_a_read_only_cache_is_named_with_its_variable_not_blamed_on_the_output_dir(monkeypatch, tmp_path):
+    import errno
+    from minimoe.errors import classify
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for var in ("TORCH_EXTENSIONS_DIR", "XDG_CACHE_HOME", "HF_HOME", "MINIMOE_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    run = str(tmp_path / "run")
+
+    def line(path):
+        return classify(OSError(errno.EROFS, "Read-only file system", str(path)), run)[1]
+    assert line(tmp_path / ".cache/torch_extensions") == (
+        f"cannot write '{tmp_path}/.cache/torch_extensions': Read-only file system; that is where DeepSpeed "
+        "compiles its ops: set TORCH_EXTENSIONS_DIR to a writable folder")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/ro/ext")
+    assert line("/ro/ext/deepspeed_shm_comm").endswith(
+        "it is in '/ro/ext', where DeepSpeed compiles its ops: set TORCH_EXTENSIONS_DIR to a writable folder")
+    assert "set HF_HOME" in line(tmp_path / ".cache/huggingface/modules")
+    assert "set MINIMOE_CACHE (or --cache_dir)" in line(tmp_path / ".cache/minimoe/corpus")
+    assert "set XDG_CACHE_HOME" in line(tmp_path / ".cache/matplotlib")
+    assert line(f"{run}/checkpoints").endswith("choose a writable --output_dir")
+    assert line("/srv/elsewhere").endswith(f"outside --output_dir {run!r}: make that folder writable")
+
+
 def test_an_environment_failure_prints_one_line_and_logs_the_traceback(tmp_path, capsys):
     from minimoe.errors import report
     try:

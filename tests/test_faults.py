@@ -19,13 +19,14 @@ from helpers import (BIN, REPO, TOKENIZER_FILES, env, flags, free_port, sentimen
 PROGRESS = ("step/s", "it/s", "doc/s", "tokenising")
 
 
-def launch(script, args, ranks=1, timeout=300):
+def launch(script, args, ranks=1, timeout=300, **environ):
     if ranks == 1:
         cmd = [sys.executable, f"{REPO}/launchers/{script}.py", *args]
     else:
         cmd = [f"{BIN}/deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()),
                f"{REPO}/launchers/{script}.py", *args]
-    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd="/")
+    environ = {k: v for k, v in {**env(), **environ}.items() if v is not None}  # None: unset
+    return subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=timeout, cwd="/")
 
 
 def assert_one_line(p, code, culprit):
@@ -257,6 +258,36 @@ def small_disk(tmp_path):
         pytest.skip("mounting a tmpfs needs root")
     yield where
     subprocess.run(["umount", "-l", str(where)])
+
+
+@pytest.fixture
+def read_only_cache(tmp_path):
+    """A home folder whose .cache is a read-only tmpfs (root can mount one; others cannot, and writes as
+    root ignore file modes)."""
+    where = tmp_path / "home" / ".cache"
+    where.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(where)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield where
+    subprocess.run(["umount", "-l", str(where)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["TORCH_EXTENSIONS_DIR", "HOME"])
+def test_a_read_only_cache_is_named_not_the_output_dir(fx, read_only_cache, tmp_path, where):
+    """DeepSpeed compiles its ops in TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions); a read-only
+    one was blamed on --output_dir."""
+    if where == "HOME":  # ~/.cache read-only: torch's default folder under it
+        folder = read_only_cache / "torch_extensions"
+        environ = {"HOME": str(read_only_cache.parent), "TORCH_EXTENSIONS_DIR": None, "XDG_CACHE_HOME": None}
+    else:
+        folder = read_only_cache / "ext"
+        environ = {"TORCH_EXTENSIONS_DIR": str(folder)}
+    p = launch("finetune", finetune_args(fx, tmp_path / "out"), **environ)
+    line = assert_one_line(p, 1, f"cannot write '{folder}': Read-only file system")
+    assert "set TORCH_EXTENSIONS_DIR to a writable folder" in line and "--output_dir" not in line, line
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
