@@ -260,6 +260,18 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(where)])
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("launcher", ["distill", "finetune"])
+def test_an_accelerator_this_machine_lacks(fx, tmp_path, launcher):
+    """DS_ACCELERATOR=cuda without CUDA ended in 'internal error: AssertionError: Torch not compiled with
+    CUDA' (or NCCL's) from inside the process group."""
+    p = launch(launcher, ARGS[launcher](fx, tmp_path / "out", {}), DS_ACCELERATOR="cuda")
+    line = assert_one_line(p, 2, "DS_ACCELERATOR=cuda was asked for, but this ")
+    assert line.endswith("unset DS_ACCELERATOR (DeepSpeed then uses what the machine has) or set "
+                         "DS_ACCELERATOR=cpu"), line
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture
 def read_only_cache(tmp_path):
     """A home folder whose .cache is a read-only tmpfs (root can mount one; others cannot, and writes as
