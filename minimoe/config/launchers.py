@@ -124,7 +124,8 @@ class SweepConfig:
     output_dir: str = field(default="runs/sweep", metadata=_help(
         "Root folder: <model>/<task>/seed<S>/ per run.", path=True))
     launcher: str = field(default="python", metadata=_help(
-        "How each run starts, e.g. 'python' or 'deepspeed --num_gpus 8'."))
+        "How each run starts, e.g. 'python' or 'deepspeed --num_gpus 8' (python, deepspeed and torchrun are "
+        "the ones of the Python running the sweep)."))
     extra: str = field(default="", metadata=_help(
         "Extra finetune flags for every run, given with '=': --extra='--num_epochs 5 --lr 1e-4'."))
 
