@@ -1,7 +1,10 @@
+import os
+
 import pytest
 
+from helpers import REPO
 from minimoe.config import ConfigError
-from minimoe.data.tasks import dev_split_names, get_task, load_split, read_conll
+from minimoe.data.tasks import dev_split_names, get_task, load_split, offline_dir, read_conll
 
 
 def write(path, text):
@@ -68,3 +71,19 @@ def test_offline_task_preparation_parsers():
     w = wnut(ner, seed=1)
     sents = w["train"] + w["dev"] + w["test"]
     assert sorted(sents) == sorted([[("A", "B-person"), ("said", "O")], [("Paris", "B-geo-loc")], [("hi", "O")]])
+
+
+def test_the_offline_tasks_are_found_from_any_folder(tmp_path, monkeypatch):
+    """data/tasks was looked up in the current folder: run from elsewhere, fine-tuning said "run `make
+    tasks`" though it had run. It is the checkout's, as ds_configs/ is; an explicit --data stays the user's."""
+    monkeypatch.chdir(tmp_path)
+    task, where = get_task("sentiment"), os.path.join(REPO, "data", "tasks", "sentiment")
+    if not os.path.isdir(where):  # `make tasks` has not run here: the line says where it looked
+        with pytest.raises(ConfigError, match=f"{where}' is not there: run `make tasks`"):
+            offline_dir(task)
+        return
+    assert offline_dir(task) == where
+    assert load_split(task, "dev", None) == load_split(task, "dev", where)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "dev.tsv").write_text("sentence\tlabel\na fine film\t1\n")
+    assert load_split(task, "dev", "mine") == [{"text": "a fine film", "text_pair": None, "label": 1}]
