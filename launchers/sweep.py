@@ -24,12 +24,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minimoe.cli import main  # noqa: E402
-from minimoe.config import ConfigError, SweepConfig, check_output_dir  # noqa: E402
+from minimoe.config import DEMO_RUN, ConfigError, SweepConfig, check_output_dir  # noqa: E402
 from minimoe.errors import ChildFailed  # noqa: E402
 from minimoe.flags import from_flags  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_MODEL = "runs/demo/student"
+DEFAULT_MODEL = f"{DEMO_RUN}/student"
 
 
 def _items(v) -> list[str]:

