@@ -24,12 +24,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minimoe.cli import main  # noqa: E402
-from minimoe.config import ConfigError, SweepConfig, check_output_dir  # noqa: E402
+from minimoe.config import DEMO_RUN, ConfigError, SweepConfig, check_output_dir  # noqa: E402
 from minimoe.errors import ChildFailed  # noqa: E402
 from minimoe.flags import from_flags  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_MODEL = "runs/demo/student"
+DEFAULT_MODEL = f"{DEMO_RUN}/student"
 
 
 def _items(v) -> list[str]:
@@ -65,6 +65,7 @@ def _check(cfg: SweepConfig) -> tuple[list, list, list, list, list, list]:
         distill_extra = shlex.split(cfg.distill_extra)
     except ValueError as e:
         raise ConfigError(f"--launcher / --extra / --distill_extra cannot be split into arguments: {e}")
+    launcher = _this_python(launcher)
     if not launcher or not shutil.which(launcher[0]):
         raise ConfigError(f"--launcher {cfg.launcher!r}: {launcher[:1]} is not a command on PATH")
     _check_extra(extra, FinetuneConfig, "--extra", ("model", "task", "seed", "output_dir", "resume"))
@@ -77,6 +78,19 @@ def _check(cfg: SweepConfig) -> tuple[list, list, list, list, list, list]:
         students = [name for name, _ in expand(planned)]
     check_output_dir(cfg.output_dir)
     return models, tasks, seeds, launcher, extra, students
+
+
+def _this_python(launcher: list[str]) -> list[str]:
+    """``python`` (the default) is the interpreter running the sweep, and ``deepspeed`` / ``torchrun`` the
+    ones installed next to it: the first on PATH may belong to another Python, without minimoe's packages
+    (its child failed with "No module named 'fire'")."""
+    if launcher and launcher[0] in ("python", "python3"):
+        return [sys.executable, *launcher[1:]]
+    if launcher and launcher[0] in ("deepspeed", "torchrun"):
+        beside = os.path.join(os.path.dirname(sys.executable), launcher[0])
+        if os.access(beside, os.X_OK):
+            return [beside, *launcher[1:]]
+    return launcher
 
 
 def _check_extra(extra: list[str], config_cls, what: str, taken_by_sweep: tuple) -> dict:

@@ -11,7 +11,12 @@ __all__ = ["ConfigError", "DistillConfig", "FinetuneConfig", "StudentConfig", *_
 
 
 def __getattr__(name):
+    import importlib
+    import importlib.util
     if name in _LAZY:
-        import importlib
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    # Submodules too, on first use: `import minimoe; minimoe.heads.load_task_model(...)` (the README and
+    # every task model card say so) without importing torch for --help, and without import cycles.
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'minimoe' has no attribute {name!r}")

@@ -132,5 +132,19 @@ def device():
 
 
 def accelerator_name() -> str:
+    """The accelerator of the run, asked for before any process group: one that DS_ACCELERATOR names but
+    this machine lacks is refused here (DeepSpeed takes the name on trust, and fails later, inside)."""
     from deepspeed.accelerator import get_accelerator
-    return get_accelerator().device_name()
+    from .config import ConfigError
+    asked = os.environ.get("DS_ACCELERATOR", "")
+    fix = "unset DS_ACCELERATOR (DeepSpeed then uses what the machine has) or set DS_ACCELERATOR=cpu"
+    try:
+        accel = get_accelerator()
+    except ValueError as e:  # DeepSpeed's own check of the other names (xpu, npu, mps, ...)
+        raise ConfigError(f"DS_ACCELERATOR={asked} was asked for, but {str(e).splitlines()[0]}; {fix}") from None
+    if asked and asked != "cpu" and not accel.is_available():
+        import torch
+        why = ("this torch is built without CUDA" if asked == "cuda" and not torch.version.cuda
+               else "this machine has no such device")
+        raise ConfigError(f"DS_ACCELERATOR={asked} was asked for, but {why}; {fix}")
+    return accel.device_name()

@@ -28,6 +28,11 @@ class CheckFailed(Exception):
     reproduce the model): exit 1, the line says by how much and what was kept."""
 
 
+class Unavailable(Exception):
+    """Something the work needs could not be fetched (no network, no package index): exit 1; the line
+    names it, what the fetcher said, and what to do."""
+
+
 class PeerFailed(Exception):
     """Raised on the ranks whose partner in a collective failed with an error that the partner reports
     itself: these ranks stop with its exit code and print nothing, so the cause is the line one reads."""
@@ -96,11 +101,54 @@ _FREE_SPACE = ("free space (or choose another --output_dir) and run again; --res
                "complete checkpoint")
 
 
-def classify(exc: BaseException) -> tuple[int, str]:
-    """(exit code, one line) for an exception that stopped a run."""
+def _cache_folders() -> list[tuple[str, str]]:
+    """(folder, what it is and the variable that moves it) for the caches a run writes besides its output
+    folder: a read-only one must be named with that variable, not blamed on --output_dir."""
+    home = os.path.expanduser("~")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
+    from .data.assets import default_cache_dir
+    return [
+        (os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(cache, "torch_extensions"),
+         "where DeepSpeed compiles its ops: set TORCH_EXTENSIONS_DIR to a writable folder"),
+        (default_cache_dir(""),
+         "minimoe's corpus cache: set MINIMOE_CACHE (or --cache_dir) to a writable folder"),
+        (os.environ.get("HF_HOME") or os.path.join(cache, "huggingface"),
+         "the Hugging Face cache: set HF_HOME to a writable folder"),
+        (os.environ.get("TRITON_CACHE_DIR") or os.path.join(home, ".triton"),
+         "triton's cache: set TRITON_CACHE_DIR to a writable folder"),
+        (cache, "the cache folder of torch, Hugging Face and minimoe: set XDG_CACHE_HOME to a writable folder"),
+    ]
+
+
+def _under(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _unwritable(exc: OSError, output_dir: Optional[str]) -> str:
+    """The line for a folder the run may not write: the setting that chose that folder, which is
+    --output_dir only when the folder is in it."""
+    where = f" {exc.filename!r}" if exc.filename else ""
+    head = f"cannot write{where}: {exc.strerror}"
+    if not exc.filename or (output_dir and _under(exc.filename, output_dir)):
+        return f"{head}; choose a writable --output_dir"
+    known = [(folder, how) for folder, how in _cache_folders() if _under(exc.filename, folder)]
+    if known:
+        folder, how = max(known, key=lambda k: len(os.path.realpath(k[0])))  # the most specific
+        if os.path.realpath(folder) == os.path.realpath(exc.filename):
+            return f"{head}; that is {how}"
+        return f"{head}; it is in {folder!r}, {how}"
+    if output_dir:
+        return f"{head}; it is outside --output_dir {output_dir!r}: make that folder writable"
+    return f"{head}; choose a writable --output_dir"
+
+
+def classify(exc: BaseException, output_dir: Optional[str] = None) -> tuple[int, str]:
+    """(exit code, one line) for an exception that stopped a run (``output_dir``: the run's folder, to
+    tell a folder it may not write from the caches it writes elsewhere)."""
     if isinstance(exc, ConfigError):
         return USER_ERROR, str(exc)
-    if isinstance(exc, (UnreadableFile, CheckFailed)):
+    if isinstance(exc, (UnreadableFile, CheckFailed, Unavailable)):
         return ENVIRONMENT_FAILURE, str(exc)
     if isinstance(exc, PeerFailed):
         return exc.code, ""
@@ -113,7 +161,7 @@ def classify(exc: BaseException) -> tuple[int, str]:
         if exc.errno == errno.ENOSPC:
             return ENVIRONMENT_FAILURE, f"no space left on device writing{where}: {_FREE_SPACE}"
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            return ENVIRONMENT_FAILURE, f"cannot write{where}: {exc.strerror}; choose a writable --output_dir"
+            return ENVIRONMENT_FAILURE, _unwritable(exc, output_dir)
         return ENVIRONMENT_FAILURE, f"{exc.strerror or exc}{where}"
     text = str(exc)
     if "No space left on device" in text or "file write failed" in text:  # torch.save wraps ENOSPC this way
@@ -155,7 +203,7 @@ def report(exc: BaseException, output_dir: Optional[str], debug: bool) -> int:
     error, so rank 0 speaks for all; after it, user errors are raised on every rank (``agree``) and rank
     0 says them, and any other failure is said by the rank that met it (its partners in a collective
     stop with ``PeerFailed`` and stay quiet)."""
-    code, line = classify(exc)
+    code, line = classify(exc, output_dir)
     rank = int(os.environ.get("RANK", "0"))
     if isinstance(exc, PeerFailed):
         return code

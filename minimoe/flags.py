@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import typing
 from typing import Any, Optional, Union
 
@@ -54,6 +55,15 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
     raise ConfigError(f"--{name} {value!r} is invalid: expected {allowed}")
 
 
+def expand_home(value: Any) -> Any:
+    """``~`` at the start of each comma-separated path, expanded: the shell leaves it alone after
+    ``--output_dir=~/run``, and the run would create a folder named ``~``. Hub and packaged names never
+    start with ``~``."""
+    if not isinstance(value, str) or "~" not in value:
+        return value
+    return ",".join(os.path.expanduser(v.strip()) if v.strip().startswith("~") else v for v in value.split(","))
+
+
 def coerce_fields(cls, values: dict) -> dict:
     """``values`` converted to the types of ``cls``'s fields (a file's or an inline entry's settings)."""
     hints = typing.get_type_hints(cls)
@@ -72,6 +82,8 @@ def from_flags(cls, flags: dict):
         section, f = fields[name]
         owner = hints[section] if section else cls
         value = _coerce(name, value, typing.get_type_hints(owner)[f.name])
+        if f.metadata.get("path"):
+            value = expand_home(value)
         (nested.setdefault(section, {}) if section else top)[name] = value
     for section, values in nested.items():
         top[section] = hints[section](**values)

@@ -160,6 +160,29 @@ def test_failures_are_classified_as_user_or_environment():
     assert classify(ValueError("boom\nmore"))[1] == "internal error: ValueError: boom"
 
 
+def test_a_read_only_cache_is_named_with_its_variable_not_blamed_on_the_output_dir(monkeypatch, tmp_path):
+    import errno
+    from minimoe.errors import classify
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for var in ("TORCH_EXTENSIONS_DIR", "XDG_CACHE_HOME", "HF_HOME", "MINIMOE_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    run = str(tmp_path / "run")
+
+    def line(path):
+        return classify(OSError(errno.EROFS, "Read-only file system", str(path)), run)[1]
+    assert line(tmp_path / ".cache/torch_extensions") == (
+        f"cannot write '{tmp_path}/.cache/torch_extensions': Read-only file system; that is where DeepSpeed "
+        "compiles its ops: set TORCH_EXTENSIONS_DIR to a writable folder")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/ro/ext")
+    assert line("/ro/ext/deepspeed_shm_comm").endswith(
+        "it is in '/ro/ext', where DeepSpeed compiles its ops: set TORCH_EXTENSIONS_DIR to a writable folder")
+    assert "set HF_HOME" in line(tmp_path / ".cache/huggingface/modules")
+    assert "set MINIMOE_CACHE (or --cache_dir)" in line(tmp_path / ".cache/minimoe/corpus")
+    assert "set XDG_CACHE_HOME" in line(tmp_path / ".cache/matplotlib")
+    assert line(f"{run}/checkpoints").endswith("choose a writable --output_dir")
+    assert line("/srv/elsewhere").endswith(f"outside --output_dir {run!r}: make that folder writable")
+
+
 def test_an_environment_failure_prints_one_line_and_logs_the_traceback(tmp_path, capsys):
     from minimoe.errors import report
     try:
@@ -222,6 +245,20 @@ def test_an_output_dir_that_cannot_be_a_folder(teacher, tmp_path):
         plan(cfg(teacher, tmp_path, output_dir=os.path.join(afile, "run"), ep_size=1))
 
 
+def test_an_output_dir_that_is_a_dangling_link(tmp_path):
+    """Refused before any work, naming the link and its missing target (it failed with "File exists" once
+    the engines were built)."""
+    from minimoe.config import check_output_dir
+    os.symlink(tmp_path / "gone", tmp_path / "link")
+    with pytest.raises(ConfigError, match=f"--output_dir '{tmp_path}/link' is a symbolic link to "
+                                          f"'{tmp_path}/gone', which does not exist"):
+        check_output_dir(str(tmp_path / "link"))
+    with pytest.raises(ConfigError, match=f"'{tmp_path}/link/run': '{tmp_path}/link' is a symbolic link"):
+        check_output_dir(str(tmp_path / "link" / "run"))
+    (tmp_path / "gone").mkdir()
+    check_output_dir(str(tmp_path / "link" / "run"))  # its target made: a link is a fine run folder
+
+
 def test_num_epochs_given_alone_trains_the_epochs():
     """--num_epochs 5 once trained the 60 steps of --max_steps' default without a word."""
     from minimoe.config import FinetuneConfig
@@ -231,3 +268,40 @@ def test_num_epochs_given_alone_trains_the_epochs():
     assert from_flags(FinetuneConfig, {"num_epochs": 2}).max_steps == -1
     with pytest.raises(ConfigError, match=r"--max_steps 100 and --num_epochs 5.0 both set the run's length"):
         from_flags(DistillConfig, {"num_epochs": 5, "max_steps": 100})
+
+
+def test_a_leading_tilde_is_expanded_in_every_path_flag(monkeypatch, tmp_path):
+    """The shell leaves ``~`` alone after ``--output_dir=~/run``: the run created a folder named ``~``."""
+    from minimoe.config import EvaluateConfig, ExportConfig, FinetuneConfig, SweepConfig
+    from minimoe.flags import _cli_fields
+    monkeypatch.setenv("HOME", str(tmp_path))
+    c = from_flags(DistillConfig, {"output_dir": "~/run", "data": "~/a.txt,~/b.txt", "teacher": "~/t",
+                                   "cache_dir": "~", "ds_config": "~/ds.json", "resume": "~/run/ckpt"})
+    assert (c.output_dir, c.data, c.teacher) == (f"{tmp_path}/run", f"{tmp_path}/a.txt,{tmp_path}/b.txt", f"{tmp_path}/t")
+    assert (c.cache_dir, c.ds_config, c.resume) == (str(tmp_path), f"{tmp_path}/ds.json", f"{tmp_path}/run/ckpt")
+    assert from_flags(DistillConfig, {"data": "packaged:wikipedia", "resume": True}).resume is True
+    # Every flag that names a file or folder, in every launcher: a field redeclared without the mark fails here.
+    paths = {"output_dir", "ds_config", "resume", "hostfile", "teacher", "data", "eval_data", "cache_dir",
+             "teacher_ds_config", "students", "model", "output", "models"}
+    for cls in (DistillConfig, FinetuneConfig, EvaluateConfig, ExportConfig, SweepConfig):
+        marked = {f.name for _, f in _cli_fields(cls) if f.metadata.get("path")}
+        assert marked == paths & {f.name for _, f in _cli_fields(cls)}, cls.__name__
+        for name in marked:
+            got = from_flags(cls, {name: "~/x", **({"dry_run": True} if name == "hostfile" else {})})
+            assert getattr(got.launch if name == "hostfile" else got, name) == f"{tmp_path}/x", (cls, name)
+
+
+def test_the_demo_run_folder_is_one_name():
+    """`python launchers/distill.py` ("the same job as make demo") wrote runs/distill, while fine-tuning and
+    export looked in runs/demo by default."""
+    import re
+    import sys
+    from minimoe.config import DEMO_RUN, ExportConfig, FinetuneConfig
+    assert DistillConfig().output_dir == ExportConfig().model == DEMO_RUN
+    assert FinetuneConfig().model == f"{DEMO_RUN}/student"
+    sys.path.insert(0, os.path.join(REPO, "launchers"))
+    import sweep
+    assert sweep.DEFAULT_MODEL == f"{DEMO_RUN}/student"
+    makefile = open(os.path.join(REPO, "Makefile")).read()
+    demo = makefile[makefile.index("\ndemo:"):].split("\n\n")[0]
+    assert re.search(r"--output_dir (\S+)", demo).group(1) == DEMO_RUN and f"rm -rf {DEMO_RUN}\n" in demo

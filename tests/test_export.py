@@ -265,3 +265,29 @@ def test_reading_a_moe_folders_tokenizer_runs_none_of_its_code(fx, monkeypatch):
     monkeypatch.setattr("builtins.input", asked)
     assert tokenizer_for(fx["student"])("a test")["input_ids"][0] == 101
     assert not questions
+
+
+def test_the_task_model_cards_snippet_runs_as_written(tmp_path):
+    """The card's "How to load" ran `import minimoe; minimoe.heads.load_task_model(path)`, which raised
+    AttributeError: the package did not import its submodules. Run the card's python block as written, in
+    the model folder (its `path = "."`), in a fresh interpreter."""
+    import re
+    from minimoe.config import PACKAGED_TEACHER
+    from minimoe.data.assets import resolve_model
+    student = str(tmp_path / "student")
+    MiniMoEModel(StudentConfig(**TINY, num_experts=4)).save_pretrained(student)
+    tok = tokenizer_for(resolve_model(PACKAGED_TEACHER))
+    tok.save_pretrained(student)
+    task = get_task("sentiment")
+    model = TaskModel(MiniMoEModel.from_pretrained(student), "minimoe", task.kind, task.num_labels)
+    results = {"main_metric": task.main_metric, "steps": 4, "wall_s": 1.0,
+               "best": {"step": 4, "main": 0.5, "dev": {"dev": {"accuracy": 0.5}}}}
+    folder = save_task_model(str(tmp_path / "run" / "model"), model.state_dict(), task, "minimoe", student, tok,
+                             0.1, 32, "launchers/finetune.py --task sentiment", results)
+    card = open(os.path.join(folder, "README.md")).read()
+    snippet = re.search(r"## How to load\n\n```python\n(.*?)```", card, re.S).group(1)
+    assert "minimoe.heads.load_task_model(path)" in snippet
+    p = subprocess.run([PY, "-c", snippet + "print(type(model).__name__, meta['task'])"], cwd=folder,
+                       env={**env(), "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split()[-2:] == ["TaskModel", "sentiment"]

@@ -19,13 +19,14 @@ from helpers import (BIN, REPO, TOKENIZER_FILES, env, flags, free_port, sentimen
 PROGRESS = ("step/s", "it/s", "doc/s", "tokenising")
 
 
-def launch(script, args, ranks=1, timeout=300):
+def launch(script, args, ranks=1, timeout=300, **environ):
     if ranks == 1:
         cmd = [sys.executable, f"{REPO}/launchers/{script}.py", *args]
     else:
         cmd = [f"{BIN}/deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port()),
                f"{REPO}/launchers/{script}.py", *args]
-    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout, cwd="/")
+    environ = {k: v for k, v in {**env(), **environ}.items() if v is not None}  # None: unset
+    return subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=timeout, cwd="/")
 
 
 def assert_one_line(p, code, culprit):
@@ -89,6 +90,8 @@ def fx(tmp_path_factory):
     f["corpus_dir"] = str(tmp / "corpus_dir")
     (tmp / "afile").write_text("x")
     f["afile"] = str(tmp / "afile")
+    os.symlink(tmp / "gone", tmp / "dangling")  # a link whose target was removed (or is on an unmounted disk)
+    f["dangling"] = str(tmp / "dangling")
     # Fine-tuning: a student, its damaged twins, task folders good and bad, a fine-tuned model folder.
     student = tmp / "student"
     MiniMoEModel(StudentConfig(num_layers=2, hidden_size=64, num_heads=4, ffn_size=128, num_experts=4)
@@ -155,6 +158,7 @@ DISTILL = [  # (case, bad flags (values naming fx entries are resolved), exit co
     ("teacher without tokenizer", {"teacher": "bare_teacher"}, 2, "tokenizer"),
     ("misspelt ds_config key", {"ds_config": "typo"}, 2, "did you mean 'gradient_clipping'"),
     ("output_dir is a file", {"output_dir": "afile"}, 2, "afile' is a file, not a folder"),
+    ("output_dir is a dangling link", {"output_dir": "dangling"}, 2, "dangling' is a symbolic link to '"),
     ("learning rate not finite", {"lr": "nan"}, 2, "--lr nan is invalid: must be a finite number"),
     ("seed out of range", {"seed": -1}, 2, "--seed -1 is invalid"),
     ("missing data", {"data": "/nope/corpus.txt"}, 2, "--data '/nope/corpus.txt' does not exist"),
@@ -172,6 +176,7 @@ FINETUNE = [
     ("label outside the task's set", {"data": "sent_label"}, 2, "has labels [7]; allowed 0..1"),
     ("model without tokenizer", {"model": "bare_student"}, 2, "tokenizer"),
     ("output_dir is a file", {"output_dir": "afile"}, 2, "afile' is a file, not a folder"),
+    ("output_dir is a dangling link", {"output_dir": "dangling"}, 2, "dangling' is a symbolic link to '"),
     ("truncated student weights", {"model": "cut_student"}, 1, "model.safetensors' is truncated or corrupt"),
     ("model is a distillation run folder", {"model": "run_folder"}, 2, "is a distillation run folder; fine-tune"),
     ("max_seq_length past the positions", {"max_seq_length": 4096}, 2, "4096 exceeds the 512 positions"),
@@ -202,6 +207,7 @@ EXPORT = [
     ("run that did not finish", {"model": "run_folder"}, 2, "is not a finished run"),
     ("truncated weights", {"model": "cut_student"}, 1, "model.safetensors' is truncated"),
     ("output_dir is a file", {"output_dir": "afile"}, 2, "afile' is a file, not a folder"),
+    ("output_dir is a dangling link", {"output_dir": "dangling"}, 2, "gone', which does not exist"),
     ("output_dir is the model", {"output_dir": "student"}, 2, "is the folder being exported: choose another"),
 ]
 
@@ -252,6 +258,48 @@ def small_disk(tmp_path):
         pytest.skip("mounting a tmpfs needs root")
     yield where
     subprocess.run(["umount", "-l", str(where)])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("launcher", ["distill", "finetune"])
+def test_an_accelerator_this_machine_lacks(fx, tmp_path, launcher):
+    """DS_ACCELERATOR=cuda without CUDA ended in 'internal error: AssertionError: Torch not compiled with
+    CUDA' (or NCCL's) from inside the process group."""
+    p = launch(launcher, ARGS[launcher](fx, tmp_path / "out", {}), DS_ACCELERATOR="cuda")
+    line = assert_one_line(p, 2, "DS_ACCELERATOR=cuda was asked for, but this ")
+    assert line.endswith("unset DS_ACCELERATOR (DeepSpeed then uses what the machine has) or set "
+                         "DS_ACCELERATOR=cpu"), line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def read_only_cache(tmp_path):
+    """A home folder whose .cache is a read-only tmpfs (root can mount one; others cannot, and writes as
+    root ignore file modes)."""
+    where = tmp_path / "home" / ".cache"
+    where.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(where)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield where
+    subprocess.run(["umount", "-l", str(where)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["TORCH_EXTENSIONS_DIR", "HOME"])
+def test_a_read_only_cache_is_named_not_the_output_dir(fx, read_only_cache, tmp_path, where):
+    """DeepSpeed compiles its ops in TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions); a read-only
+    one was blamed on --output_dir."""
+    if where == "HOME":  # ~/.cache read-only: torch's default folder under it
+        folder = read_only_cache / "torch_extensions"
+        environ = {"HOME": str(read_only_cache.parent), "TORCH_EXTENSIONS_DIR": None, "XDG_CACHE_HOME": None}
+    else:
+        folder = read_only_cache / "ext"
+        environ = {"TORCH_EXTENSIONS_DIR": str(folder)}
+    p = launch("finetune", finetune_args(fx, tmp_path / "out"), **environ)
+    line = assert_one_line(p, 1, f"cannot write '{folder}': Read-only file system")
+    assert "set TORCH_EXTENSIONS_DIR to a writable folder" in line and "--output_dir" not in line, line
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -181,3 +181,33 @@ def test_sweep_continues_an_interrupted_fine_tuning_run(tmp_path, monkeypatch):
     monkeypatch.setattr(sweep, "_run", fake_run)
     sweep.run(SweepConfig(models="a", tasks="sentiment", seeds="1", output_dir=str(tmp_path)))
     assert len(launched) == 1 and launched[0][launched[0].index("--resume") + 1] == "auto"
+
+
+@pytest.mark.parametrize("launcher,first", [("python", sys.executable),
+                                            ("deepspeed --num_gpus 2", os.path.join(os.path.dirname(sys.executable),
+                                                                                   "deepspeed"))])
+def test_sweep_runs_its_own_python(tmp_path, monkeypatch, launcher, first):
+    """The default launcher ran whatever `python` came first on PATH: another Python's child failed with
+    "No module named 'fire'". python, deepspeed and torchrun are the ones beside the sweep's interpreter."""
+    sys.path.insert(0, os.path.join(REPO, "launchers"))
+    import sweep
+    from minimoe.config import SweepConfig
+    other = tmp_path / "other-bin"
+    other.mkdir()
+    for name in ("python", "deepspeed"):
+        (other / name).write_text("#!/bin/sh\nexit 3\n")
+        (other / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{other}:{os.environ['PATH']}")
+    launched = []
+
+    def fake_run(cmd, what):
+        launched.append(cmd)
+        out = cmd[cmd.index("--output_dir") + 1]
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "results.json"), "w") as fh:
+            json.dump({"best": {"main": 0.5}}, fh)
+
+    monkeypatch.setattr(sweep, "_run", fake_run)
+    sweep.run(SweepConfig(models="a", tasks="sentiment", seeds="1", output_dir=str(tmp_path / "s"),
+                          launcher=launcher))
+    assert launched[0][0] == first and launched[0][1:len(launcher.split())] == launcher.split()[1:]

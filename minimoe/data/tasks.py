@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..config import ConfigError
+from ..config.base import REPO
 from ..errors import reading
 from .. import metrics as M
 
@@ -75,7 +76,9 @@ TASKS = {t.name: t for t in [
 ]}
 
 OFFLINE_TASKS = ("sentiment", "wnut16")
-DEFAULT_TASK_DIR = os.path.join("data", "tasks")
+# In the minimoe checkout, as ds_configs/ is (config.base.REPO): `make tasks` writes there, and a run started
+# from another folder must find it.
+DEFAULT_TASK_DIR = os.path.join(REPO, "data", "tasks")
 
 
 def get_task(name: str) -> Task:
@@ -88,7 +91,8 @@ def offline_dir(task: Task) -> str:
     """Where `make tasks` puts an offline task."""
     path = os.path.join(DEFAULT_TASK_DIR, task.name)
     if not os.path.isdir(path):
-        raise ConfigError(f"task {task.name} is prepared offline: run `make tasks` or pass --data DIR")
+        raise ConfigError(f"task {task.name} is prepared offline and {path!r} is not there: run `make tasks` "
+                          "or pass --data DIR")
     return path
 
 
