@@ -8,8 +8,9 @@ from transformers import AutoTokenizer
 from minimoe.config import PACKAGED_TEACHER, ConfigError
 from minimoe.data import assets
 from minimoe.data.batches import GlobalBatches, StreamingBatches
+from minimoe.data import corpus as corpus_lib
 from minimoe.data.corpus import (PairTemplate, TokenizedCorpus, build_or_load, document_pairs, iter_documents,
-                                 split_sentences)
+                                 iter_examples, split_sentences)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +54,46 @@ def test_segment_pairs_are_continuations_within_the_length():
     for a, b in pairs:
         assert a and b and len(a) + len(b) <= 50
         assert a[-1] < b[0]  # B continues A in the document's order
+
+
+def _truncate_one_at_a_time(a, b, max_tokens, rng):
+    """BERT's truncate_seq_pair as it was written here before: the rule _truncate_pair must keep."""
+    while len(a) + len(b) > max_tokens:
+        longer = a if len(a) > len(b) else b
+        del longer[0 if rng.random() < 0.5 else -1]
+
+
+def test_truncating_a_pair_keeps_the_one_token_at_a_time_rule_and_random_draws():
+    for seed in range(500):
+        r = random.Random(seed)
+        a, b = list(range(r.randint(0, 200))), list(range(1000, 1000 + r.randint(0, 200)))
+        max_tokens = r.randint(1, 260)
+        want_a, want_b, want_rng = a[:], b[:], random.Random(seed + 1)
+        rng = random.Random(seed + 1)
+        _truncate_one_at_a_time(want_a, want_b, max_tokens, want_rng)
+        corpus_lib._truncate_pair(a, b, max_tokens, rng)
+        assert (a, b) == (want_a, want_b), seed
+        assert rng.random() == want_rng.random()  # as many draws: the pairs after it are the same too
+
+
+def test_one_sentence_of_millions_of_tokens_is_trimmed_in_one_pass():
+    # Trimmed one token at a time from the front, this took minutes (quadratic); sliced once, under a second.
+    pairs = list(document_pairs([list(range(2_000_000))], 125, 0.0, random.Random(0)))
+    assert len(pairs) == 1
+    a, b = pairs[0]
+    assert len(a) + len(b) == 125 and a[-1] < b[0]
+
+
+def test_a_long_line_without_sentence_punctuation_is_paired_like_a_document(tok):
+    words = ["river", "stone", "alpha", "meadow", "copper", "violet", "harbor", "signal"]
+    line = " ".join(words[(i * 7 + i // 8) % 8] for i in range(300_000))  # one 2 MB "sentence"
+    t = PairTemplate.from_tokenizer(tok)
+    examples = list(iter_examples([line], tok, t, 128, 0.0, 0))
+    # Cut into pieces of at most 8 characters a token of max_seq_length, tokenised and packed as sentences:
+    # the line gives a pair per ~125 of its 300k tokens (it gave one pair, from one 300k-token sentence).
+    assert len(examples) > 1500
+    assert all(len(ids) <= 128 and len(ids) == len(types) for ids, types in examples)
+    assert sum(len(ids) for ids, _ in examples) > 0.5 * 300_000
 
 
 def test_cache_is_built_once_and_keyed(tok, tmp_path):

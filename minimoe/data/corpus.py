@@ -164,13 +164,31 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
 # fewer (mostly headings, list items and fragments).
 _BERT_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
 _BERT_MIN_WORDS = 8
+_CHARS_PER_TOKEN = 8  # iter_examples: the longest piece of a sentence tokenised, per token of max_seq_length
 
 
 def split_sentences(document: str, recipe: str = "contiguous") -> list[str]:
-    if recipe == "bert":
+    if recipe == "bert":  # counts words up to the minimum only: a "sentence" may be a 50 MB line
         return [s for para in document.split("\n") for s in _BERT_SENTENCE_END.split(para.strip())
-                if len(s.split()) >= _BERT_MIN_WORDS]
+                if len(s.split(maxsplit=_BERT_MIN_WORDS - 1)) >= _BERT_MIN_WORDS]
     return [s for para in document.split("\n") for s in _SENTENCE_END.split(para.strip()) if s]
+
+
+def bounded_pieces(sentence: str, max_chars: int) -> list[str]:
+    """``sentence`` cut into pieces of at most ``max_chars`` characters, at a space in the second half of
+    each piece where there is one. A text without sentence punctuation (a 50 MB line) is then tokenised
+    and paired like any document, instead of as one sentence of millions of tokens of which one pair can
+    use a few hundred."""
+    if len(sentence) <= max_chars:
+        return [sentence]
+    pieces, start = [], 0
+    while len(sentence) - start > max_chars:
+        end = sentence.rfind(" ", start + max_chars // 2, start + max_chars + 1)
+        end = end if end > start else start + max_chars
+        pieces.append(sentence[start:end])
+        start = end + (sentence[end:end + 1] == " ")
+    pieces.append(sentence[start:])
+    return [p for p in pieces if p]
 
 
 def held_out(document: str, eval_fraction: float) -> bool:
@@ -276,9 +294,28 @@ def _target(max_tokens: int, short_seq_prob: float, rng: random.Random) -> int:
 
 
 def _truncate_pair(a: list, b: list, max_tokens: int, rng: random.Random) -> None:
-    while len(a) + len(b) > max_tokens:
-        longer = a if len(a) > len(b) else b
-        del longer[0 if rng.random() < 0.5 else -1]
+    """Trim ``a`` and ``b`` in place to ``max_tokens`` together, BERT's way: one token at a time from the
+    longer (``b`` on a tie), from its front or its back at random. Which segment loses each token depends on
+    the lengths alone, so the drops are counted first and each list is sliced once (deleting from the front
+    of a list one token at a time is quadratic: minutes for one pair of a long line); the random draws, one
+    per token, are the same as the one-at-a-time loop's, and so are the result and the rng's state."""
+    excess = len(a) + len(b) - max_tokens
+    if excess <= 0:
+        return
+    longer_is_a = len(a) > len(b)
+    first = min(excess, abs(len(a) - len(b)))  # the longer alone, down to the other's length
+    rest = excess - first                       # then b, a, b, a, ...: equal lengths trim b first
+    longer_front = sum(rng.random() < 0.5 for _ in range(first))
+    front = [rng.random() < 0.5 for _ in range(rest)]
+    a_front, b_front = sum(front[1::2]), sum(front[0::2])
+    a_drop, b_drop = rest // 2, rest - rest // 2
+    if longer_is_a:
+        a_front, a_drop = a_front + longer_front, a_drop + first
+    else:
+        b_front, b_drop = b_front + longer_front, b_drop + first
+    for seg, drop, from_front in ((a, a_drop, a_front), (b, b_drop, b_front)):
+        del seg[len(seg) - (drop - from_front):]
+        del seg[:from_front]
 
 
 def iter_examples(documents: Iterable[str], tokenizer, template: PairTemplate, max_seq_length: int,
@@ -288,10 +325,13 @@ def iter_examples(documents: Iterable[str], tokenizer, template: PairTemplate, m
     ``bert`` recipe draws its random B segments from the other documents of the same batch."""
     rng = random.Random(seed)
     max_tokens = max_seq_length - template.num_special
+    # A piece this long holds about twice the tokens of a pair (English averages 4-5 characters a token):
+    # prose sentences are never cut, and no sentence is tokenised past what its pairs can use.
+    max_chars = _CHARS_PER_TOKEN * max_seq_length
     buf: list[str] = []
 
     def flush():
-        sents = [split_sentences(d, recipe) for d in buf]
+        sents = [[p for s in split_sentences(d, recipe) for p in bounded_pieces(s, max_chars)] for d in buf]
         flat = [s for ss in sents for s in ss]
         ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
         docs, k = [], 0
