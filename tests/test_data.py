@@ -107,6 +107,21 @@ def test_cache_is_built_once_and_keyed(tok, tmp_path):
     assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 2
 
 
+def test_cache_key_does_not_change_when_the_tokenizer_is_called(tmp_path):
+    # A fresh tokenizer: the packaged tokenizer.json carries truncation and padding settings that its first
+    # call clears; the key hashed them, so the second build_or_load of a run (rank 0's) tokenised again.
+    fresh = AutoTokenizer.from_pretrained(assets.resolve_model(PACKAGED_TEACHER))
+    data = tmp_path / "c.txt"
+    data.write_text("The cat sat on the mat. It was warm. The dog came by. It barked.\n")
+    before = corpus_lib.cache_key(str(data), "text", fresh, 32, 0.0, 1)
+    fresh("one", "two", truncation=True, max_length=8, padding="max_length")
+    assert corpus_lib.cache_key(str(data), "text", fresh, 32, 0.0, 1) == before
+    fresh = AutoTokenizer.from_pretrained(assets.resolve_model(PACKAGED_TEACHER))
+    build_or_load(str(data), "text", fresh, 32, 0.0, 1, str(tmp_path / "cache"))
+    build_or_load(str(data), "text", fresh, 32, 0.0, 1, str(tmp_path / "cache"))
+    assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 1
+
+
 def _corpus(n):
     return TokenizedCorpus.from_examples([([i] * (1 + i % 5), [0] * (1 + i % 5)) for i in range(n)])
 

@@ -22,7 +22,7 @@ from ..config import PAIR_RECIPES, ConfigError  # noqa: F401 - PAIR_RECIPES: the
 from ..errors import reading
 
 LOCAL_EXTENSIONS = (".txt", ".json", ".jsonl", ".parquet")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the tokenizer's hash leaves out truncation and padding
 
 
 # ---------------------------------------------------------------------- reading documents
@@ -387,13 +387,24 @@ class TokenizedCorpus:
                    torch.tensor(offsets, dtype=torch.int64))
 
 
+def tokenizer_digest(tokenizer) -> str:
+    """A hash of what decides the tokens: a fast tokenizer's normalizer, pre-tokenizer, model, added tokens and
+    post-processor, without its truncation and padding settings, which each call rewrites (a tokenizer.json
+    saved with them changes on the first call: the key did, and every new corpus was tokenised twice)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return hashlib.sha256(str(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+    state = json.loads(backend.to_str())
+    state.pop("truncation", None)
+    state.pop("padding", None)
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+
 def cache_key(data: str, text_column: str, tokenizer, max_seq_length: int, short_seq_prob: float, seed: int,
               split: tuple = (0.0, "train"), recipe: str = "contiguous") -> str:
     files = local_files(data)
     source = [(os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)) for f in files] if files else data
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    tok = backend.to_str() if backend is not None else str(sorted(tokenizer.get_vocab().items()))
-    blob = json.dumps([CACHE_VERSION, source, text_column, hashlib.sha256(tok.encode()).hexdigest(),
+    blob = json.dumps([CACHE_VERSION, source, text_column, tokenizer_digest(tokenizer),
                        max_seq_length, short_seq_prob, seed]
                       + ([list(split), recipe] if (split[0] > 0 or recipe != "contiguous") else []))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
