@@ -38,6 +38,40 @@ def test_readers(tmp_path):
         list(iter_documents(str(tmp_path / "e.csv")))
 
 
+def test_a_text_field_may_hold_a_list_of_paragraphs_and_nothing_else(tmp_path, monkeypatch):
+    # A list was trained on as its repr, "['Anarchism is ...']"; its strings are one document's paragraphs.
+    (tmp_path / "a.jsonl").write_text('{"text": ["Anarchism is old.", "It is a view."]}\n{"text": "Plain."}\n')
+    assert list(iter_documents(str(tmp_path / "a.jsonl"))) == ["Anarchism is old.\nIt is a view.", "Plain."]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": [["P1a", None, "P1b"], None]}), tmp_path / "p.parquet")
+    assert list(iter_documents(str(tmp_path / "p.parquet"))) == ["P1a\nP1b", ""]
+    (tmp_path / "b.jsonl").write_text('{"text": "ok"}\n{"text": {"title": "T", "body": "B"}}\n')
+    with pytest.raises(ConfigError, match=r"b\.jsonl line 2: 'text' is an object; allowed: a string, or a "
+                                          r"list of strings \(the paragraphs of one document\)"):
+        list(iter_documents(str(tmp_path / "b.jsonl")))
+    (tmp_path / "c.json").write_text(json.dumps([{"text": "ok"}, {"text": 7}]))
+    with pytest.raises(ConfigError, match=r"c\.json record 2: 'text' is a number \(7\); allowed"):
+        list(iter_documents(str(tmp_path / "c.json")))
+    pq.write_table(pa.table({"text": [[1, 2]]}), tmp_path / "q.parquet")
+    with pytest.raises(ConfigError, match=r"q\.parquet row 1: 'text' is a list holding a number \(1\);"):
+        list(iter_documents(str(tmp_path / "q.parquet")))
+    (tmp_path / "d.jsonl").write_text('{"text": [["nested"]]}\n')
+    with pytest.raises(ConfigError, match=r"d\.jsonl line 1: 'text' is a list holding a list; allowed"):
+        list(iter_documents(str(tmp_path / "d.jsonl")))
+
+    class Hub(list):  # what datasets.load_dataset returns, without the network
+        column_names = ["text"]
+
+    import datasets
+    records = Hub([{"text": ["H1", "H2"]}, {"text": 3.5}])
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: records)
+    docs = iter_documents("someset")
+    assert next(docs) == "H1\nH2"
+    with pytest.raises(ConfigError, match=r"--data 'someset' record 2: 'text' is a number \(3\.5\);"):
+        next(docs)
+
+
 def test_sentences_and_pair_template(tok):
     assert split_sentences("One here. Two there! (Three) ok.\nNew para") == ["One here.", "Two there!", "(Three) ok.", "New para"]
     t = PairTemplate.from_tokenizer(tok)

@@ -179,7 +179,8 @@ class DistillConfig(TrainConfig):
     data: str = field(default=PACKAGED_CORPUS, metadata=_help(
         "Raw text: a datasets hub name, or local .txt/.json/.jsonl/.parquet files (comma-separated or a glob); "
         f"offline: {PACKAGED_CORPUS} (106 articles) or {PACKAGED_CHAT} (15M words of chat; make extra-assets)."))
-    text_column: str = field(default="text", metadata=_help("Column holding the text in json/parquet/hub data."))
+    text_column: str = field(default="text", metadata=_help(
+        "Column holding the text in json/parquet/hub data: a string, or a list of strings (paragraphs)."))
     streaming: bool = field(default=False, metadata=_help(
         "Stream the corpus, tokenising on the fly, instead of tokenising it once into the cache (for "
         "corpora larger than memory; needs --max_steps)."))

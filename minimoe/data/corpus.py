@@ -108,7 +108,29 @@ def _record_text(record, text_column: str, where: str) -> str:
                           f"{type(record).__name__} values")
     if text_column not in record:
         raise ConfigError(f"{where}: no column {text_column!r} (found {sorted(record)}); set --text_column")
-    return str(record[text_column] or "")
+    return _document_text(record[text_column], text_column, where)
+
+
+def _document_text(value, text_column: str, where: str) -> str:
+    """A record's text: a string, or a list of strings (some dumps keep a document's paragraphs so), joined
+    as paragraphs. Anything else was trained on as its Python repr ("['Anarchism is ...']"): refused."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if isinstance(value, list) and all(p is None or isinstance(p, str) for p in value):
+        return "\n".join(p for p in value if p)
+    found = _kind(value)
+    if isinstance(value, list):
+        found = f"a list holding {_kind(next(p for p in value if p is not None and not isinstance(p, str)))}"
+    raise ConfigError(f"{where}: {text_column!r} is {found}; allowed: a string, or a list of strings (the "
+                      "paragraphs of one document); set --text_column to such a field")
+
+
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    return {dict: "an object", list: "a list"}.get(type(value), f"a {type(value).__name__}")
 
 
 def _json_documents(path: str, text_column: str) -> Iterator[str]:
@@ -122,8 +144,8 @@ def _json_documents(path: str, text_column: str) -> Iterator[str]:
                 records = json.load(fh)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"--data {path!r} is not valid JSON: {e.msg} at line {e.lineno}")
-            for r in records:
-                yield _record_text(r, text_column, path)
+            for n, r in enumerate(records, 1):
+                yield _record_text(r, text_column, f"{path} record {n}")
             return
         for n, line in enumerate(fh, 1):
             if line.strip():
@@ -139,9 +161,11 @@ def _parquet_documents(path: str, text_column: str) -> Iterator[str]:
     f = pq.ParquetFile(path)
     if text_column not in f.schema_arrow.names:
         raise ConfigError(f"{path}: no column {text_column!r} (found {f.schema_arrow.names}); set --text_column")
+    n = 0
     for batch in f.iter_batches(columns=[text_column], batch_size=1024):
         for text in batch.column(0).to_pylist():
-            yield str(text or "")
+            n += 1
+            yield _document_text(text, text_column, f"{path} row {n}")
 
 
 def _hub_documents(name: str, text_column: str, streaming: bool) -> Iterator[str]:
@@ -153,8 +177,8 @@ def _hub_documents(name: str, text_column: str, streaming: bool) -> Iterator[str
         raise ConfigError(f"--data {name!r} is neither a local file nor a loadable dataset: {str(e).splitlines()[0]}")
     if text_column not in (ds.column_names or [text_column]):
         raise ConfigError(f"--data {name!r} has no column {text_column!r} (found {ds.column_names}); set --text_column")
-    for record in ds:
-        yield str(record[text_column] or "")
+    for n, record in enumerate(ds, 1):
+        yield _document_text(record[text_column], text_column, f"--data {name!r} record {n}")
 
 
 # ---------------------------------------------------------------------- segment pairs
@@ -388,9 +412,10 @@ class TokenizedCorpus:
 
 
 def tokenizer_digest(tokenizer) -> str:
-    """A hash of what decides the tokens: a fast tokenizer's normalizer, pre-tokenizer, model, added tokens and
-    post-processor, without its truncation and padding settings, which each call rewrites (a tokenizer.json
-    saved with them changes on the first call: the key did, and every new corpus was tokenised twice)."""
+    """A hash of what decides the tokens: a fast tokenizer's normalizer, pre-tokenizer, model, added tokens
+    and post-processor, without its truncation and padding settings, which each call rewrites (a
+    tokenizer.json saved with them changes on the first call: the key did, and each new corpus was
+    tokenised twice)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return hashlib.sha256(str(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
