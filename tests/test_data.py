@@ -1,11 +1,16 @@
+import bz2
+import gzip
 import json
+import lzma
 import random
+import sys
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 from minimoe.config import PACKAGED_TEACHER, ConfigError
+from minimoe.errors import UnreadableFile
 from minimoe.data import assets
 from minimoe.data.batches import GlobalBatches, StreamingBatches
 from minimoe.data import corpus as corpus_lib
@@ -70,6 +75,64 @@ def test_a_text_field_may_hold_a_list_of_paragraphs_and_nothing_else(tmp_path, m
     assert next(docs) == "H1\nH2"
     with pytest.raises(ConfigError, match=r"--data 'someset' record 2: 'text' is a number \(3\.5\);"):
         next(docs)
+
+
+def _zstd_open():
+    try:
+        from compression import zstd  # Python 3.14
+        return zstd.open
+    except ImportError:
+        pass
+    try:
+        import zstandard
+        return zstandard.open
+    except ImportError:
+        return None
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zst"])
+def test_compressed_corpora_are_read_as_they_come(suffix, tok, tmp_path):
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": _zstd_open()}[suffix]
+    if opener is None:
+        pytest.skip("no zstd library (compression.zstd, zstandard) to write the file")
+    cases = [("c.txt", b"Doc one, line one.\nDoc one, line two.\n\nDoc two.\n",
+              ["Doc one, line one.\nDoc one, line two.", "Doc two."]),
+             ("c.jsonl", b'{"text": "J1"}\n\n{"text": ["J2a", "J2b"]}\n', ["J1", "J2a\nJ2b"]),
+             ("c.json", b' [{"text": "A1"}, {"text": "A2"}]', ["A1", "A2"])]
+    for name, raw, want in cases:
+        path = str(tmp_path / (name + suffix))
+        with opener(path, "wb") as fh:
+            fh.write(raw)
+        assert corpus_lib.local_files(path) == [path]
+        corpus_lib.check_readable([path], "text")
+        assert list(iter_documents(path)) == want
+    assert len(corpus_lib.local_files(str(tmp_path / f"*{suffix}"))) == 3
+    data = str(tmp_path / f"c.txt{suffix}")
+    with opener(data, "wb") as fh:
+        fh.write(b"The cat sat on the mat. It was warm. The dog came by. It barked.\n")
+    build_or_load(data, "text", tok, 32, 0.0, 1, str(tmp_path / "cache"))
+    assert len(build_or_load(data, "text", tok, 32, 0.0, 1, str(tmp_path / "cache"))) >= 1
+    assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 1
+    (tmp_path / f"bad.txt{suffix}").write_bytes(b"plain text, not compressed\n" * 10)
+    with pytest.raises(UnreadableFile, match=rf"bad\.txt\{suffix}' is truncated or corrupt"):
+        corpus_lib.check_readable([str(tmp_path / f"bad.txt{suffix}")], "text")
+
+
+def test_compressed_corpora_need_their_library_and_a_text_file_inside(tmp_path, monkeypatch):
+    (tmp_path / "c.jsonl.zst").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "compression.zstd", None)
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    with pytest.raises(ConfigError, match="c.jsonl.zst' is zstd-compressed and no zstd library is installed: "
+                                          "pip install zstandard"):
+        list(iter_documents(str(tmp_path / "c.jsonl.zst")))
+    (tmp_path / "d.parquet.gz").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"unsupported extension; allowed: \.txt, \.json, \.jsonl, "
+                                          r"\.parquet, and the text ones compressed: \.gz, \.bz2, \.xz, "
+                                          r"\.zst"):
+        corpus_lib.local_files(str(tmp_path / "d.parquet.gz"))
+    (tmp_path / "e.txt.xz").write_bytes(lzma.compress(b"Cut short. " * 1000)[:-40])
+    with pytest.raises(UnreadableFile, match=r"e\.txt\.xz' is truncated or corrupt"):
+        list(iter_documents(str(tmp_path / "e.txt.xz")))
 
 
 def test_sentences_and_pair_template(tok):

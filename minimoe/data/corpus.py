@@ -2,14 +2,19 @@
 
 Sources: a ``datasets`` hub name (``name`` or ``name:config``), or local ``.txt`` (documents separated
 by blank lines), ``.json``/``.jsonl`` (one record per document, ``text_column``) and ``.parquet``
-files, comma-separated or as a glob. Rank 0 tokenises into a cache keyed by everything that changes
+files, comma-separated or as a glob; the text ones may be compressed (``.gz``, ``.bz2``, ``.xz``,
+``.zst``: ``wiki.jsonl.gz``), and are read streaming. Rank 0 tokenises into a cache keyed by everything that changes
 the result; the other ranks load it. ``batches.py`` turns the result into per-rank micro-batches.
 """
 from __future__ import annotations
 
+import bz2
 import glob
+import gzip
 import hashlib
+import io
 import json
+import lzma
 import os
 import random
 import re
@@ -21,7 +26,11 @@ import torch
 from ..config import PAIR_RECIPES, ConfigError  # noqa: F401 - PAIR_RECIPES: the recipes built here
 from ..errors import reading
 
-LOCAL_EXTENSIONS = (".txt", ".json", ".jsonl", ".parquet")
+TEXT_EXTENSIONS = (".txt", ".json", ".jsonl")
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")  # text files only: read streaming, never decompressed to disk
+LOCAL_EXTENSIONS = (TEXT_EXTENSIONS + (".parquet",)
+                    + tuple(ext + c for ext in TEXT_EXTENSIONS for c in COMPRESSIONS))
+_ALLOWED = f"{', '.join(TEXT_EXTENSIONS)}, .parquet, and the text ones compressed: {', '.join(COMPRESSIONS)}"
 CACHE_VERSION = 2  # 2: the tokenizer's hash leaves out truncation and padding
 
 
@@ -46,7 +55,7 @@ def local_files(data: str) -> Optional[list[str]]:
             raise ConfigError(f"--data {p!r} does not exist (or matches no file)")
         for m in matches:
             if not m.endswith(LOCAL_EXTENSIONS):
-                raise ConfigError(f"--data {m!r} has an unsupported extension; allowed: {', '.join(LOCAL_EXTENSIONS)}")
+                raise ConfigError(f"--data {m!r} has an unsupported extension; allowed: {_ALLOWED}")
         files += matches
     return files
 
@@ -59,7 +68,7 @@ def iter_documents(data: str, text_column: str = "text", streaming: bool = False
         return
     for path in files:
         with reading(path, _FIX):
-            if path.endswith(".txt"):
+            if _file_type(path) == ".txt":
                 yield from _txt_documents(path)
             elif path.endswith(".parquet"):
                 yield from _parquet_documents(path, text_column)
@@ -83,14 +92,54 @@ def check_readable(files: list[str], text_column: str) -> None:
                 names = pq.ParquetFile(path).schema_arrow.names
                 if text_column not in names:
                     raise ConfigError(f"{path}: no column {text_column!r} (found {names}); set --text_column")
-            else:
-                with open(path, "rb") as fh:
+            else:  # a compressed file's first MiB of text: its header and the start of its stream
+                with _open_binary(path) as fh:
                     codecs.getincrementaldecoder("utf-8")().decode(fh.read(_SNIFF_BYTES), final=False)
+
+
+def _file_type(path: str) -> str:
+    """``.txt``, ``.json``, ``.jsonl`` or ``.parquet``: the extension under a compression suffix."""
+    for suffix in COMPRESSIONS:
+        path = path.removesuffix(suffix)
+    return os.path.splitext(path)[1]
+
+
+def _open_binary(path: str):
+    """``path``'s bytes, decompressed on the fly by its suffix."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".bz2"):
+        return bz2.open(path, "rb")
+    if path.endswith(".xz"):
+        return lzma.open(path, "rb")
+    if path.endswith(".zst"):
+        return _zstd_open(path)
+    return open(path, "rb")
+
+
+def _zstd_open(path: str):
+    try:
+        from compression import zstd  # the standard library's from Python 3.14
+        return zstd.open(path, "rb")
+    except ImportError:
+        pass
+    try:
+        import zstandard
+    except ImportError:
+        raise ConfigError(f"--data {path!r} is zstd-compressed and no zstd library is installed: "
+                          "pip install zstandard (or decompress it)") from None
+    return io.BufferedReader(zstandard.open(path, "rb"))
+
+
+def _open_text(path: str):
+    if path.endswith(COMPRESSIONS):
+        return io.TextIOWrapper(_open_binary(path), encoding="utf-8")
+    return open(path, encoding="utf-8")
 
 
 def _txt_documents(path: str) -> Iterator[str]:
     doc: list[str] = []
-    with open(path, encoding="utf-8") as fh:
+    with _open_text(path) as fh:
         for line in fh:
             line = line.strip()
             if line:
@@ -134,19 +183,20 @@ def _kind(value) -> str:
 
 
 def _json_documents(path: str, text_column: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as fh:
+    with _open_text(path) as fh:  # opened again below rather than rewound: a zstd stream reads forward only
         head = fh.read(1)
         while head and head.isspace():
             head = fh.read(1)
-        fh.seek(0)
-        if head == "[":  # a JSON array of records
+    if head == "[":  # a JSON array of records
+        with _open_text(path) as fh:
             try:
                 records = json.load(fh)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"--data {path!r} is not valid JSON: {e.msg} at line {e.lineno}")
-            for n, r in enumerate(records, 1):
-                yield _record_text(r, text_column, f"{path} record {n}")
-            return
+        for n, r in enumerate(records, 1):
+            yield _record_text(r, text_column, f"{path} record {n}")
+        return
+    with _open_text(path) as fh:
         for n, line in enumerate(fh, 1):
             if line.strip():
                 try:
