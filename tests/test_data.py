@@ -2,7 +2,9 @@ import bz2
 import gzip
 import json
 import lzma
+import os
 import random
+import re
 import sys
 
 import pytest
@@ -133,6 +135,35 @@ def test_compressed_corpora_need_their_library_and_a_text_file_inside(tmp_path, 
     (tmp_path / "e.txt.xz").write_bytes(lzma.compress(b"Cut short. " * 1000)[:-40])
     with pytest.raises(UnreadableFile, match=r"e\.txt\.xz' is truncated or corrupt"):
         list(iter_documents(str(tmp_path / "e.txt.xz")))
+
+
+def test_hub_names_are_parsed_as_datasets_names_them_today(tmp_path):
+    # org/name was taken for a local path with a slash ("does not exist"): the README's own example failed.
+    assert corpus_lib.local_files("wikimedia/wikipedia:20231101.en") is None
+    assert corpus_lib.hub_source("wikimedia/wikipedia:20231101.en") == ("wikimedia/wikipedia", "20231101.en")
+    assert corpus_lib.local_files("imdb") is None and corpus_lib.hub_source("imdb") == ("imdb", None)
+    for local in (str(tmp_path / "missing"), "data/sub/missing", "./missing", "corpora/*.jsonl"):
+        with pytest.raises(ConfigError, match="does not exist"):
+            corpus_lib.local_files(local)
+    with pytest.raises(ConfigError, match=r"'wikipedia:20231101\.en' is a legacy script dataset that datasets no "
+                                          r"longer loads; its data is now 'wikimedia/wikipedia': "
+                                          r"--data wikimedia/wikipedia:20231101\.en"):
+        corpus_lib.hub_source("wikipedia:20231101.en")
+    # Every hub name the README gives parses, and none is a legacy one.
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    names = [m for m in re.findall(r"--data[ =]([\w./:-]+)", readme) if _hub_like(m)]
+    assert "wikimedia/wikipedia:20231101.en" in names
+    for name in names:
+        corpus_lib.hub_source(name)
+    from minimoe.data.tasks import TASKS
+    assert {t.hub[0] for t in TASKS.values() if t.hub and t.name != "conll2003"} == {"nyu-mll/glue"}
+
+
+def _hub_like(name):
+    try:
+        return not name.startswith("packaged:") and corpus_lib.local_files(name) is None
+    except ConfigError:  # a local path of the README's examples
+        return False
 
 
 def test_sentences_and_pair_template(tok):

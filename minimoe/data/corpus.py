@@ -1,10 +1,11 @@
 """Raw text -> BERT-style ``[CLS] A [SEP] B [SEP]`` segment pairs, tokenised once and cached.
 
-Sources: a ``datasets`` hub name (``name`` or ``name:config``), or local ``.txt`` (documents separated
-by blank lines), ``.json``/``.jsonl`` (one record per document, ``text_column``) and ``.parquet``
-files, comma-separated or as a glob; the text ones may be compressed (``.gz``, ``.bz2``, ``.xz``,
-``.zst``: ``wiki.jsonl.gz``), and are read streaming. Rank 0 tokenises into a cache keyed by everything that changes
-the result; the other ranks load it. ``batches.py`` turns the result into per-rank micro-batches.
+Sources: a ``datasets`` hub name (``name`` or ``org/name``, then ``:config``), or local ``.txt``
+(documents separated by blank lines), ``.json``/``.jsonl`` (one record per document, ``text_column``)
+and ``.parquet`` files, comma-separated or as a glob; the text ones may be compressed (``.gz``,
+``.bz2``, ``.xz``, ``.zst``: ``wiki.jsonl.gz``), and are read streaming. Rank 0 tokenises into a
+cache keyed by everything that changes the result; the other ranks load it. ``batches.py`` turns the
+result into per-rank micro-batches.
 """
 from __future__ import annotations
 
@@ -37,13 +38,31 @@ CACHE_VERSION = 2  # 2: the tokenizer's hash leaves out truncation and padding
 # ---------------------------------------------------------------------- reading documents
 
 
+# A hub dataset: ``name`` or ``org/name``, optionally ``:config``. Anything else (two folders, a glob, a
+# leading / or .) is local: "has a slash", the test before, took wikimedia/wikipedia for a missing file.
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(:[\w.-]+)?")
+# Script datasets that datasets (4.0 on) no longer loads, and the names their data has now.
+LEGACY_HUB_NAMES = {"wikipedia": "wikimedia/wikipedia"}
+
+
+def hub_source(name: str) -> tuple[str, Optional[str]]:
+    """A hub name -> (path, config) for ``datasets.load_dataset``; a legacy script dataset is refused with its
+    current name (datasets would fetch its script and then say only that scripts are no longer supported)."""
+    path, _, config = name.partition(":")
+    if path in LEGACY_HUB_NAMES:
+        new = LEGACY_HUB_NAMES[path]
+        raise ConfigError(f"--data {name!r} is a legacy script dataset that datasets no longer loads; its "
+                          f"data is now {new!r}: --data {new}:{config or '<config>'}")
+    return path, config or None
+
+
 def local_files(data: str) -> Optional[list[str]]:
     """The local files named by ``data`` (comma list and/or globs), or None if it is not local."""
     parts = [p.strip() for p in data.split(",") if p.strip()]
     if not parts:
         raise ConfigError(f"--data {data!r} names nothing: give files, a glob or a dataset name")
-    looks_local = any(p.endswith(LOCAL_EXTENSIONS) or os.sep in p or p.startswith(".") or os.path.exists(p)
-                      for p in parts)
+    looks_local = any(p.endswith(LOCAL_EXTENSIONS) or p.startswith(".") or os.path.exists(p)
+                      or not _HUB_NAME.fullmatch(p) for p in parts)
     if not looks_local:
         return None
     files = []
@@ -220,9 +239,9 @@ def _parquet_documents(path: str, text_column: str) -> Iterator[str]:
 
 def _hub_documents(name: str, text_column: str, streaming: bool) -> Iterator[str]:
     import datasets
-    path, _, config = name.partition(":")
+    path, config = hub_source(name)
     try:
-        ds = datasets.load_dataset(path, config or None, split="train", streaming=streaming)
+        ds = datasets.load_dataset(path, config, split="train", streaming=streaming)
     except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs one line
         raise ConfigError(f"--data {name!r} is neither a local file nor a loadable dataset: {str(e).splitlines()[0]}")
     if text_column not in (ds.column_names or [text_column]):
