@@ -145,8 +145,8 @@ def test_hub_names_are_parsed_as_datasets_names_them_today(tmp_path):
     for local in (str(tmp_path / "missing"), "data/sub/missing", "./missing", "corpora/*.jsonl"):
         with pytest.raises(ConfigError, match="does not exist"):
             corpus_lib.local_files(local)
-    with pytest.raises(ConfigError, match=r"'wikipedia:20231101\.en' is a legacy script dataset that datasets no "
-                                          r"longer loads; its data is now 'wikimedia/wikipedia': "
+    with pytest.raises(ConfigError, match=r"'wikipedia:20231101\.en' is a legacy script dataset that "
+                                          r"datasets no longer loads; its data is now 'wikimedia/wikipedia': "
                                           r"--data wikimedia/wikipedia:20231101\.en"):
         corpus_lib.hub_source("wikipedia:20231101.en")
     # Every hub name the README gives parses, and none is a legacy one.
@@ -217,11 +217,16 @@ def test_a_long_line_without_sentence_punctuation_is_paired_like_a_document(tok)
     line = " ".join(words[(i * 7 + i // 8) % 8] for i in range(300_000))  # one 2 MB "sentence"
     t = PairTemplate.from_tokenizer(tok)
     examples = list(iter_examples([line], tok, t, 128, 0.0, 0))
-    # Cut into pieces of at most 8 characters a token of max_seq_length, tokenised and packed as sentences:
-    # the line gives a pair per ~125 of its 300k tokens (it gave one pair, from one 300k-token sentence).
+    # Cut into pieces of max_seq_length characters, tokenised and packed as sentences: the line gives a pair
+    # per ~125 of its 300k tokens, most of its text (it gave one pair, from one 300k-token sentence).
     assert len(examples) > 1500
     assert all(len(ids) <= 128 and len(ids) == len(types) for ids, types in examples)
-    assert sum(len(ids) for ids, _ in examples) > 0.5 * 300_000
+    assert sum(len(ids) for ids, _ in examples) > 0.6 * 300_000
+    # A long sentence of prose is never cut, whatever max_seq_length: one sentence, one pair, as before.
+    sentence = "the cat sat on the mat and looked at the long and winding river for a while, " * 25
+    assert 1900 < len(sentence) < 2048
+    assert len(list(iter_examples([sentence], tok, t, 32, 0.0, 0))) == 1
+    assert len(list(iter_examples([sentence * 2], tok, t, 32, 0.0, 0))) > 10
 
 
 def test_cache_is_built_once_and_keyed(tok, tmp_path):

@@ -257,7 +257,10 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
 # fewer (mostly headings, list items and fragments).
 _BERT_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
 _BERT_MIN_WORDS = 8
-_CHARS_PER_TOKEN = 8  # iter_examples: the longest piece of a sentence tokenised, per token of max_seq_length
+# iter_examples: a "sentence" longer than both is no prose sentence but text without sentence punctuation
+# (the packaged Wikipedia sample has none over 1024 characters), cut into pieces of about a prose sentence's
+# length (max_seq_length characters: a quarter of a pair's tokens in English) that pack like sentences.
+_LONG_SENTENCE_CHARS, _LONG_SENTENCE_CHARS_PER_TOKEN = 2048, 8
 
 
 def split_sentences(document: str, recipe: str = "contiguous") -> list[str]:
@@ -271,7 +274,7 @@ def bounded_pieces(sentence: str, max_chars: int) -> list[str]:
     """``sentence`` cut into pieces of at most ``max_chars`` characters, at a space in the second half of
     each piece where there is one. A text without sentence punctuation (a 50 MB line) is then tokenised
     and paired like any document, instead of as one sentence of millions of tokens of which one pair can
-    use a few hundred."""
+    use a few hundred (and whose trimming took minutes)."""
     if len(sentence) <= max_chars:
         return [sentence]
     pieces, start = [], 0
@@ -418,13 +421,14 @@ def iter_examples(documents: Iterable[str], tokenizer, template: PairTemplate, m
     ``bert`` recipe draws its random B segments from the other documents of the same batch."""
     rng = random.Random(seed)
     max_tokens = max_seq_length - template.num_special
-    # A piece this long holds about twice the tokens of a pair (English averages 4-5 characters a token):
-    # prose sentences are never cut, and no sentence is tokenised past what its pairs can use.
-    max_chars = _CHARS_PER_TOKEN * max_seq_length
+    long_sentence = max(_LONG_SENTENCE_CHARS, _LONG_SENTENCE_CHARS_PER_TOKEN * max_seq_length)
     buf: list[str] = []
 
+    def pieces(sentence: str) -> list[str]:
+        return bounded_pieces(sentence, max_seq_length) if len(sentence) > long_sentence else [sentence]
+
     def flush():
-        sents = [[p for s in split_sentences(d, recipe) for p in bounded_pieces(s, max_chars)] for d in buf]
+        sents = [[p for s in split_sentences(d, recipe) for p in pieces(s)] for d in buf]
         flat = [s for ss in sents for s in ss]
         ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
         docs, k = [], 0
