@@ -32,7 +32,7 @@ COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")  # text files only: read streaming
 LOCAL_EXTENSIONS = (TEXT_EXTENSIONS + (".parquet",)
                     + tuple(ext + c for ext in TEXT_EXTENSIONS for c in COMPRESSIONS))
 _ALLOWED = f"{', '.join(TEXT_EXTENSIONS)}, .parquet, and the text ones compressed: {', '.join(COMPRESSIONS)}"
-CACHE_VERSION = 2  # 2: the tokenizer's hash leaves out truncation and padding
+CACHE_VERSION = 2  # 2: the tokenizer's hash leaves out truncation and padding; long lines are cut
 
 
 # ---------------------------------------------------------------------- reading documents
@@ -111,7 +111,7 @@ def check_readable(files: list[str], text_column: str) -> None:
                 names = pq.ParquetFile(path).schema_arrow.names
                 if text_column not in names:
                     raise ConfigError(f"{path}: no column {text_column!r} (found {names}); set --text_column")
-            else:  # a compressed file's first MiB of text: its header and the start of its stream
+            else:  # a compressed file's first MiB once decompressed: its header and the start of its stream
                 with _open_binary(path) as fh:
                     codecs.getincrementaldecoder("utf-8")().decode(fh.read(_SNIFF_BYTES), final=False)
 
