@@ -110,10 +110,15 @@ def plan(cfg: DistillConfig) -> Plan:
     files = corpus_lib.local_files(data)           # raises on missing local files
     if files:
         corpus_lib.check_readable(files, cfg.text_column)
+    else:
+        corpus_lib.hub_source(data)                 # raises on a legacy hub name
     if cfg.eval_data:
-        eval_files = corpus_lib.local_files(assets.resolve_corpus(cfg.eval_data, cfg.cache_dir))
+        eval_data = assets.resolve_corpus(cfg.eval_data, cfg.cache_dir)
+        eval_files = corpus_lib.local_files(eval_data)
         if eval_files:
             corpus_lib.check_readable(eval_files, cfg.text_column)
+        else:
+            corpus_lib.hub_source(eval_data)
     held = heldout.build(data, assets.resolve_corpus(cfg.eval_data, cfg.cache_dir) if cfg.eval_data else "",
                          cfg.eval_fraction, cfg.text_column, tokenizer, cfg.max_seq_length, cfg.short_seq_prob,
                          cfg.pair_recipe, cfg.eval_pairs)

@@ -85,11 +85,13 @@ def reading(path: str, fix: str = ""):
     except UnicodeDecodeError as e:
         raise UnreadableFile(f"{path!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x})"
                              f"{fix or '; save it as UTF-8'}") from e
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.EACCES, errno.EIO):
-            raise UnreadableFile(f"cannot read {path!r}: {e.strerror}{fix}") from e
-        raise
     except Exception as e:  # noqa: BLE001 - each reader (torch, pickle, arrow, safetensors) has its own types
+        # An OSError without errno is a format's complaint, not the system's: gzip's "Not a gzipped file",
+        # bz2's "Invalid data stream".
+        if isinstance(e, OSError) and e.errno is not None:
+            if e.errno in (errno.ENOENT, errno.EACCES, errno.EIO):
+                raise UnreadableFile(f"cannot read {path!r}: {e.strerror}{fix}") from e
+            raise
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UnreadableFile(f"{path!r} is truncated or corrupt ({first}){fix}") from e
 

@@ -55,6 +55,8 @@ def test_plan_errors(teacher, tmp_path, monkeypatch):
         plan(cfg("/nope", tmp_path))
     with pytest.raises(ConfigError, match="--data '/nope.txt' does not exist"):
         plan(cfg(teacher, tmp_path, data="/nope.txt"))
+    with pytest.raises(ConfigError, match="'wikipedia:20231101.en' is a legacy script dataset .* --data wikimedia/"):
+        plan(cfg(teacher, tmp_path, data="wikipedia:20231101.en"))  # before anything is downloaded
     with pytest.raises(ConfigError, match="--ds_config '/nope.json' does not exist"):
         plan(cfg(teacher, tmp_path, ds_config="/nope.json"))
     bad = write(tmp_path / "bad.json", '{"zero_optimization": {"stage": 2},}')

@@ -182,10 +182,12 @@ class DistillConfig(TrainConfig):
     teacher_layer: int = field(default=-1, metadata=_help(
         "Teacher layer whose Q/K/V are distilled (negative counts from the end)."))
     data: str = field(default=PACKAGED_CORPUS, metadata=_help(
-        "Raw text: a datasets hub name, or local .txt/.json/.jsonl/.parquet files (comma-separated or a glob); "
-        f"offline: {PACKAGED_CORPUS} (106 articles) or {PACKAGED_CHAT} (15M words of chat; make "
-        f"extra-assets).", path=True))
-    text_column: str = field(default="text", metadata=_help("Column holding the text in json/parquet/hub data."))
+        "Raw text: a datasets hub name (org/name:config), or local .txt/.json/.jsonl/.parquet files "
+        "(comma-separated or a glob; the text ones also compressed: .gz/.bz2/.xz/.zst); "
+        f"offline: {PACKAGED_CORPUS} (106 articles) or {PACKAGED_CHAT} (15M words of chat; make extra-assets).",
+        path=True))
+    text_column: str = field(default="text", metadata=_help(
+        "Column holding the text in json/parquet/hub data: a string, or a list of strings (paragraphs)."))
     streaming: bool = field(default=False, metadata=_help(
         "Stream the corpus, tokenising on the fly, instead of tokenising it once into the cache (for "
         "corpora larger than memory; needs --max_steps)."))

@@ -1,15 +1,21 @@
 """Raw text -> BERT-style ``[CLS] A [SEP] B [SEP]`` segment pairs, tokenised once and cached.
 
-Sources: a ``datasets`` hub name (``name`` or ``name:config``), or local ``.txt`` (documents separated
-by blank lines), ``.json``/``.jsonl`` (one record per document, ``text_column``) and ``.parquet``
-files, comma-separated or as a glob. Rank 0 tokenises into a cache keyed by everything that changes
-the result; the other ranks load it. ``batches.py`` turns the result into per-rank micro-batches.
+Sources: a ``datasets`` hub name (``name`` or ``org/name``, then ``:config``), or local ``.txt``
+(documents separated by blank lines), ``.json``/``.jsonl`` (one record per document, ``text_column``)
+and ``.parquet`` files, comma-separated or as a glob; the text ones may be compressed (``.gz``,
+``.bz2``, ``.xz``, ``.zst``: ``wiki.jsonl.gz``), and are read streaming. Rank 0 tokenises into a
+cache keyed by everything that changes the result; the other ranks load it. ``batches.py`` turns the
+result into per-rank micro-batches.
 """
 from __future__ import annotations
 
+import bz2
 import glob
+import gzip
 import hashlib
+import io
 import json
+import lzma
 import os
 import random
 import re
@@ -21,11 +27,33 @@ import torch
 from ..config import PAIR_RECIPES, ConfigError  # noqa: F401 - PAIR_RECIPES: the recipes built here
 from ..errors import reading
 
-LOCAL_EXTENSIONS = (".txt", ".json", ".jsonl", ".parquet")
-CACHE_VERSION = 1
+TEXT_EXTENSIONS = (".txt", ".json", ".jsonl")
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")  # text files only: read streaming, never decompressed to disk
+LOCAL_EXTENSIONS = (TEXT_EXTENSIONS + (".parquet",)
+                    + tuple(ext + c for ext in TEXT_EXTENSIONS for c in COMPRESSIONS))
+_ALLOWED = f"{', '.join(TEXT_EXTENSIONS)}, .parquet, and the text ones compressed: {', '.join(COMPRESSIONS)}"
+CACHE_VERSION = 2  # 2: the tokenizer's hash leaves out truncation and padding; long lines are cut
 
 
 # ---------------------------------------------------------------------- reading documents
+
+
+# A hub dataset: ``name`` or ``org/name``, optionally ``:config``. Anything else (two folders, a glob, a
+# leading / or .) is local: "has a slash", the test before, took wikimedia/wikipedia for a missing file.
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(:[\w.-]+)?")
+# Script datasets that datasets (4.0 on) no longer loads, and the names their data has now.
+LEGACY_HUB_NAMES = {"wikipedia": "wikimedia/wikipedia"}
+
+
+def hub_source(name: str) -> tuple[str, Optional[str]]:
+    """A hub name -> (path, config) for ``datasets.load_dataset``; a legacy script dataset is refused with its
+    current name (datasets would fetch its script and then say only that scripts are no longer supported)."""
+    path, _, config = name.partition(":")
+    if path in LEGACY_HUB_NAMES:
+        new = LEGACY_HUB_NAMES[path]
+        raise ConfigError(f"--data {name!r} is a legacy script dataset that datasets no longer loads; its "
+                          f"data is now {new!r}: --data {new}:{config or '<config>'}")
+    return path, config or None
 
 
 def local_files(data: str) -> Optional[list[str]]:
@@ -33,8 +61,8 @@ def local_files(data: str) -> Optional[list[str]]:
     parts = [p.strip() for p in data.split(",") if p.strip()]
     if not parts:
         raise ConfigError(f"--data {data!r} names nothing: give files, a glob or a dataset name")
-    looks_local = any(p.endswith(LOCAL_EXTENSIONS) or os.sep in p or p.startswith(".") or os.path.exists(p)
-                      for p in parts)
+    looks_local = any(p.endswith(LOCAL_EXTENSIONS) or p.startswith(".") or os.path.exists(p)
+                      or not _HUB_NAME.fullmatch(p) for p in parts)
     if not looks_local:
         return None
     files = []
@@ -46,7 +74,7 @@ def local_files(data: str) -> Optional[list[str]]:
             raise ConfigError(f"--data {p!r} does not exist (or matches no file)")
         for m in matches:
             if not m.endswith(LOCAL_EXTENSIONS):
-                raise ConfigError(f"--data {m!r} has an unsupported extension; allowed: {', '.join(LOCAL_EXTENSIONS)}")
+                raise ConfigError(f"--data {m!r} has an unsupported extension; allowed: {_ALLOWED}")
         files += matches
     return files
 
@@ -59,7 +87,7 @@ def iter_documents(data: str, text_column: str = "text", streaming: bool = False
         return
     for path in files:
         with reading(path, _FIX):
-            if path.endswith(".txt"):
+            if _file_type(path) == ".txt":
                 yield from _txt_documents(path)
             elif path.endswith(".parquet"):
                 yield from _parquet_documents(path, text_column)
@@ -83,14 +111,54 @@ def check_readable(files: list[str], text_column: str) -> None:
                 names = pq.ParquetFile(path).schema_arrow.names
                 if text_column not in names:
                     raise ConfigError(f"{path}: no column {text_column!r} (found {names}); set --text_column")
-            else:
-                with open(path, "rb") as fh:
+            else:  # a compressed file's first MiB once decompressed: its header and the start of its stream
+                with _open_binary(path) as fh:
                     codecs.getincrementaldecoder("utf-8")().decode(fh.read(_SNIFF_BYTES), final=False)
+
+
+def _file_type(path: str) -> str:
+    """``.txt``, ``.json``, ``.jsonl`` or ``.parquet``: the extension under a compression suffix."""
+    for suffix in COMPRESSIONS:
+        path = path.removesuffix(suffix)
+    return os.path.splitext(path)[1]
+
+
+def _open_binary(path: str):
+    """``path``'s bytes, decompressed on the fly by its suffix."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".bz2"):
+        return bz2.open(path, "rb")
+    if path.endswith(".xz"):
+        return lzma.open(path, "rb")
+    if path.endswith(".zst"):
+        return _zstd_open(path)
+    return open(path, "rb")
+
+
+def _zstd_open(path: str):
+    try:
+        from compression import zstd  # the standard library's from Python 3.14
+        return zstd.open(path, "rb")
+    except ImportError:
+        pass
+    try:
+        import zstandard
+    except ImportError:
+        raise ConfigError(f"--data {path!r} is zstd-compressed and no zstd library is installed: "
+                          "pip install zstandard (or decompress it)") from None
+    return io.BufferedReader(zstandard.open(path, "rb"))
+
+
+def _open_text(path: str):
+    if path.endswith(COMPRESSIONS):
+        return io.TextIOWrapper(_open_binary(path), encoding="utf-8")
+    return open(path, encoding="utf-8")
 
 
 def _txt_documents(path: str) -> Iterator[str]:
     doc: list[str] = []
-    with open(path, encoding="utf-8") as fh:
+    with _open_text(path) as fh:
         for line in fh:
             line = line.strip()
             if line:
@@ -108,23 +176,46 @@ def _record_text(record, text_column: str, where: str) -> str:
                           f"{type(record).__name__} values")
     if text_column not in record:
         raise ConfigError(f"{where}: no column {text_column!r} (found {sorted(record)}); set --text_column")
-    return str(record[text_column] or "")
+    return _document_text(record[text_column], text_column, where)
+
+
+def _document_text(value, text_column: str, where: str) -> str:
+    """A record's text: a string, or a list of strings (some dumps keep a document's paragraphs so), joined
+    as paragraphs. Anything else was trained on as its Python repr ("['Anarchism is ...']"): refused."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if isinstance(value, list) and all(p is None or isinstance(p, str) for p in value):
+        return "\n".join(p for p in value if p)
+    found = _kind(value)
+    if isinstance(value, list):
+        found = f"a list holding {_kind(next(p for p in value if p is not None and not isinstance(p, str)))}"
+    raise ConfigError(f"{where}: {text_column!r} is {found}; allowed: a string, or a list of strings (the "
+                      "paragraphs of one document); set --text_column to such a field")
+
+
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"a number ({value!r})"
+    return {dict: "an object", list: "a list"}.get(type(value), f"a {type(value).__name__}")
 
 
 def _json_documents(path: str, text_column: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as fh:
+    with _open_text(path) as fh:  # opened again below rather than rewound: a zstd stream reads forward only
         head = fh.read(1)
         while head and head.isspace():
             head = fh.read(1)
-        fh.seek(0)
-        if head == "[":  # a JSON array of records
+    if head == "[":  # a JSON array of records
+        with _open_text(path) as fh:
             try:
                 records = json.load(fh)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"--data {path!r} is not valid JSON: {e.msg} at line {e.lineno}")
-            for r in records:
-                yield _record_text(r, text_column, path)
-            return
+        for n, r in enumerate(records, 1):
+            yield _record_text(r, text_column, f"{path} record {n}")
+        return
+    with _open_text(path) as fh:
         for n, line in enumerate(fh, 1):
             if line.strip():
                 try:
@@ -139,22 +230,24 @@ def _parquet_documents(path: str, text_column: str) -> Iterator[str]:
     f = pq.ParquetFile(path)
     if text_column not in f.schema_arrow.names:
         raise ConfigError(f"{path}: no column {text_column!r} (found {f.schema_arrow.names}); set --text_column")
+    n = 0
     for batch in f.iter_batches(columns=[text_column], batch_size=1024):
         for text in batch.column(0).to_pylist():
-            yield str(text or "")
+            n += 1
+            yield _document_text(text, text_column, f"{path} row {n}")
 
 
 def _hub_documents(name: str, text_column: str, streaming: bool) -> Iterator[str]:
     import datasets
-    path, _, config = name.partition(":")
+    path, config = hub_source(name)
     try:
-        ds = datasets.load_dataset(path, config or None, split="train", streaming=streaming)
+        ds = datasets.load_dataset(path, config, split="train", streaming=streaming)
     except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs one line
         raise ConfigError(f"--data {name!r} is neither a local file nor a loadable dataset: {str(e).splitlines()[0]}")
     if text_column not in (ds.column_names or [text_column]):
         raise ConfigError(f"--data {name!r} has no column {text_column!r} (found {ds.column_names}); set --text_column")
-    for record in ds:
-        yield str(record[text_column] or "")
+    for n, record in enumerate(ds, 1):
+        yield _document_text(record[text_column], text_column, f"--data {name!r} record {n}")
 
 
 # ---------------------------------------------------------------------- segment pairs
@@ -164,13 +257,34 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
 # fewer (mostly headings, list items and fragments).
 _BERT_SENTENCE_END = re.compile(r"(?<=[.!?;])\s+")
 _BERT_MIN_WORDS = 8
+# iter_examples: a "sentence" longer than both is no prose sentence but text without sentence punctuation
+# (the packaged Wikipedia sample has none over 1024 characters), cut into pieces of about a prose sentence's
+# length (max_seq_length characters: a quarter of a pair's tokens in English) that pack like sentences.
+_LONG_SENTENCE_CHARS, _LONG_SENTENCE_CHARS_PER_TOKEN = 2048, 8
 
 
 def split_sentences(document: str, recipe: str = "contiguous") -> list[str]:
-    if recipe == "bert":
+    if recipe == "bert":  # counts words up to the minimum only: a "sentence" may be a 50 MB line
         return [s for para in document.split("\n") for s in _BERT_SENTENCE_END.split(para.strip())
-                if len(s.split()) >= _BERT_MIN_WORDS]
+                if len(s.split(maxsplit=_BERT_MIN_WORDS - 1)) >= _BERT_MIN_WORDS]
     return [s for para in document.split("\n") for s in _SENTENCE_END.split(para.strip()) if s]
+
+
+def bounded_pieces(sentence: str, max_chars: int) -> list[str]:
+    """``sentence`` cut into pieces of at most ``max_chars`` characters, at a space in the second half of
+    each piece where there is one. A text without sentence punctuation (a 50 MB line) is then tokenised
+    and paired like any document, instead of as one sentence of millions of tokens of which one pair can
+    use a few hundred (and whose trimming took minutes)."""
+    if len(sentence) <= max_chars:
+        return [sentence]
+    pieces, start = [], 0
+    while len(sentence) - start > max_chars:
+        end = sentence.rfind(" ", start + max_chars // 2, start + max_chars + 1)
+        end = end if end > start else start + max_chars
+        pieces.append(sentence[start:end])
+        start = end + (sentence[end:end + 1] == " ")
+    pieces.append(sentence[start:])
+    return [p for p in pieces if p]
 
 
 def held_out(document: str, eval_fraction: float) -> bool:
@@ -276,9 +390,28 @@ def _target(max_tokens: int, short_seq_prob: float, rng: random.Random) -> int:
 
 
 def _truncate_pair(a: list, b: list, max_tokens: int, rng: random.Random) -> None:
-    while len(a) + len(b) > max_tokens:
-        longer = a if len(a) > len(b) else b
-        del longer[0 if rng.random() < 0.5 else -1]
+    """Trim ``a`` and ``b`` in place to ``max_tokens`` together, BERT's way: one token at a time from the
+    longer (``b`` on a tie), from its front or its back at random. Which segment loses each token depends on
+    the lengths alone, so the drops are counted first and each list is sliced once (deleting from the front
+    of a list one token at a time is quadratic: minutes for one pair of a long line); the random draws, one
+    per token, are the same as the one-at-a-time loop's, and so are the result and the rng's state."""
+    excess = len(a) + len(b) - max_tokens
+    if excess <= 0:
+        return
+    longer_is_a = len(a) > len(b)
+    first = min(excess, abs(len(a) - len(b)))  # the longer alone, down to the other's length
+    rest = excess - first                       # then b, a, b, a, ...: equal lengths trim b first
+    longer_front = sum(rng.random() < 0.5 for _ in range(first))
+    front = [rng.random() < 0.5 for _ in range(rest)]
+    a_front, b_front = sum(front[1::2]), sum(front[0::2])
+    a_drop, b_drop = rest // 2, rest - rest // 2
+    if longer_is_a:
+        a_front, a_drop = a_front + longer_front, a_drop + first
+    else:
+        b_front, b_drop = b_front + longer_front, b_drop + first
+    for seg, drop, from_front in ((a, a_drop, a_front), (b, b_drop, b_front)):
+        del seg[len(seg) - (drop - from_front):]
+        del seg[:from_front]
 
 
 def iter_examples(documents: Iterable[str], tokenizer, template: PairTemplate, max_seq_length: int,
@@ -288,10 +421,14 @@ def iter_examples(documents: Iterable[str], tokenizer, template: PairTemplate, m
     ``bert`` recipe draws its random B segments from the other documents of the same batch."""
     rng = random.Random(seed)
     max_tokens = max_seq_length - template.num_special
+    long_sentence = max(_LONG_SENTENCE_CHARS, _LONG_SENTENCE_CHARS_PER_TOKEN * max_seq_length)
     buf: list[str] = []
 
+    def pieces(sentence: str) -> list[str]:
+        return bounded_pieces(sentence, max_seq_length) if len(sentence) > long_sentence else [sentence]
+
     def flush():
-        sents = [split_sentences(d, recipe) for d in buf]
+        sents = [[p for s in split_sentences(d, recipe) for p in pieces(s)] for d in buf]
         flat = [s for ss in sents for s in ss]
         ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
         docs, k = [], 0
@@ -347,13 +484,25 @@ class TokenizedCorpus:
                    torch.tensor(offsets, dtype=torch.int64))
 
 
+def tokenizer_digest(tokenizer) -> str:
+    """A hash of what decides the tokens: a fast tokenizer's normalizer, pre-tokenizer, model, added tokens
+    and post-processor, without its truncation and padding settings, which each call rewrites (a
+    tokenizer.json saved with them changes on the first call: the key did, and each new corpus was
+    tokenised twice)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return hashlib.sha256(str(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+    state = json.loads(backend.to_str())
+    state.pop("truncation", None)
+    state.pop("padding", None)
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+
 def cache_key(data: str, text_column: str, tokenizer, max_seq_length: int, short_seq_prob: float, seed: int,
               split: tuple = (0.0, "train"), recipe: str = "contiguous") -> str:
     files = local_files(data)
     source = [(os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)) for f in files] if files else data
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    tok = backend.to_str() if backend is not None else str(sorted(tokenizer.get_vocab().items()))
-    blob = json.dumps([CACHE_VERSION, source, text_column, hashlib.sha256(tok.encode()).hexdigest(),
+    blob = json.dumps([CACHE_VERSION, source, text_column, tokenizer_digest(tokenizer),
                        max_seq_length, short_seq_prob, seed]
                       + ([list(split), recipe] if (split[0] > 0 or recipe != "contiguous") else []))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -47,27 +47,28 @@ class Task:
 
 
 BIN = ("0", "1")
+GLUE = "nyu-mll/glue"  # the hub's current name of GLUE ("glue" is a redirect left by the move)
 CONLL_TAGS = ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC")
 WNUT_TYPES = ("company", "facility", "geo-loc", "movie", "musicartist", "other", "person", "product",
               "sportsteam", "tvshow")
 WNUT_TAGS = ("O",) + tuple(f"{p}-{t}" for t in WNUT_TYPES for p in ("B", "I"))
 
 TASKS = {t.name: t for t in [
-    Task("sst2", "classification", BIN, ("sentence",), ("glue", "sst2"), tsv_columns=("sentence", None, "label")),
-    Task("mrpc", "classification", BIN, ("sentence1", "sentence2"), ("glue", "mrpc"),
+    Task("sst2", "classification", BIN, ("sentence",), (GLUE, "sst2"), tsv_columns=("sentence", None, "label")),
+    Task("mrpc", "classification", BIN, ("sentence1", "sentence2"), (GLUE, "mrpc"),
          tsv_columns=("#1 String", "#2 String", "Quality"), main_metric="f1"),
-    Task("stsb", "regression", (), ("sentence1", "sentence2"), ("glue", "stsb"),
+    Task("stsb", "regression", (), ("sentence1", "sentence2"), (GLUE, "stsb"),
          tsv_columns=("sentence1", "sentence2", "score"), main_metric="pearson"),
-    Task("qqp", "classification", BIN, ("question1", "question2"), ("glue", "qqp"),
+    Task("qqp", "classification", BIN, ("question1", "question2"), (GLUE, "qqp"),
          tsv_columns=("question1", "question2", "is_duplicate"), main_metric="f1"),
     Task("mnli", "classification", ("entailment", "neutral", "contradiction"), ("premise", "hypothesis"),
-         ("glue", "mnli"), ("validation_matched", "validation_mismatched"),
+         (GLUE, "mnli"), ("validation_matched", "validation_mismatched"),
          tsv_columns=("sentence1", "sentence2", "gold_label")),
-    Task("qnli", "classification", ("entailment", "not_entailment"), ("question", "sentence"), ("glue", "qnli"),
+    Task("qnli", "classification", ("entailment", "not_entailment"), ("question", "sentence"), (GLUE, "qnli"),
          tsv_columns=("question", "sentence", "label")),
-    Task("rte", "classification", ("entailment", "not_entailment"), ("sentence1", "sentence2"), ("glue", "rte"),
+    Task("rte", "classification", ("entailment", "not_entailment"), ("sentence1", "sentence2"), (GLUE, "rte"),
          tsv_columns=("sentence1", "sentence2", "label")),
-    Task("cola", "classification", BIN, ("sentence",), ("glue", "cola"), tsv_columns=(3, None, 1),
+    Task("cola", "classification", BIN, ("sentence",), (GLUE, "cola"), tsv_columns=(3, None, 1),
          main_metric="matthews"),
     Task("conll2003", "ner", CONLL_TAGS, hub=("conll2003",), main_metric="entity_f1"),
     # Offline real tasks, prepared from PyPI packages by `make tasks` (minimoe.data.prepare_tasks).
