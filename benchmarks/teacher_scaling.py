@@ -16,6 +16,8 @@ For each teacher, each N in 1, 2 (, 4 with --max_procs 4) and each placement, N 
 (gloo, as tests/helpers.py does; OMP threads = cores / N) and each rank loads the whole teacher (layer -1):
   replicated  minimoe.teacher.Teacher with Placement("replicated")
   zero3       minimoe.teacher.Teacher with Placement("zero3"): built partitioned, each rank reads its own bytes
+  untrimmed   zero3 without minimoe.hostmem's heap trim after each layer (as minimoe was before it): glibc keeps
+              the freed gathers (not in the default set: --placements zero3,untrimmed)
   before      the loading path minimoe had before the lazy loader, reproduced here for comparison: a live
               HfDeepSpeedConfig (stage 3), AutoModel.from_pretrained(path), deepspeed.initialize, with the
               ZeRO-3 knobs of that time (DeepSpeed's defaults: 1e9 live parameters, 5e7 prefetch)
@@ -65,6 +67,7 @@ from minimoe.teacher import Teacher  # noqa: E402
 
 MiB, GiB = 1024 ** 2, 1024 ** 3
 PLACEMENTS = ("replicated", "zero3", "before")
+EXTRA_PLACEMENTS = ("untrimmed",)
 RANDOM_BERTS = {  # name: (BertConfig overrides, save_pretrained max_shard_size)
     "bert-large": (dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
                    None),
@@ -83,7 +86,8 @@ BEFORE_ZERO3_KNOBS = {"stage3_param_persistence_threshold": 10000, "stage3_prefe
 # RSS; weights over glibc's 32 MiB mmap threshold are returned). The watchdog (--min_free_gib) is the
 # safety net for what the model misses.
 PROCESS_GIB = 0.8
-PER_RANK_SHARE = {"replicated": lambda n: 1.05, "zero3": lambda n: 1.0 / n + 0.5, "before": lambda n: 2.0 + 1.0 / n}
+PER_RANK_SHARE = {"replicated": lambda n: 1.05, "zero3": lambda n: 1.0 / n + 0.5,
+                  "untrimmed": lambda n: 1.5, "before": lambda n: 2.0 + 1.0 / n}
 
 
 # ---------------------------------------------------------------------------------------------- teachers
@@ -212,6 +216,10 @@ def rank_main(rank: int, world: int, folder: str, placement: str, micro_batch: i
     t = time.perf_counter()
     if placement == "before":
         teacher = BeforeTeacher(folder, placement_lib.apply(dict(ds), placement_lib.Placement("zero3", "bench")))
+    elif placement == "untrimmed":
+        teacher = Teacher(folder, ds, layer=-1, dtype=None, placement=placement_lib.Placement("zero3", "bench"))
+        for hook in teacher._trims:
+            hook.remove()
     else:
         teacher = Teacher(folder, ds, layer=-1, dtype=None, placement=placement_lib.Placement(placement, "bench"))
     load_s = time.perf_counter() - t
@@ -338,7 +346,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--teachers", default=",".join(TEACHERS), help=f"comma-separated subset of {TEACHERS}")
     ap.add_argument("--max_procs", type=int, default=2, help="N runs over 1, 2, 4, ... up to this")
-    ap.add_argument("--placements", default=",".join(PLACEMENTS))
+    ap.add_argument("--placements", default=",".join(PLACEMENTS),
+                    help=f"comma-separated subset of {PLACEMENTS + EXTRA_PLACEMENTS}")
     ap.add_argument("--quick", action="store_true", help="one timed forward instead of --reps")
     ap.add_argument("--reps", type=int, default=3, help="timed forwards per rank (median), after one warm-up")
     ap.add_argument("--micro_batch", type=int, default=8)
@@ -365,6 +374,9 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown teachers {sorted(unknown)}; allowed {TEACHERS}")
     placements = [p.strip() for p in args.placements.split(",") if p.strip()]
+    if set(placements) - set(PLACEMENTS + EXTRA_PLACEMENTS):
+        ap.error(f"unknown placements {sorted(set(placements) - set(PLACEMENTS + EXTRA_PLACEMENTS))}; allowed "
+                 f"{PLACEMENTS + EXTRA_PLACEMENTS}")
     procs = [n for n in (1, 2, 4, 8, 16) if n <= args.max_procs]
 
     import deepspeed
@@ -470,11 +482,11 @@ def report(result: dict, out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
-    styles = {"replicated": "o-", "zero3": "s-", "before": "^--"}
+    styles = {"replicated": "o-", "zero3": "s-", "untrimmed": "s:", "before": "^--"}
     panels = (("load_peak_mib", 1, "peak RSS of the load, per rank (MiB)"),
               ("run_peak_mib", 1, "peak RSS of load + forwards, per rank (MiB)"),
               ("bytes_per_rank", MiB, "teacher bytes kept per rank (MiB)"))
-    for placement in PLACEMENTS:
+    for placement in PLACEMENTS + EXTRA_PLACEMENTS:
         for n in sorted({r["procs"] for r in rows}):
             done = [r for r in rows if r["placement"] == placement and r["procs"] == n and "fwd_s" in r]
             if not done:

@@ -153,9 +153,9 @@ def find_layer_stack(model: nn.Module, num_layers: int) -> tuple[nn.Module, str,
             parent_name, _, attr = name.rpartition(".")
             return model.get_submodule(parent_name), attr, module
     known = "; ".join(f"{'/'.join(lay.names)} ({lay.families})" for lay in QKV_LAYOUTS)
-    raise ConfigError(f"cannot find the attention layers of {type(model).__name__} "
-                      f"({getattr(model.config, 'model_type', '?')}): expected a list of {num_layers} layers with "
-                      f"Q/K/V Linear modules named as in one of: {known}")
+    kind = getattr(model.config, "model_type", "?")
+    raise ConfigError(f"cannot find the attention layers of {type(model).__name__} ({kind}): expected a list "
+                      f"of {num_layers} layers with Q/K/V Linear modules named as in one of: {known}")
 
 
 def _find_qkv(layer: nn.Module) -> Optional[tuple[QKVLayout, list[tuple[str, nn.Module]]]]:
@@ -204,7 +204,8 @@ class QKVCapture:
             else:                # [..., 3, heads, head_dim]
                 parts = output.view(*lead, 3, hidden).unbind(-2)
             # the biases are read while the parent's forward runs: under ZeRO-3 that is when they are gathered
-            self._out = [p.reshape(*lead, hidden) + (b if b is not None else 0) for p, b in zip(parts, biases)]
+            self._out = [p.reshape(*lead, hidden) + (b if b is not None else 0)
+                         for p, b in zip(parts, biases)]
         return hook
 
     def pop(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

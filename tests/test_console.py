@@ -34,7 +34,8 @@ def test_known_noise_goes_to_the_log_and_everything_else_to_the_terminal(tmp_pat
     p = subprocess.run([sys.executable, "-c", SCRIPT, REPO, str(tmp_path)], env=env(), capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.splitlines() == ["world: 2 ranks", "a real DeepSpeed warning", "a line written in pieces", "done"]
+    assert p.stdout.splitlines() == ["world: 2 ranks", "a real DeepSpeed warning", "a line written in pieces",
+                                     "done"]
     assert "a real warning" in p.stderr and "all_gather_into_tensor" not in p.stderr
     kept = (tmp_path / "logs" / "console-rank0.log").read_text()
     for text in ("No existing process group", "built successfully", "Attempting to get learning rate",

@@ -87,8 +87,8 @@ def test_an_encoder_without_findable_qkv_is_refused_in_one_line_before_any_proce
     # SqueezeBERT names its projections query/key/value, but they are grouped 1x1 convolutions
     config = AutoConfig.for_model("squeezebert", vocab_size=100, hidden_size=32, num_attention_heads=4,
                                   intermediate_size=64, num_hidden_layers=2, embedding_size=32)
-    with pytest.raises(ConfigError, match=r"cannot find the attention layers of SqueezeBertModel \(squeezebert\)"
-                                          r".*Wqkv \(ModernBERT"):
+    with pytest.raises(ConfigError, match=r"cannot find the attention layers of SqueezeBertModel "
+                                          r"\(squeezebert\).*Wqkv \(ModernBERT"):
         parameter_count(config)
 
 

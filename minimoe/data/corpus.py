@@ -430,7 +430,8 @@ def iter_examples(documents: Iterable[str], tokenizer, template: PairTemplate, m
     def flush():
         sents = [[p for s in split_sentences(d, recipe) for p in pieces(s)] for d in buf]
         flat = [s for ss in sents for s in ss]
-        ids = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+        # verbose=False: a sentence longer than the model's maximum is expected (it is cut into pairs below)
+        ids = tokenizer(flat, add_special_tokens=False, verbose=False)["input_ids"] if flat else []
         docs, k = [], 0
         for ss in sents:
             docs.append([x for x in ids[k:k + len(ss)] if x])
