@@ -94,6 +94,37 @@ def test_sigterm_saves_a_committed_checkpoint_and_resume_auto_ends_on_the_uninte
     assert steps == list(range(1, STEPS + 1))  # each step once, though steps after the save were logged twice
 
 
+@pytest.mark.slow
+def test_keep_checkpoints_leaves_the_newest_tags_and_a_run_resumes_from_them(assets, straight_run, tmp_path):
+    """The reference run resumed after step 16 (its later tags gone, as after a kill) with --save_every 2
+    --keep_checkpoints 2: each save deletes all but the newest two committed tags, the run's older ones
+    too, and `latest` names the newest. Killed again after step 22 (step 24 gone), it resumes from what
+    was kept; both resumes end on the uninterrupted run's weights."""
+    from test_multinode import assert_same_weights
+    out = tmp_path / "kept"
+    shutil.copytree(straight_run, out, ignore=shutil.ignore_patterns("student", "summary.json"))
+    root = out / "checkpoints"
+
+    def kill_after(step):
+        for tag in root.glob("step_*"):
+            if tag.name > f"step_{step:08d}":
+                shutil.rmtree(tag)
+        (root / "latest").write_text(f"step_{step:08d}")
+
+    kill_after(16)
+    assert len(list(root.glob("step_*"))) == 4
+    run_ok(deepspeed_cmd(flags(assets, out, resume=True, save_every=2, keep_checkpoints=2)))
+    assert sorted(t.name for t in root.glob("step_*")) == ["step_00000022", "step_00000024"]
+    assert (root / "latest").read_text() == "step_00000024"
+    assert all((t / "complete").is_file() for t in root.glob("step_*"))
+    assert_same_weights(straight_run, out)
+    kill_after(22)
+    shutil.rmtree(out / "student")
+    run_ok(deepspeed_cmd(flags(assets, out, resume=True, save_every=2, keep_checkpoints=2)))
+    assert sorted(t.name for t in root.glob("step_*")) == ["step_00000022", "step_00000024"]
+    assert_same_weights(straight_run, out)
+
+
 def test_the_output_folder_lock_refuses_a_live_holder_and_takes_over_a_dead_ones_lock(tmp_path):
     from minimoe import runlock
     from minimoe.config import ConfigError
