@@ -137,6 +137,43 @@ def test_streaming_run_over_two_ranks(assets):
     assert json.load(open(out / "run_config.json"))["corpus_pairs"] is None  # nothing was cached
 
 
+def _counting_drops_worker(rank, cfg_flags, out):
+    """Distil, counting each MoE layer call's routed tokens and the tokens its capacity kept, per rank."""
+    import minimoe.moe as moe
+    original, seen = moe.dispatch_routes, {"routed": 0, "kept": 0, "calls": 0}
+
+    def dispatch_routes(choice, capacity):
+        routes = original(choice, capacity)
+        seen["routed"] += int(choice.counts.sum())
+        seen["kept"] += int((routes[0] >= 0).sum())
+        seen["calls"] += 1
+        return routes
+
+    moe.dispatch_routes = dispatch_routes
+    _run_worker(rank, cfg_flags)
+    with open(os.path.join(out, f"drops{rank}.json"), "w") as fh:
+        json.dump(seen, fh)
+
+
+@pytest.mark.slow
+def test_a_run_that_drops_tokens_past_capacity_trains_over_two_ranks_and_exports(assets):
+    """--drop_tokens --capacity_factor 0.5 at ep_size 2: each expert keeps at most half its even share, so
+    every rank really drops tokens (counted at the gate's routes); the run trains four finite steps and
+    exports a student whose config keeps the capacity settings."""
+    out = assets / "drop"
+    spawn(_counting_drops_worker, 2, flag_dict(assets, out, drop_tokens=True, capacity_factor=0.5, max_steps=4,
+                                               save_every=0), str(assets))
+    for rank in range(2):
+        seen = json.load(open(assets / f"drops{rank}.json"))
+        assert seen["calls"] >= 4 * 2 and 0 < seen["kept"] < seen["routed"], seen
+    relation = [m["relation"] for m in read_jsonl(out / "metrics.jsonl")]
+    assert len(relation) == 4 and all(map(math.isfinite, relation))
+    student = json.load(open(out / "run_config.json"))["student"]
+    assert student["drop_tokens"] is True and student["capacity_factor"] == 0.5
+    saved = json.load(open(out / "student" / "config.json"))
+    assert saved["drop_tokens"] is True and saved["capacity_factor"] == 0.5
+
+
 @pytest.mark.slow
 def test_resume_refuses_another_student_or_a_fresh_start_over_old_checkpoints(assets, straight_run):
     from minimoe.config import ConfigError, DistillConfig
