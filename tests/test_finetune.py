@@ -96,7 +96,8 @@ def test_evaluate_scores_a_fine_tuned_model_as_its_run_did_and_writes_json_and_a
     out = tmp_path / "copy" / "eval_dev.json"
     assert p.stdout.rstrip().endswith(f"wrote {out}")
     got = json.load(open(out))
-    assert (got["task"], got["split"], got["examples"], got["main_metric"]) == ("sentiment", "dev", 24, "accuracy")
+    assert (got["task"], got["split"], got["examples"]) == ("sentiment", "dev", 24)
+    assert got["main_metric"] == "accuracy"
     best = json.load(open(run / "results.json"))["best"]
     assert got["scores"] == pytest.approx(best["dev"]["dev"])
     table = (tmp_path / "copy" / "eval_dev.md").read_text().splitlines()

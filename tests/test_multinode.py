@@ -201,7 +201,7 @@ def _shellcheck():
     return beside if os.access(beside, os.X_OK) else shutil.which("shellcheck")
 
 
-@pytest.mark.skipif(not _shellcheck(), reason="shellcheck is not installed (pip install -r requirements-dev.txt)")
+@pytest.mark.skipif(not _shellcheck(), reason="no shellcheck (pip install -r requirements-dev.txt)")
 def test_the_slurm_script_passes_shellcheck():
     p = subprocess.run([_shellcheck(), SBATCH], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -235,7 +235,8 @@ def test_the_slurm_script_trains_on_a_one_node_allocation_under_fake_srun_and_sc
     scontrol, srun = calls.read_text().splitlines()
     assert scontrol == "scontrol show hostnames localhost"  # no requeue after a run that finished
     assert srun.startswith(f"srun --kill-on-bad-exit=1 torchrun --nnodes 1 --nproc_per_node 2 --rdzv_id 4242 "
-                           f"--rdzv_backend c10d --rdzv_endpoint localhost:{port} launchers/distill.py --teacher=")
+                           f"--rdzv_backend c10d --rdzv_endpoint localhost:{port} launchers/distill.py "
+                           "--teacher=")
     assert srun.endswith(" --resume auto")
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
     config = json.load(open(out / "run_config.json"))

@@ -136,7 +136,8 @@ def test_drop_tokens_keeps_an_experts_first_capacity_tokens_and_zeroes_the_rest(
     torch.manual_seed(0)
     drop = capacity_factor is not None
     layer = MoEFeedForward(8, 16, 4, ep_size=1, dropout=0.0, gate_noise=0.0, drop_tokens=drop,
-                           capacity_factor=capacity_factor or 1.0, route_padding=False, local_dispatch=False).eval()
+                           capacity_factor=capacity_factor or 1.0, route_padding=False,
+                           local_dispatch=False).eval()
     with torch.no_grad():
         layer.gate.wg.weight.normal_(0.0, 0.01)
         layer.gate.wg.bias.copy_(torch.tensor([4.0, 0.0, 0.0, 0.0]))
