@@ -104,7 +104,7 @@ def bench(teachers: str = "minilm,mpnet", ks: str = "1,2,4", steps: int = 10, mi
         lines.append(f"| {r['teacher']} | {r['k']} | {r['step_s']:.2f} | {r['separate_step_s']:.2f} | "
                      f"**{r['ratio']:.2f}** | {r['sequences_per_s_per_student']:.1f} | {r['sequences_per_s_all']:.1f} | "
                      f"{r['separate_sequences_per_s_all']:.1f} | {r['teacher_share']:.0%} | "
-                     f"{r['peak_rss_mib'] / 1024:.1f} GB | {r['separate_peak_rss_mib'] / 1024:.1f} GB |")
+                     f"{r['peak_rss_mib'] / 1024:.1f} GiB | {r['separate_peak_rss_mib'] / 1024:.1f} GiB |")
     print("\n".join(lines))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as fh:

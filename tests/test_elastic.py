@@ -4,7 +4,6 @@ the runs are comparable step for step. The resumed losses and weights equal the 
 import shutil
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from helpers import flag_dict, read_jsonl, spawn
@@ -54,12 +53,14 @@ def test_resume_at_another_world_and_ep_size_continues_exactly(assets, reference
     want = {m["step"]: m for m in read_jsonl(refs[saved] / "metrics.jsonl")}
     got = {m["step"]: m for m in read_jsonl(out / "metrics.jsonl")}
     assert sorted(got) == list(range(SAVE_AT + 1, STEPS + 1))
+    worst_rel = max(abs(got[s]["relation"] - want[s]["relation"]) / abs(want[s]["relation"]) for s in got)
     for step in got:
-        assert got[step]["relation"] == pytest.approx(want[step]["relation"], abs=1e-4, rel=1e-4), step
         assert got[step]["lr"] == pytest.approx(want[step]["lr"], rel=1e-6), step
     a, b = load_file(refs[saved] / "student" / "model.safetensors"), load_file(out / "student" / "model.safetensors")
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-4, msg=k)
+    worst_abs = max(float((b[k] - a[k]).abs().max()) for k in a)
+    # Measured: losses 1.04e-6 relative, weights 3.7e-9 absolute (both directions); ~10x margin for fp32 noise.
+    assert worst_rel <= 1e-5, worst_rel
+    assert worst_abs <= 5e-8, worst_abs
 
 
 def test_weights_only_resume_restarts_the_optimizer(assets, references):

@@ -120,7 +120,7 @@ def test_exports_load_in_plain_transformers_with_equal_outputs(fx, tmp_path, key
     refs = references(fx[key], str(tmp_path / "refs.pt"))
     got_cls, worst = fresh(fx[key], refs, auto, remote)
     assert got_cls == cls
-    assert worst <= 1e-5
+    assert worst <= 5e-6, worst  # measured: 9.5e-7 at most (the dense BertModel), 2.4e-7 the MoE student
 
 
 @pytest.mark.slow
@@ -181,7 +181,8 @@ def test_onnx_keeps_top1_routing_and_equals_pytorch(fx, tmp_path, key):
     refs = references(folder, str(tmp_path / "refs.pt"))
     p = subprocess.run([PY, "-c", ORT, str(out), refs], env=env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert float(p.stdout.split()[-1]) <= 1e-4
+    worst = float(p.stdout.split()[-1])
+    assert worst <= 1e-5, worst  # measured: 1.4e-6 at most (the MoE run's student)
     ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
     experts = json.load(open(os.path.join(folder, "config.json"))).get("num_experts", 1)
     # one gather of its own tokens per expert and layer: no expert computes every token

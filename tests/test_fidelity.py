@@ -392,8 +392,8 @@ def test_a_fixed_router_student_trains_at_ep2_and_exports_with_its_rule(assets, 
     with torch.no_grad():
         want = student(ids, mask).last_hidden_state
         hf = AutoModel.from_pretrained(str(out / "student"), trust_remote_code=True).eval()
-        torch.testing.assert_close(hf(input_ids=ids, attention_mask=mask).last_hidden_state, want, atol=1e-5,
-                                   rtol=1e-5)
+        torch.testing.assert_close(hf(input_ids=ids, attention_mask=mask).last_hidden_state, want, atol=1e-6,
+                                   rtol=1e-6)
     p = subprocess.run([sys.executable, f"{REPO}/launchers/export.py", "--model", str(out), "--format", "onnx",
                         "--output_dir", str(tmp_path / "onnx")], env=env(), capture_output=True, text=True,
                        timeout=600)
@@ -402,4 +402,5 @@ def test_a_fixed_router_student_trains_at_ep2_and_exports_with_its_rule(assets, 
     session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"))
     got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
                              "token_type_ids": torch.zeros_like(ids).numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=1e-4)
+    # measured: 9.5e-7 (random) and 1.4e-6 (hash); the Hugging Face folder gave exactly the student's outputs
+    torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-5, rtol=1e-5)
