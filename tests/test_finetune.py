@@ -189,6 +189,17 @@ def test_a_fixed_router_student_fine_tunes_at_ep2_and_its_model_scores_the_same(
     assert json.load(open(out / "model" / "config.json"))["router"] == router
 
 
+def _finishing_run(launched: list):
+    """A stand-in for sweep._run: records the command and writes the results a finished run leaves."""
+    def run(cmd, what):
+        launched.append(cmd)
+        out = cmd[cmd.index("--output_dir") + 1]
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "results.json"), "w") as fh:
+            json.dump({"best": {"main": 0.5}}, fh)
+    return run
+
+
 def test_sweep_continues_an_interrupted_fine_tuning_run(tmp_path, monkeypatch):
     """A run without results.json is started with --resume auto: one a failure or a kill left checkpoints
     behind continues when the sweep is run again, instead of being refused."""
@@ -197,14 +208,7 @@ def test_sweep_continues_an_interrupted_fine_tuning_run(tmp_path, monkeypatch):
     from minimoe.config import SweepConfig
     launched = []
 
-    def fake_run(cmd, what):
-        launched.append(cmd)
-        out = cmd[cmd.index("--output_dir") + 1]
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "results.json"), "w") as fh:
-            json.dump({"best": {"main": 0.5}}, fh)
-
-    monkeypatch.setattr(sweep, "_run", fake_run)
+    monkeypatch.setattr(sweep, "_run", _finishing_run(launched))
     sweep.run(SweepConfig(models="a", tasks="sentiment", seeds="1", output_dir=str(tmp_path)))
     assert len(launched) == 1 and launched[0][launched[0].index("--resume") + 1] == "auto"
 
@@ -226,14 +230,7 @@ def test_sweep_runs_its_own_python(tmp_path, monkeypatch, launcher, first):
     monkeypatch.setenv("PATH", f"{other}:{os.environ['PATH']}")
     launched = []
 
-    def fake_run(cmd, what):
-        launched.append(cmd)
-        out = cmd[cmd.index("--output_dir") + 1]
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "results.json"), "w") as fh:
-            json.dump({"best": {"main": 0.5}}, fh)
-
-    monkeypatch.setattr(sweep, "_run", fake_run)
+    monkeypatch.setattr(sweep, "_run", _finishing_run(launched))
     sweep.run(SweepConfig(models="a", tasks="sentiment", seeds="1", output_dir=str(tmp_path / "s"),
                           launcher=launcher))
     assert launched[0][0] == first and launched[0][1:len(launcher.split())] == launcher.split()[1:]
