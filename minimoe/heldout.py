@@ -113,8 +113,9 @@ class HeldOutLoss:
             for i, m in enumerate(members):
                 out = m.engine(batch["input_ids"], mask, batch["token_type_ids"], output_qkv=True)
                 heads = m.cfg.relation_heads
-                for k, (t, s) in enumerate(zip(t_qkv, out.qkv)):
-                    sums[i][k] += float(relation_kl((t,), (s,), mask, heads)) * tokens
+                if weight:  # a repeat batch (a rank short of one) runs the forwards for the collectives only
+                    for k, (t, s) in enumerate(zip(t_qkv, out.qkv)):
+                        sums[i][k] += float(relation_kl((t,), (s,), mask, heads)) * tokens
                 sums[i][3] += tokens
                 if out.expert_counts:
                     c = torch.stack([x.float().cpu() for x in out.expert_counts]).double() * weight
