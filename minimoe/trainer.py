@@ -164,19 +164,6 @@ class Member:
         return os.path.join("students", self.name) if self.name else ""
 
 
-def _torch_rng() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_torch_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class Trainer:
     """Runs ``spec`` on the ``members``' engines from ``start_step`` to ``cadence.total_steps`` (or an early
     stop)."""
@@ -200,11 +187,11 @@ class Trainer:
         if len(self.members) == 1:
             yield
             return
-        _set_torch_rng(member.rng)
+        checkpoint.set_torch_rng_state(member.rng)
         try:
             yield
         finally:
-            member.rng = _torch_rng()
+            member.rng = checkpoint.torch_rng_state()
 
     def resume(self, resume: Optional[tuple], clients: dict) -> int:
         """Take the output folder (rank 0 holds its lock for the whole job: a live run there refuses this
@@ -226,12 +213,12 @@ class Trainer:
             for m in self.members:
                 checkpoint.load(m.engine, *resume, self.info.rank, m.layout, clients[m.name],
                                 self.cfg.resume_weights_only, subdir=m.name)
-                m.rng = _torch_rng()
+                m.rng = checkpoint.torch_rng_state()
             self.spec.load_loop_state(first.get("minimoe_loop", {}))
         else:
             torch.manual_seed(self.cfg.seed + self.info.rank)
             for m in self.members:
-                m.rng = _torch_rng()
+                m.rng = checkpoint.torch_rng_state()
         if self.info.is_main:
             for tag in checkpoint.remove_incomplete(self.ckpt_root):
                 print(f"removed {os.path.join(self.ckpt_root, tag)!r}: its save did not finish", flush=True)
