@@ -9,6 +9,12 @@ from typing import Optional, Sequence
 import torch
 
 
+def member_folder(name: str) -> str:
+    """Where a member of a run of several students keeps its files (student/, metrics.jsonl, summary.json),
+    relative to the run folder; a single-student run ("") keeps them in the run folder itself."""
+    return os.path.join("students", name) if name else ""
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident memory (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -52,7 +58,7 @@ class Monitor:
         if not enabled:
             return
         for name in members:
-            folder = os.path.join(output_dir, "students", name) if name else output_dir
+            folder = os.path.join(output_dir, member_folder(name))
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, "metrics.jsonl")
             self._wandb_after = max(self._wandb_after, _last_step(path))

@@ -29,6 +29,7 @@ from typing import Any
 from .config import ConfigError, DistillConfig, StudentConfig
 from .flags import coerce_fields
 from .layout import Layout, gib
+from .monitor import member_folder
 from .placement import GiB
 
 # What an entry may set besides the student's architecture: the run-level flags that are the student's own.
@@ -165,7 +166,7 @@ class StudentPlan:
     @property
     def folder(self) -> str:
         """Where its student/, metrics.jsonl and summary.json go, inside the run folder."""
-        return os.path.join("students", self.name) if self.name else ""
+        return member_folder(self.name)
 
 
 def check_fit(students: list[StudentPlan], memory_per_rank: int) -> None:

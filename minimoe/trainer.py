@@ -27,7 +27,7 @@ from . import checkpoint, runlock
 from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, agree, init_distributed
 from .errors import Stopped, arm_native_crash_log
-from .monitor import Monitor
+from .monitor import Monitor, member_folder
 
 
 def start(seed: int) -> DistInfo:
@@ -161,7 +161,7 @@ class Member:
     @property
     def folder(self) -> str:
         """Its folder inside the run folder (its checkpoint files are in ``<tag>/<name>``)."""
-        return os.path.join("students", self.name) if self.name else ""
+        return member_folder(self.name)
 
 
 class Trainer:
