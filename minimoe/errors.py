@@ -9,6 +9,7 @@ import errno
 import os
 import sys
 import tempfile
+import time
 import traceback
 from typing import Optional
 
@@ -208,7 +209,7 @@ def report(exc: BaseException, output_dir: Optional[str], debug: bool) -> int:
     code, line = classify(exc, output_dir)
     rank = int(os.environ.get("RANK", "0"))
     if isinstance(exc, PeerFailed):
-        return code
+        return _quietly(code)
     if isinstance(exc, Stopped):  # every rank stopped at the same step, on purpose: rank 0 says so
         if rank == 0:
             _close_progress_bars()
@@ -216,7 +217,7 @@ def report(exc: BaseException, output_dir: Optional[str], debug: bool) -> int:
         return code
     if code == USER_ERROR or not _process_group_started():
         if rank != 0:
-            return code
+            return _quietly(code)
     if peer_lost(exc):
         shm.unlink_job_buffers()
         line = peer_lost_line(output_dir)
@@ -235,6 +236,19 @@ def report(exc: BaseException, output_dir: Optional[str], debug: bool) -> int:
     several = os.environ.get("WORLD_SIZE", "1") != "1" and _process_group_started()
     prefix = f"error (rank {rank})" if several else "error"
     print(f"{prefix}: {line}" + (f" [traceback: {log}]" if log and not debug else ""), file=sys.stderr)
+    return code
+
+
+# How long a rank that leaves the line to another waits before it exits: the deepspeed launcher and torchrun
+# kill every rank as soon as one exits with an error, so a quiet rank that is quicker than the speaking one
+# (both meet the same bad input at once) would end the job before its line is printed. The speaking rank
+# ends the job when it exits, so this wait is cut short in every launcher but a plain spawn.
+QUIET_RANK_GRACE_S = 3.0
+
+
+def _quietly(code: int) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        time.sleep(QUIET_RANK_GRACE_S)
     return code
 
 

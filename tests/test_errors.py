@@ -307,3 +307,20 @@ def test_the_demo_run_folder_is_one_name():
     makefile = open(os.path.join(REPO, "Makefile")).read()
     demo = makefile[makefile.index("\ndemo:"):].split("\n\n")[0]
     assert re.search(r"--output_dir (\S+)", demo).group(1) == DEMO_RUN and f"rm -rf {DEMO_RUN}\n" in demo
+
+
+def test_a_quiet_rank_waits_for_the_speaking_one(monkeypatch, capsys):
+    """The launchers kill every rank when one exits with an error: a rank that leaves the line to rank 0
+    (the same bad input met on every rank) waits before it exits, so rank 0's line is printed first."""
+    import time
+    from minimoe import errors
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(errors, "QUIET_RANK_GRACE_S", 0.3)
+    t = time.perf_counter()
+    assert errors.report(errors.ConfigError("--seed -1 is out of range"), None, False) == 2
+    assert time.perf_counter() - t >= 0.3 and capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    t = time.perf_counter()
+    assert errors.report(errors.ConfigError("--seed -1 is out of range"), None, False) == 2
+    assert time.perf_counter() - t < 0.3 and "error: --seed -1 is out of range" in capsys.readouterr().err
