@@ -4,6 +4,7 @@ the runs are comparable step for step. The resumed losses and weights equal the 
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from helpers import flag_dict, read_jsonl, spawn
@@ -57,10 +58,13 @@ def test_resume_at_another_world_and_ep_size_continues_exactly(assets, reference
     for step in got:
         assert got[step]["lr"] == pytest.approx(want[step]["lr"], rel=1e-6), step
     a, b = load_file(refs[saved] / "student" / "model.safetensors"), load_file(out / "student" / "model.safetensors")
-    worst_abs = max(float((b[k] - a[k]).abs().max()) for k in a)
-    # Measured: losses 1.04e-6 relative, weights 3.7e-9 absolute (both directions); ~10x margin for fp32 noise.
+    # Weights in units of fp32 rounding of each reference weight (eps x |w|): an absolute bound fails on
+    # one rounding of a weight near 1 (6e-8), which is what reordered sums give.
+    rounding = {k: torch.finfo(torch.float32).eps * a[k].abs().clamp(min=1e-3) for k in a}
+    worst_roundings = max(float(((b[k] - a[k]).abs() / rounding[k]).max()) for k in a)
+    # Measured: losses 1.04e-6 relative, weights 2.6 roundings (both directions); ~6-10x margin.
     assert worst_rel <= 1e-5, worst_rel
-    assert worst_abs <= 5e-8, worst_abs
+    assert worst_roundings <= 16, worst_roundings
 
 
 def test_weights_only_resume_restarts_the_optimizer(assets, references):
