@@ -4,6 +4,8 @@
                                                             # the relation projection (1, 1p)
     python benchmarks/distill_step.py --experts 1,4,8 --micro_batch 16 --teacher_zero 0
     python benchmarks/distill_step.py --experts 1,4 --procs 2 --out benchmarks/results/distill_step_2procs.json
+    python benchmarks/distill_step.py --experts 4 --precisions fp32,bf16-teacher,bf16 \
+        --out benchmarks/results/distill_step_bf16.json     # what bf16 buys, teacher alone and whole step
 
 Runs the real engines in one process (ZeRO-2 student, ZeRO-3 or ZeRO-0 teacher) on a fixed batch of
 full-length sequences, times each phase, and compares the useful FLOP rate with a large fp32 matmul
@@ -11,6 +13,7 @@ measured in the same run. Prints a table and writes JSON (``--out``). Not a test
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -22,6 +25,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import fire  # noqa: E402
 import torch  # noqa: E402
+from torch.profiler import record_function  # noqa: E402
 
 
 def _free_port() -> int:
@@ -42,12 +46,13 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> float:
 
 def measure(student: str, layers: int = 4, hidden: int = 384, micro_batch: int = 32, seq_len: int = 128,
             teacher: str = "packaged:all-MiniLM-L6-v2", teacher_zero: int = 3, steps: int = 4,
-            fused_adam: bool = True, procs: int = 1) -> dict:
+            fused_adam: bool = True, procs: int = 1, precision: str = "fp32", profile: str = "") -> dict:
     """One student's step (``"4"``: 4 experts; ``"1p"``: the dense twin with the MoE students' relation
     projection) in a fresh process: a second model in the same process ran its loss 2x slower (allocator
     state left by the first engine), which would bias the comparison. ``procs`` 2: two processes under
     torchrun sharing the cores, ``micro_batch`` split between them, experts split over them (``ep_size``
-    2), the teacher's ZeRO-3 partitions too. Returns the child's result (rank 0's file)."""
+    2), the teacher's ZeRO-3 partitions too. ``profile``: a path for the last step's op table (torch's
+    profiler, rank 0). Returns the child's result (rank 0's file)."""
     import subprocess
     import tempfile
     start = [sys.executable] if procs == 1 else [
@@ -57,7 +62,8 @@ def measure(student: str, layers: int = 4, hidden: int = 384, micro_batch: int =
         p = subprocess.run([*start, os.path.abspath(__file__), "--experts", str(student), "--layers",
                             str(layers), "--hidden", str(hidden), "--micro_batch", str(micro_batch), "--seq_len",
                             str(seq_len), "--teacher", teacher, "--teacher_zero", str(teacher_zero), "--steps",
-                            str(steps), "--fused_adam", str(fused_adam), "--out", tmp.name, "--_child", "True"],
+                            str(steps), "--fused_adam", str(fused_adam), "--precision", precision, "--profile", profile,
+                            "--out", tmp.name, "--_child", "True"],
                            capture_output=True, text=True)
         if p.returncode:
             raise SystemExit(f"student {student} at {micro_batch} x {seq_len} failed:\n{p.stderr[-2000:]}")
@@ -66,20 +72,31 @@ def measure(student: str, layers: int = 4, hidden: int = 384, micro_batch: int =
 
 def bench(experts: str = "1,1p,4", layers: int = 4, hidden: int = 384, micro_batch: int = 32, seq_len: int = 128,
           teacher: str = "packaged:all-MiniLM-L6-v2", teacher_zero: int = 3, steps: int = 4,
-          fused_adam: bool = True, procs: int = 1, out: str = "benchmarks/results/distill_step.json") -> None:
+          fused_adam: bool = True, procs: int = 1, precisions: str = "fp32", profile: bool = False,
+          out: str = "benchmarks/results/distill_step.json") -> None:
     """Time teacher forward, student forward, relation loss, backward and optimizer step per student
-    (``--experts 1,1p,4``: ``1p`` is the dense twin with the relation projection), in 1 or 2 processes."""
+    (``--experts 1,1p,4``: ``1p`` is the dense twin with the relation projection), in 1 or 2 processes, at
+    each of ``--precisions`` (fp32; bf16: student and teacher; bf16-teacher: an fp32 student, a bf16 teacher).
+    ``--profile``: also the last step's ops by self CPU time, per student, beside ``--out``
+    (``<out>.E=4.bf16.profile.txt``)."""
     counts = experts if isinstance(experts, (tuple, list)) else str(experts).split(",")  # fire: "1,4" -> (1, 4)
+    kinds = precisions if isinstance(precisions, (tuple, list)) else str(precisions).split(",")
+    unknown = [k for k in kinds if k not in PRECISIONS]
+    if unknown:
+        raise SystemExit(f"--precisions {','.join(unknown)} is invalid: allowed {', '.join(PRECISIONS)}")
     result = None
-    for e in counts:
-        one = measure(str(e), layers, hidden, micro_batch, seq_len, teacher, teacher_zero, steps, fused_adam, procs)
-        if result is None:
-            result = one
-        else:
-            result["rows"] += one["rows"]
+    for kind in kinds:
+        for e in counts:
+            table = f"{os.path.splitext(out)[0]}.E={e}.{kind}.profile.txt" if profile else ""
+            one = measure(str(e), layers, hidden, micro_batch, seq_len, teacher, teacher_zero, steps, fused_adam,
+                          procs, kind, table)
+            if result is None:
+                result = one
+            else:
+                result["rows"] += one["rows"]
     print(f"fp32 matmul peak {result['machine_matmul_gflops']:.0f} GFLOP/s ({result['threads']} threads); "
           f"batch {micro_batch} x {seq_len} over {procs} process(es); teacher ZeRO-{teacher_zero}")
-    head = ["student", "params_M", "active_M", "teacher_fwd", "student_fwd", "loss_fwd", "backward", "optimizer",
+    head = ["student", "precision", "params_M", "active_M", "teacher_fwd", "student_fwd", "loss_fwd", "backward", "optimizer",
             "step_s", "tokens_per_s", "useful_gflops_per_s", "fraction_of_matmul_peak", "mean_max_load", "peak_rss_mb"]
     print(" | ".join(head))
     for r in result["rows"]:
@@ -88,12 +105,20 @@ def bench(experts: str = "1,1p,4", layers: int = 4, hidden: int = 384, micro_bat
     # projection) and against the twin that also trains the projection (what the experts alone cost).
     twins = {"step_ratio": "E=1", "step_ratio_vs_projected_twin": "E=1+proj"}
     for key, name in twins.items():
-        twin = next((r for r in result["rows"] if r["student"] == name), None)
         for r in result["rows"]:
+            twin = next((t for t in result["rows"] if t["student"] == name and t["precision"] == r["precision"]),
+                        None)
             r[key] = r["step_s"] / twin["step_s"] if twin else None
             if twin and r["experts"] > 1:
-                print(f"{r['student']}: step {r[key]:.2f}x {name}'s (target <= 1.10); extra time by phase: "
+                print(f"{r['student']} {r['precision']}: step {r[key]:.2f}x {name}'s (target <= 1.10); extra time by phase: "
                       + ", ".join(f"{k} {r[k] - twin[k]:+.3f} s" for k in PHASES))
+    # What bf16 buys: each row's step against the fp32 row of the same student.
+    for r in result["rows"]:
+        base = next((b for b in result["rows"] if b["student"] == r["student"] and b["precision"] == "fp32"), None)
+        r["speedup_vs_fp32"] = base["step_s"] / r["step_s"] if base else None
+        if base and r["precision"] != "fp32":
+            print(f"{r['student']} {r['precision']}: {r['speedup_vs_fp32']:.2f}x the fp32 step; by phase: "
+                  + ", ".join(f"{k} {base[k] / r[k]:.2f}x" for k in PHASES if r[k] > 0))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as fh:
         json.dump(result, fh, indent=2)
@@ -101,6 +126,8 @@ def bench(experts: str = "1,1p,4", layers: int = 4, hidden: int = 384, micro_bat
     print(f"wrote {out}")
 
 
+# fp32; bf16: student (DeepSpeed's bf16 engine, fp32 master weights) and teacher; bf16-teacher: the teacher only.
+PRECISIONS = ("fp32", "bf16", "bf16-teacher")
 PHASES = ("teacher_fwd", "student_fwd", "loss_fwd", "backward", "optimizer")
 
 
@@ -110,7 +137,7 @@ def _plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    labels = [r["student"] for r in result["rows"]]
+    labels = [r["student"] + ("" if r["precision"] == "fp32" else f"\n{r['precision']}") for r in result["rows"]]
     bottom = [0.0] * len(labels)
     for phase in PHASES:
         values = [r[phase] for r in result["rows"]]
@@ -125,8 +152,23 @@ def _plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
+@contextlib.contextmanager
+def _profiled(on: bool, path: str):
+    """With ``on``, torch's profiler over the block: the ops by self CPU time, per phase and in all, to ``path``."""
+    if not on:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        yield
+    events = prof.key_averages()
+    with open(path, "w") as fh:
+        fh.write(events.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+
+
 def _one(experts: str, layers: int, hidden: int, micro_batch: int, seq_len: int, teacher: str, teacher_zero: int,
-         steps: int, fused_adam: bool, out: str) -> None:
+         steps: int, fused_adam: bool, precision: str, profile: str, out: str) -> None:
     from minimoe import MiniMoEModel, StudentConfig, flops_per_sequence, count_parameters
     from minimoe.data.assets import resolve_model
     from minimoe.distributed import init_distributed
@@ -144,7 +186,9 @@ def _one(experts: str, layers: int, hidden: int, micro_batch: int, seq_len: int,
     peak = float(peak)
     t_ds = {"train_micro_batch_size_per_gpu": local, "train_batch_size": micro_batch,
             "zero_optimization": {"stage": teacher_zero}}
-    tch = Teacher(resolve_model(teacher), t_ds)
+    if precision != "fp32":
+        t_ds["bf16"] = {"enabled": True}
+    tch = Teacher(resolve_model(teacher), t_ds, dtype=torch.bfloat16 if precision != "fp32" else None)
     t_cfg = tch.engine.module.config
     # The teacher is an encoder of its own shape: count its forward like a dense student's.
     t_flops = flops_per_sequence(StudentConfig(num_layers=tch.layer + 1, hidden_size=t_cfg.hidden_size,
@@ -163,21 +207,29 @@ def _one(experts: str, layers: int, hidden: int, micro_batch: int, seq_len: int,
         ds = {"train_micro_batch_size_per_gpu": local, "gradient_accumulation_steps": 1,
               "train_batch_size": micro_batch, "gradient_clipping": 5.0, "zero_optimization": {"stage": 2},
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True, "fused": fused_adam}}}
+        if precision == "bf16":
+            ds["bf16"] = {"enabled": True}
         engine = build_student_engine(model, ds)
         phases = {"teacher_fwd": 0.0, "student_fwd": 0.0, "loss_fwd": 0.0, "backward": 0.0, "optimizer": 0.0}
         max_load = []
         for i in range(steps + 1):
-            t = [time.perf_counter()]
-            tq = tch.qkv(batch)
-            t.append(time.perf_counter())
-            o = engine(ids, mask, output_qkv=True)
-            t.append(time.perf_counter())
-            loss = relation_kl(tq, o.qkv, mask, 32) + 0.01 * o.aux_loss
-            t.append(time.perf_counter())
-            engine.backward(loss)
-            t.append(time.perf_counter())
-            engine.step()
-            t.append(time.perf_counter())
+            with _profiled(bool(profile) and i == steps and rank == 0, profile):
+                t = [time.perf_counter()]
+                with record_function("teacher_fwd"):
+                    tq = tch.qkv(batch)
+                t.append(time.perf_counter())
+                with record_function("student_fwd"):
+                    o = engine(ids, mask, output_qkv=True)
+                t.append(time.perf_counter())
+                with record_function("loss_fwd"):
+                    loss = relation_kl(tq, o.qkv, mask, 32) + 0.01 * o.aux_loss
+                t.append(time.perf_counter())
+                with record_function("backward"):
+                    engine.backward(loss)
+                t.append(time.perf_counter())
+                with record_function("optimizer"):
+                    engine.step()
+                t.append(time.perf_counter())
             if i == 0:
                 continue  # warm-up
             for k, (a, b) in zip(phases, zip(t, t[1:])):
@@ -190,7 +242,8 @@ def _one(experts: str, layers: int, hidden: int, micro_batch: int, seq_len: int,
         s_flops = flops_per_sequence(cfg, seq_len)["forward_flops"]
         useful = micro_batch * (3 * s_flops + t_flops)  # student fwd + bwd (2x), teacher fwd
         c = count_parameters(cfg)
-        rows.append({"student": f"E={e}" + ("+proj" if projected else ""), "experts": e, "procs": world,
+        rows.append({"student": f"E={e}" + ("+proj" if projected else ""), "precision": precision, "experts": e,
+                     "procs": world, "loss": float(loss),
                      "params_M": c["total"] / 1e6, "active_M": c["active"] / 1e6,
                      **{k: round(v, 4) for k, v in phases.items()}, "step_s": step_s,
                      "tokens_per_s": micro_batch * seq_len / step_s, "useful_gflops_per_s": useful / step_s / 1e9,

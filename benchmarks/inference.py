@@ -10,6 +10,11 @@ only on how tokens spread over experts, which the table reports). MoE and dense 
 that the machine's noise falls on both; the median of the repetitions is reported. Prints a table and
 writes JSON with a ``latency_ratio`` (MoE / dense) per shape. Not a test: numbers, not asserts.
 
+The physical limit next to each MoE latency (``limit_ms``): the dense twin's latency plus the bytes the
+MoE forward must read beyond it (every expert that gets a token reads its FFN weights, the dense twin
+reads one FFN a layer) at this machine's memory bandwidth, measured in the same run by a large copy
+(``bandwidth_gbps``, bytes read + written per second). ``limit_ratio`` is the MoE latency over that limit.
+
 ``--runtime onnx`` times the same two models as ONNX graphs in onnxruntime instead (each written by
 ``launchers/export.py``'s code from a saved student folder, and checked against PyTorch there).
 """
@@ -27,6 +32,29 @@ import fire  # noqa: E402
 import torch  # noqa: E402
 
 TARGETS = {1: 1.10, 32: 1.03}  # latency ratio targets by batch size (issue: benchmarks)
+LIMIT_TARGET = 1.15  # MoE latency over its bytes-bound limit (issue: speed, round two)
+
+
+def memory_bandwidth_gbps(mib: int = 256, reps: int = 8) -> float:
+    """Bytes read + written per second by the best of ``reps`` copies of a ``mib`` MiB tensor (far larger than
+    the caches), in GB/s: what moving weights through memory costs here."""
+    src = torch.ones(mib * 2 ** 20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+def extra_weight_bytes(model, counts_per_layer) -> int:
+    """Weight bytes a MoE forward reads beyond its dense twin's: per layer, every expert given a token reads
+    its own FFN, where the dense twin reads one."""
+    ffn = model.layers[0].ffn.local_experts[0]
+    per_expert = sum(p.numel() * p.element_size() for p in ffn.parameters())
+    return sum(per_expert * (int((c > 0).sum()) - 1) for c in counts_per_layer)
 
 
 def _model(experts: int, layers: int, hidden: int):
@@ -76,6 +104,7 @@ def bench(experts: str = "4", layers: int = 4, hidden: int = 384, shapes: str = 
     shape_list = [tuple(int(v) for v in s.split("x"))
                   for s in (shapes if isinstance(shapes, (tuple, list)) else str(shapes).split(","))]
     reps = max(5, reps // 3) if quick else reps
+    bandwidth = memory_bandwidth_gbps()
     dense = run(_model(1, layers, hidden), "dense")
     rows = []
     for e in counts:
@@ -92,21 +121,26 @@ def bench(experts: str = "4", layers: int = 4, hidden: int = 384, shapes: str = 
                 counts_per_layer = moe_model(*inputs).expert_counts
             loads = [float(c.max() * len(c) / c.sum()) for c in counts_per_layer]
             d_ms, m_ms = 1e3 * statistics.median(d), 1e3 * statistics.median(m)
+            extra = extra_weight_bytes(moe_model, counts_per_layer)
+            limit_ms = d_ms + extra / (bandwidth * 1e9) * 1e3
             rows.append({"experts": e, "batch": batch, "seq_len": seq_len, "dense_ms": d_ms, "moe_ms": m_ms,
                          "latency_ratio": m_ms / d_ms, "target": TARGETS.get(batch),
-                         "mean_max_load": sum(loads) / len(loads)})
+                         "extra_weight_mb": extra / 1e6, "limit_ms": limit_ms, "limit_ratio": m_ms / limit_ms,
+                         "limit_target": LIMIT_TARGET, "mean_max_load": sum(loads) / len(loads)})
     import shutil
     shutil.rmtree(tmp, ignore_errors=True)
     result = {"runtime": runtime, "threads": torch.get_num_threads(), "layers": layers, "hidden": hidden,
-              "reps": reps, "torch": torch.__version__, "rows": rows}
+              "reps": reps, "torch": torch.__version__, "bandwidth_gbps": bandwidth, "rows": rows}
     if runtime == "onnx":
         import onnxruntime
         result["onnxruntime"] = onnxruntime.__version__
+    print(f"memory bandwidth {bandwidth:.1f} GB/s (read + write, a {256} MiB copy)")
     print(f"{'experts':>7} {'batch x len':>12} {'dense ms':>9} {'MoE ms':>9} {'ratio':>6} {'target':>6} "
-          f"{'max load':>8}")
+          f"{'extra MB':>8} {'limit ms':>8} {'/ limit':>7} {'max load':>8}")
     for r in rows:
         print(f"{r['experts']:>7} {str(r['batch']) + ' x ' + str(r['seq_len']):>12} {r['dense_ms']:>9.2f} "
-              f"{r['moe_ms']:>9.2f} {r['latency_ratio']:>6.2f} {r['target'] or '-':>6} {r['mean_max_load']:>8.2f}")
+              f"{r['moe_ms']:>9.2f} {r['latency_ratio']:>6.2f} {r['target'] or '-':>6} {r['extra_weight_mb']:>8.1f} "
+              f"{r['limit_ms']:>8.2f} {r['limit_ratio']:>7.2f} {r['mean_max_load']:>8.2f}")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as fh:
         json.dump(result, fh, indent=2)
@@ -130,6 +164,9 @@ def _plot(result: dict, path: str) -> None:
         for bar, r in zip(bars, part):
             ax.annotate(f"{r['latency_ratio']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=8)
+            if "limit_ms" in r:  # the bytes-bound limit: the dense latency plus the extra weights' read time
+                ax.hlines(r["limit_ms"], bar.get_x(), bar.get_x() + bar.get_width(), colors="black",
+                          label="bytes-bound limit" if bar is bars[0] and ax is axes[0] else None)
         ax.set_xticks(list(x), labels)
         ax.set_ylabel("ms per forward (median)")
     axes[0].legend(fontsize=8)
