@@ -170,7 +170,7 @@ def _fused_adam_worker(rank):
             out = engine(ids, torch.ones_like(ids), output_qkv=True)
             engine.backward(sum(t.pow(2).mean() for t in out.qkv) + 0.01 * out.aux_loss)
             engine.step()
-    moved = max(float((p - start[n]).abs().max()) for n, p in fused.module.named_parameters())
+    moved = max(float((p.detach() - start[n]).abs().max()) for n, p in fused.module.named_parameters())
     assert moved > 5e-4, moved  # Adam's first step moves a weight by about lr (1e-3)
     for (name, p), q in zip(fused.module.named_parameters(), reference.module.parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5, msg=name)
@@ -237,6 +237,8 @@ def test_gpu_check_without_cuda_resolves_every_step_and_says_so_in_one_line(tmp_
                                "teacher_scaling"), p.stdout
     assert p.stdout.rstrip().endswith("; ran nothing") and "pytest -m gpu selects 6 tests" in p.stdout
     assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
+    with open(os.path.join(REPO, "README.md")) as fh:
+        assert p.stdout in fh.read(), "README's GPU check section shows another line"
 
 
 @no_cuda_only
