@@ -11,7 +11,7 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 NPROC ?= 2
 
 .PHONY: venv deps demo tasks finetune-demo test test-fast bench bench-quick bench-teachers extra-assets \
-	capacity-gap capacity-gap-quick docker docker-cpu docker-test clean
+	capacity-gap capacity-gap-quick gpu-check docker docker-cpu docker-test clean
 
 venv: $(VENV)/.installed
 
@@ -82,6 +82,11 @@ bench: venv
 bench-quick: venv
 	$(BIN)/python benchmarks/inference.py --experts 4 --quick --out runs/bench/inference.json
 	$(BIN)/python benchmarks/distill_step.py --experts 1,4 --steps 2 --out runs/bench/distill_step.json
+
+# On a CUDA machine: the CUDA tests, the demo on 1 GPU and the suite's GPU column, into runs/gpu-check/<UTC
+# time>/, in under 8 minutes (README "GPU check"). Without CUDA: one line saying every step resolves.
+gpu-check: venv
+	benchmarks/gpu_check.sh
 
 test: venv
 	$(BIN)/python -m pytest tests

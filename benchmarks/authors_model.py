@@ -127,7 +127,8 @@ class Layer(nn.Module):
             gates += 1.0 + torch.rand_like(gates) * 2 * self.eps - self.eps
         gates = F.softmax(gates, -1)
         idx = torch.argmax(gates, -1)
-        onehot = torch.zeros(idx.shape + (self.experts,), dtype=idx.dtype).scatter_(-1, idx.unsqueeze(-1), 1)
+        onehot = torch.zeros(idx.shape + (self.experts,), dtype=idx.dtype, device=idx.device).scatter_(
+            -1, idx.unsqueeze(-1), 1)
         counts = onehot.float().sum(0)
         balance = self.experts * gates.mean(0) * (counts / counts.sum(0, keepdim=True))
         sizes = onehot.sum(0).tolist()  # a host sync per layer, as theirs
@@ -167,7 +168,7 @@ class AuthorsStudent(nn.Module):
             layer.ffn_gate.reset_parameters()
 
     def forward(self, ids, mask, segments):
-        pos = torch.arange(ids.shape[1]).unsqueeze(0)
+        pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
         x = self.word_embeddings(ids) + self.token_type_embeddings(segments) + self.position_embeddings(pos)
         x = F.dropout(self.LayerNorm(x), HIDDEN_DROPOUT, self.training)
         ext = _ext_mask(mask, x.dtype)

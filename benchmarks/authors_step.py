@@ -2,6 +2,7 @@
 
     python benchmarks/authors_step.py                     # 1 process, 3 timed steps, then our step
     python benchmarks/authors_step.py --two_procs True    # + both at 2 processes (about 2.5 min more)
+    python benchmarks/authors_step.py --device cuda       # both on one GPU
 
 What it measures: seconds per step (median of ``steps`` after one warm-up) and tokens/s of the
 task-agnostic distillation step of Zhang et al. (ACL 2023) as their public code (GeneZC/MiniMoE) runs it,
@@ -15,6 +16,8 @@ experts split over the two, the teacher's ZeRO-3 partitions too). Prints a table
 Phases do not cut the same work: theirs computes relations inside the forwards (the teacher's, of every
 layer, in teacher_fwd; the student's head in student_fwd), ours in loss_fwd; compare step totals.
 Not a test: numbers, not asserts. The machine is shared: compare within one run only.
+``--device cuda``: both steps on one GPU (theirs moved there whole, ours as ``distill_step.py --device
+cuda`` runs it), timings synchronised with the GPU; ``--two_procs`` stays a CPU comparison.
 
 Their model, teacher, loss and optimizer, and which file of theirs each follows: ``authors_model.py``.
 """
@@ -34,6 +37,8 @@ import fire  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from benchmarks.device import check_device, clock, describe, peak_device_mib, refuse  # noqa: E402
+
 PHASES = ("teacher_fwd", "student_fwd", "loss", "backward", "optimizer")
 OURS_PHASES = ("teacher_fwd", "student_fwd", "loss_fwd", "backward", "optimizer")
 
@@ -44,44 +49,46 @@ from authors_model import AuthorsStudent, RelationTeacher, loss_fn, optimizer_fo
 # ------------------------------------------------------------------------------------------------- step
 
 def _run(batch: int, seq_len: int, steps: int, layers: int, hidden: int, experts: int, teacher: str,
-         rank: int = 0, world: int = 1) -> dict:
+         rank: int = 0, world: int = 1, device: str = "cpu") -> dict:
     """Warm-up + ``steps`` timed steps of their loop; per-phase seconds of each timed step."""
     from minimoe.data.assets import resolve_model
     torch.manual_seed(776 + rank)  # their default seed
     tch = RelationTeacher(resolve_model(teacher), relation_heads=32)
+    tch.model.to(device)
     vocab = tch.model.config.vocab_size
-    student = AuthorsStudent(vocab, layers, hidden, 12, 4 * hidden, experts, relation_heads=32)
+    student = AuthorsStudent(vocab, layers, hidden, 12, 4 * hidden, experts, relation_heads=32).to(device)
     model = student
     if world > 1:
         model = nn.parallel.DistributedDataParallel(student, find_unused_parameters=True)
     opt, sched = optimizer_for(model)
     g = torch.Generator().manual_seed(rank)
-    ids = torch.randint(1000, 20000, (batch, seq_len), generator=g)
+    ids = torch.randint(1000, 20000, (batch, seq_len), generator=g).to(device)
     mask = torch.ones_like(ids, dtype=torch.bool)
     segments = torch.zeros_like(ids)
     times, losses, loads = [], [], []
     for i in range(steps + 1):
         model.train()
-        t = [time.perf_counter()]
+        t = [clock(device)]
         t_rels = tch(ids, mask, segments)
-        t.append(time.perf_counter())
+        t.append(clock(device))
         s_rels, balance = model(ids, mask, segments)
-        t.append(time.perf_counter())
+        t.append(clock(device))
         loss = loss_fn(t_rels, s_rels, balance)
         losses.append(loss.item())  # theirs: train_losses.update(loss.item()) every step
-        t.append(time.perf_counter())
+        t.append(clock(device))
         loss.backward()
-        t.append(time.perf_counter())
+        t.append(clock(device))
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
         sched.step()
         opt.zero_grad()
-        t.append(time.perf_counter())
+        t.append(clock(device))
         if i:  # step 0 is the warm-up
             times.append([b - a for a, b in zip(t, t[1:])])
             loads += [max(n) * len(n) / sum(n) for n in (layer.last_sizes for layer in student.layers)]
     return {"times": times, "losses": losses, "mean_max_load": sum(loads) / len(loads),
-            "params_M": sum(p.numel() for p in student.parameters()) / 1e6}
+            "params_M": sum(p.numel() for p in student.parameters()) / 1e6,
+            "peak_gpu_mb": peak_device_mib(device)}
 
 
 def _median_phases(times: list) -> dict:
@@ -104,21 +111,29 @@ def _ddp_worker(rank: int, world: int, port: int, kw: dict, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _ours(steps: int, procs: int = 1) -> dict:
+def _ours(steps: int, procs: int = 1, device: str = "cpu") -> dict:
     """Our step (real engines, E=4) as distill_step.py measures it, in fresh processes."""
     from distill_step import measure
-    return measure("4", steps=steps, procs=procs)["rows"][0]
+    return measure("4", steps=steps, procs=procs, device=device)["rows"][0]
 
 
 def bench(steps: int = 3, ours_steps: int = 3, batch: int = 32, seq_len: int = 128, layers: int = 4,
           hidden: int = 384, experts: int = 4, teacher: str = "packaged:all-MiniLM-L6-v2",
-          two_procs: bool = False, out: str = "benchmarks/results/authors_step.json") -> dict:
-    """Time their step (1 process, optionally 2) and ours; print a table; write JSON and PNG."""
+          two_procs: bool = False, device: str = "cpu", check: bool = False,
+          out: str = "benchmarks/results/authors_step.json") -> dict:
+    """Time their step (1 process, optionally 2) and ours on ``--device`` cpu or cuda; print a table; write
+    JSON and PNG. ``--check True``: validate the flags and exit."""
+    check_device(device, check)
+    if two_procs and device != "cpu":
+        refuse("--two_procs True compares 2 CPU processes (gloo); with --device cuda leave it out")
+    if check:
+        print(f"authors_step.py: flags resolve ({device}, two_procs {two_procs})")
+        return {}
     kw = dict(batch=batch, seq_len=seq_len, steps=steps, layers=layers, hidden=hidden, experts=experts,
               teacher=teacher)
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
-    one = _run(**kw)
+    one = _run(**kw, device=device)
     authors = _median_phases(one["times"])
     two = None
     if two_procs:
@@ -127,7 +142,7 @@ def bench(steps: int = 3, ours_steps: int = 3, batch: int = 32, seq_len: int = 1
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
             mp.spawn(_ddp_worker, args=(2, _free_port(), {**kw, "batch": batch // 2}, tmp.name), nprocs=2)
             two = _median_phases(json.load(open(tmp.name))["times"])
-    ours = _ours(ours_steps)
+    ours = _ours(ours_steps, device=device)
     ours_two = _ours(ours_steps, procs=2) if two_procs else None
     tokens = batch * seq_len
     a_tps, o_tps = tokens / authors["step_s"], ours["tokens_per_s"]
@@ -152,9 +167,11 @@ def bench(steps: int = 3, ours_steps: int = 3, batch: int = 32, seq_len: int = 1
               "authors_losses": one["losses"], "authors_mean_max_load": one["mean_max_load"],
               "ours_mean_max_load": ours["mean_max_load"],
               "threads": torch.get_num_threads(), "torch": torch.__version__,
+              **({"device": device, "gpu": describe(device, 0), "authors_peak_gpu_mb": one["peak_gpu_mb"],
+                  "ours_peak_gpu_mb": ours["peak_gpu_mb"]} if device == "cuda" else {}),
               "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0],
               "wall_s": time.perf_counter() - t0}
-    print(f"batch {batch} x {seq_len}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+    print(f"batch {batch} x {seq_len}, {describe(device, torch.get_num_threads())}, torch {torch.__version__}; "
           f"median of {steps} (authors) / mean of {ours_steps} (ours) steps; load avg {load_before:.1f}")
     head = ["step", "procs"] + list(PHASES) + ["step_s", "tokens_per_s"]
     print(" | ".join(head))
@@ -192,8 +209,9 @@ def _plot(rows: list, result: dict, path: str) -> None:
         bottom = [b + v for b, v in zip(bottom, values)]
     ax.set_ylabel("seconds per step")
     s = result["sizes"]
+    where = result.get("gpu") or f"{result['threads']} CPU threads"
     ax.set_title(f"authors' step vs ours, batch {s['batch']} x {s['seq_len']}, E={s['experts']}, "
-                 f"{result['threads']} CPU threads (ours {result['ratio']:.2f}x)", fontsize=9)
+                 f"{where} (ours {result['ratio']:.2f}x)", fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: the bars reach the top
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -3,6 +3,7 @@
     python benchmarks/inference.py                        # 4L H384, E=4 vs E=1, batch 1 and 32 x 128
     python benchmarks/inference.py --experts 4,8 --quick
     python benchmarks/inference.py --runtime onnx --out benchmarks/results/inference_onnx.json
+    python benchmarks/inference.py --device cuda --experts 4,8 --out runs/gpu/inference.json
 
 What a deployed student costs per forward: the same module an export loads (``MiniMoEModel``, ep_size 1,
 eval mode, no DeepSpeed engine), randomly initialised (latency does not depend on the weights' values,
@@ -17,6 +18,9 @@ reads one FFN a layer) at this machine's memory bandwidth, measured in the same 
 
 ``--runtime onnx`` times the same two models as ONNX graphs in onnxruntime instead (each written by
 ``launchers/export.py``'s code from a saved student folder, and checked against PyTorch there).
+
+``--device cuda`` times the forwards on one GPU (synchronised; ``peak_gpu_mb``: torch's peak allocated device
+memory); with ``--runtime onnx`` in onnxruntime's CUDA provider (``onnxruntime-gpu``), refused without it.
 """
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import fire  # noqa: E402
 import torch  # noqa: E402
+
+from benchmarks.device import check_device, clock, describe, peak_device_mib, refuse  # noqa: E402
 
 TARGETS = {1: 1.10, 32: 1.03}  # latency ratio targets by batch size (issue: benchmarks)
 LIMIT_TARGET = 1.15  # MoE latency over its bytes-bound limit (issue: speed, round two)
@@ -65,44 +71,63 @@ def _model(experts: int, layers: int, hidden: int):
     return MiniMoEModel(cfg).eval()
 
 
-def _inputs(batch: int, seq_len: int):
+def _inputs(batch: int, seq_len: int, device: str = "cpu"):
     g = torch.Generator().manual_seed(batch * 1000 + seq_len)
-    ids = torch.randint(1000, 20000, (batch, seq_len), generator=g)
+    ids = torch.randint(1000, 20000, (batch, seq_len), generator=g).to(device)
     return ids, torch.ones_like(ids), torch.zeros_like(ids)
 
 
-def _onnx_runner(model, folder: str):
+ONNX_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def _onnx_runner(model, folder: str, device: str = "cpu"):
     """``model`` saved as a student folder, exported to ONNX, and an onnxruntime session over it."""
     import onnxruntime as ort
     from minimoe.export.onnx import GRAPH_NAME, INPUTS, export_onnx
     model.save_pretrained(folder)
     export_onnx(folder, os.path.join(folder, "onnx"))
-    session = ort.InferenceSession(os.path.join(folder, "onnx", GRAPH_NAME), providers=["CPUExecutionProvider"])
-    return lambda *inputs: session.run(None, {k: v.numpy() for k, v in zip(INPUTS, inputs)})
+    graph = os.path.join(folder, "onnx", GRAPH_NAME)
+    session = ort.InferenceSession(graph, providers=[ONNX_PROVIDERS[device]])
+    return lambda *inputs: session.run(None, {k: v.cpu().numpy() for k, v in zip(INPUTS, inputs)})
 
 
-def _time(model, inputs, reps: int) -> list[float]:
+def _time(model, inputs, reps: int, device: str = "cpu") -> list[float]:
     out = []
     with torch.inference_mode():
         for _ in range(reps):
-            t = time.perf_counter()
+            t = clock(device)
             model(*inputs)
-            out.append(time.perf_counter() - t)
+            out.append(clock(device) - t)
     return out
 
 
 def bench(experts: str = "4", layers: int = 4, hidden: int = 384, shapes: str = "1x128,32x128", reps: int = 30,
-          quick: bool = False, runtime: str = "torch", out: str = "benchmarks/results/inference.json") -> dict:
+          quick: bool = False, runtime: str = "torch", device: str = "cpu", check: bool = False,
+          out: str = "benchmarks/results/inference.json") -> dict:
     """Median forward latency of each MoE student and the dense twin (E=1) at each batch x length, in
-    PyTorch (``--runtime torch``) or onnxruntime (``--runtime onnx``)."""
+    PyTorch (``--runtime torch``) or onnxruntime (``--runtime onnx``), on ``--device`` cpu or cuda.
+    ``--check True``: validate the flags and exit."""
     import tempfile
     if runtime not in ("torch", "onnx"):
         raise SystemExit(f"--runtime {runtime!r} is invalid: choose torch or onnx")
+    check_device(device, check)
+    try:
+        counts = [int(e) for e in (experts if isinstance(experts, (tuple, list)) else str(experts).split(","))]
+        shape_list = [tuple(int(v) for v in s.split("x"))
+                      for s in (shapes if isinstance(shapes, (tuple, list)) else str(shapes).split(","))]
+    except ValueError:
+        refuse(f"--experts {experts!r} / --shapes {shapes!r}: write counts as 4,8 and shapes as 1x128,32x128")
+    if runtime == "onnx" and device == "cuda" and not check:
+        import onnxruntime as ort
+        if ONNX_PROVIDERS[device] not in ort.get_available_providers():
+            refuse(f"--runtime onnx --device cuda needs onnxruntime's CUDA provider (onnxruntime-gpu); this "
+                   f"onnxruntime {ort.__version__} has {ort.get_available_providers()}")
+    if check:
+        print(f"inference.py: flags resolve (experts {counts}, shapes {shape_list}, {runtime}, {device})")
+        return {}
     tmp = tempfile.mkdtemp(prefix="minimoe-bench-")
-    run = (lambda m, name: _onnx_runner(m, os.path.join(tmp, name))) if runtime == "onnx" else (lambda m, name: m)
-    counts = [int(e) for e in (experts if isinstance(experts, (tuple, list)) else str(experts).split(","))]
-    shape_list = [tuple(int(v) for v in s.split("x"))
-                  for s in (shapes if isinstance(shapes, (tuple, list)) else str(shapes).split(","))]
+    run = ((lambda m, name: _onnx_runner(m, os.path.join(tmp, name), device)) if runtime == "onnx"
+           else (lambda m, name: m.to(device)))
     reps = max(5, reps // 3) if quick else reps
     bandwidth = memory_bandwidth_gbps()
     dense = run(_model(1, layers, hidden), "dense")
@@ -110,13 +135,14 @@ def bench(experts: str = "4", layers: int = 4, hidden: int = 384, shapes: str = 
     for e in counts:
         moe_model = _model(e, layers, hidden)
         moe = run(moe_model, f"moe{e}")
+        moe_model.to(device)  # the module also counts the experts' tokens below (onnx: the graph was saved)
         for batch, seq_len in shape_list:
-            inputs = _inputs(batch, seq_len)
-            _time(dense, inputs, 3), _time(moe, inputs, 3)  # warm-up: allocator, thread pool
+            inputs = _inputs(batch, seq_len, device)
+            _time(dense, inputs, 3, device), _time(moe, inputs, 3, device)  # warm-up: allocator, thread pool
             d, m = [], []
             for _ in range(reps):  # alternate, one forward each, so that drift hits both
-                d += _time(dense, inputs, 1)
-                m += _time(moe, inputs, 1)
+                d += _time(dense, inputs, 1, device)
+                m += _time(moe, inputs, 1, device)
             with torch.inference_mode():
                 counts_per_layer = moe_model(*inputs).expert_counts
             loads = [float(c.max() * len(c) / c.sum()) for c in counts_per_layer]
@@ -130,7 +156,9 @@ def bench(experts: str = "4", layers: int = 4, hidden: int = 384, shapes: str = 
     import shutil
     shutil.rmtree(tmp, ignore_errors=True)
     result = {"runtime": runtime, "threads": torch.get_num_threads(), "layers": layers, "hidden": hidden,
-              "reps": reps, "torch": torch.__version__, "bandwidth_gbps": bandwidth, "rows": rows}
+              "reps": reps, "torch": torch.__version__, "bandwidth_gbps": bandwidth, "rows": rows,
+              **({"device": device, "gpu": describe(device, 0), "peak_gpu_mb": peak_device_mib(device)}
+                 if device == "cuda" else {})}
     if runtime == "onnx":
         import onnxruntime
         result["onnxruntime"] = onnxruntime.__version__
@@ -171,7 +199,7 @@ def _plot(result: dict, path: str) -> None:
         ax.set_ylabel("ms per forward (median)")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"exported student inference ({result['runtime']}), {result['layers']}L H{result['hidden']}, "
-                 f"{result['threads']} threads")
+                 f"{result.get('gpu') or str(result['threads']) + ' threads'}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -3,6 +3,7 @@
     python benchmarks/teacher_scaling.py                                   # all four teachers, N = 1, 2
     python benchmarks/teacher_scaling.py --teachers minilm,mpnet --quick   # a quick look
     python benchmarks/teacher_scaling.py --max_procs 4 --out runs/bench
+    python benchmarks/teacher_scaling.py --device cuda --max_procs 1 --placements replicated,zero3,zero3_offload
 
 Teachers, smallest first (each prepared once in --cache, default ~/.cache/minimoe/teachers):
   minilm      the packaged all-MiniLM-L6-v2 (22M)
@@ -42,6 +43,11 @@ is skipped with the reason; while one runs, its ranks are killed if the machine'
 under --min_free_gib (recorded as failed). Prints a table (max over ranks) and writes teacher_scaling.json
 (every rank's numbers, the machine), teacher_scaling.md and teacher_scaling.png into --out. Numbers, not
 asserts.
+
+--device cuda: each rank's teacher on its own GPU (N <= the GPUs); the rows add torch's peak of allocated
+device memory in the load and over the forwards ("GPU load peak", "GPU fwd peak"), the zero3_offload
+placement is allowed (partitions in pinned host memory), and a combination whose weights would not fit in
+the GPU's free memory is skipped with the reason: the largest teacher that fits is the last one measured.
 """
 from __future__ import annotations
 
@@ -64,10 +70,11 @@ sys.path.insert(0, REPO)
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from minimoe.teacher import Teacher  # noqa: E402
+from benchmarks.device import DEVICES, check_device, clock, describe, use_accelerator  # noqa: E402
 
 MiB, GiB = 1024 ** 2, 1024 ** 3
 PLACEMENTS = ("replicated", "zero3", "before")
-EXTRA_PLACEMENTS = ("untrimmed",)
+EXTRA_PLACEMENTS = ("untrimmed", "zero3_offload")  # zero3_offload: --device cuda only
 RANDOM_BERTS = {  # name: (BertConfig overrides, save_pretrained max_shard_size)
     "bert-large": (dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
                    None),
@@ -87,7 +94,8 @@ BEFORE_ZERO3_KNOBS = {"stage3_param_persistence_threshold": 10000, "stage3_prefe
 # safety net for what the model misses.
 PROCESS_GIB = 0.8
 PER_RANK_SHARE = {"replicated": lambda n: 1.05, "zero3": lambda n: 1.0 / n + 0.5,
-                  "untrimmed": lambda n: 1.5, "before": lambda n: 2.0 + 1.0 / n}
+                  "untrimmed": lambda n: 1.5, "before": lambda n: 2.0 + 1.0 / n,
+                  "zero3_offload": lambda n: 1.0 / n + 0.5}
 
 
 # ---------------------------------------------------------------------------------------------- teachers
@@ -184,7 +192,7 @@ class BeforeTeacher:
 
 
 def rank_main(rank: int, world: int, folder: str, placement: str, micro_batch: int, seq_len: int, reps: int,
-              zero_extra: dict, result_dir: str) -> None:
+              zero_extra: dict, result_dir: str, device: str = "cpu") -> None:
     import logging
     import torch
     import torch.distributed as dist
@@ -205,7 +213,7 @@ def rank_main(rank: int, world: int, folder: str, placement: str, micro_batch: i
         from minimoe.engine import pop_precision, teacher_ds_config
         from minimoe.teacher import teacher_info
         ds = teacher_ds_config(DistillConfig(teacher_ds_config=os.path.join(REPO, "ds_configs/teacher.json")),
-                               world, micro_batch, "cpu", n_params // teacher_info(folder).num_layers)
+                               world, micro_batch, device, n_params // teacher_info(folder).num_layers)
         pop_precision(ds)
         ds["zero_optimization"].update(zero_extra)
     dist.barrier()
@@ -213,6 +221,8 @@ def rank_main(rank: int, world: int, folder: str, placement: str, micro_batch: i
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # VmHWM := VmRSS
     before = status_kib()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     if placement == "before":
         teacher = BeforeTeacher(folder, placement_lib.apply(dict(ds), placement_lib.Placement("zero3", "bench")))
@@ -222,19 +232,20 @@ def rank_main(rank: int, world: int, folder: str, placement: str, micro_batch: i
             hook.remove()
     else:
         teacher = Teacher(folder, ds, layer=-1, dtype=None, placement=placement_lib.Placement(placement, "bench"))
-    load_s = time.perf_counter() - t
+    load_s = clock(device) - t
     loaded = status_kib()
+    gpu_load_peak = torch.cuda.max_memory_allocated() / MiB if device == "cuda" else None
     kept = teacher.bytes_per_rank()
 
     gen = torch.Generator().manual_seed(rank)
-    ids = torch.randint(1000, 20000, (micro_batch, seq_len), generator=gen)
+    ids = torch.randint(1000, 20000, (micro_batch, seq_len), generator=gen).to(device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
     times = []
     for i in range(1 + reps):
-        t = time.perf_counter()
+        t = clock(device)
         q, k, v = teacher.qkv(batch)
         if i:
-            times.append(time.perf_counter() - t)
+            times.append(clock(device) - t)
     assert q.shape[:2] == (micro_batch, seq_len) and torch.isfinite(q).all()
     steady = status_kib()
     import ctypes
@@ -250,6 +261,9 @@ def rank_main(rank: int, world: int, folder: str, placement: str, micro_batch: i
               "run_peak_mib": (steady["VmHWM"] - before["VmRSS"]) / 1024,
               "steady_rss_file_mib": steady["RssFile"] / 1024, "steady_rss_anon_mib": steady["RssAnon"] / 1024,
               "bytes_per_rank": kept, "fwd_s": statistics.median(times), "fwd_all_s": times}
+    if device == "cuda":
+        result.update(gpu_load_peak_mib=gpu_load_peak, gpu_run_peak_mib=torch.cuda.max_memory_allocated() / MiB,
+                      gpu_steady_mib=torch.cuda.memory_allocated() / MiB)
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as fh:
         json.dump(result, fh)
 
@@ -342,6 +356,18 @@ def estimate_gib(teacher_bytes: int, placement: str, n: int) -> float:
     return n * (PROCESS_GIB + PER_RANK_SHARE[placement](n) * teacher_bytes / GiB)
 
 
+def gpu_estimate_gib(teacher_bytes: int, placement: str, n: int) -> float:
+    """One rank's GPU memory: its weights (all, 1/N, or none offloaded), plus 1 GiB for the CUDA context,
+    the gathered layers and the activations of a batch."""
+    share = {"replicated": 1.0, "zero3_offload": 0.0}.get(placement, 1.0 / n)
+    return share * teacher_bytes / GiB + 1.0
+
+
+def gpu_free_gib() -> float:
+    import torch
+    return torch.cuda.mem_get_info()[0] / GiB
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--teachers", default=",".join(TEACHERS), help=f"comma-separated subset of {TEACHERS}")
@@ -363,6 +389,8 @@ def main() -> None:
                     help='JSON merged into the teacher ds_config\'s zero_optimization, e.g. '
                          '\'{"stage3_max_live_parameters": 1e7, "stage3_prefetch_bucket_size": 1e7}\'')
     ap.add_argument("--from_json", default="", help="measure nothing: table and plot again from this JSON")
+    ap.add_argument("--device", default="cpu", choices=DEVICES, help="where each rank's teacher lives")
+    ap.add_argument("--check", action="store_true", help="validate the flags and exit (make gpu-check)")
     args = ap.parse_args()
     if args.from_json:
         with open(args.from_json) as fh:
@@ -378,6 +406,13 @@ def main() -> None:
         ap.error(f"unknown placements {sorted(set(placements) - set(PLACEMENTS + EXTRA_PLACEMENTS))}; allowed "
                  f"{PLACEMENTS + EXTRA_PLACEMENTS}")
     procs = [n for n in (1, 2, 4, 8, 16) if n <= args.max_procs]
+    if "zero3_offload" in placements and args.device != "cuda":
+        ap.error("--placements zero3_offload moves a GPU teacher's partitions to host memory: add --device cuda")
+    check_device(args.device, args.check, max(procs))
+    if args.check:
+        print(f"teacher_scaling.py: flags resolve (teachers {names}, N {procs}, {placements}, {args.device})")
+        return
+    use_accelerator(args.device)  # before DeepSpeed is imported; the ranks inherit it
 
     import deepspeed
     import psutil
@@ -386,7 +421,8 @@ def main() -> None:
     machine = {"cpu_count": os.cpu_count(), "mem_total_gib": psutil.virtual_memory().total / GiB,
                "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
                "deepspeed": deepspeed.__version__, "transformers": __import__("transformers").__version__,
-               "date": datetime.datetime.now().isoformat(timespec="seconds")}
+               "date": datetime.datetime.now().isoformat(timespec="seconds"),
+               **({"gpu": describe(args.device, 0)} if args.device == "cuda" else {})}
     print(f"{machine['cpu_count']} CPUs, {machine['mem_total_gib']:.1f} GiB; torch {machine['torch']}, "
           f"deepspeed {machine['deepspeed']}, transformers {machine['transformers']}; batch {args.micro_batch} x "
           f"{args.seq_len} per rank, {reps} timed forward(s)")
@@ -408,6 +444,9 @@ def main() -> None:
                     row["status"] = f"skipped: estimated {row['estimate_gib']:.1f} GiB > {args.max_gib:.0f} GiB"
                 elif row["estimate_gib"] > avail - args.min_free_gib:
                     row["status"] = f"skipped: estimated {row['estimate_gib']:.1f} GiB, {avail:.1f} GiB available now"
+                elif args.device == "cuda" and gpu_estimate_gib(full, placement, n) > gpu_free_gib():
+                    row["status"] = (f"skipped: estimated {gpu_estimate_gib(full, placement, n):.1f} GiB of GPU "
+                                     f"memory, {gpu_free_gib():.1f} GiB free")
                 if "status" in row:
                     print(f"  N={n} {placement:10s} {row['status']}")
                     continue
@@ -416,7 +455,8 @@ def main() -> None:
                       f"{psutil.virtual_memory().available / GiB:.1f} GiB) ...", flush=True)
                 t = time.perf_counter()
                 with tempfile.TemporaryDirectory() as tmp:
-                    work = (folder, placement, args.micro_batch, args.seq_len, reps, json.loads(args.zero_extra), tmp)
+                    work = (folder, placement, args.micro_batch, args.seq_len, reps, json.loads(args.zero_extra), tmp,
+                            args.device)
                     err, row["other_cpu_share"] = spawn_watched(rank_main, n, work, args.min_free_gib, args.timeout_s)
                     for r in range(n):
                         path = os.path.join(tmp, f"rank{r}.json")
@@ -427,8 +467,9 @@ def main() -> None:
                 row["status"] = "ok" if not err and len(row["ranks"]) == n else f"failed: {err or 'no results'}"
                 if row["ranks"]:
                     for k in ("load_s", "load_peak_mib", "run_peak_mib", "steady_mib", "steady_trimmed_mib",
-                              "bytes_per_rank", "fwd_s"):
-                        row[k] = max(r[k] for r in row["ranks"])
+                              "bytes_per_rank", "fwd_s", "gpu_load_peak_mib", "gpu_run_peak_mib"):
+                        if k in row["ranks"][0]:
+                            row[k] = max(r[k] for r in row["ranks"])
                 print(f"    {row['status']} in {row['wall_s']:.0f} s (other CPU {row['other_cpu_share']:.0%})" + (
                     f": load peak {row['load_peak_mib']:.0f} MiB, steady {row['steady_mib']:.0f} MiB, keeps "
                     f"{row['bytes_per_rank'] / MiB:.0f} MiB, fwd {row['fwd_s']:.2f} s" if "fwd_s" in row else ""),
@@ -446,16 +487,20 @@ def report(result: dict, out: str) -> None:
     machine, rows, a = result["machine"], result["rows"], result["args"]
     head = ["teacher", "params", "N", "placement", "load s", "load peak MiB", "fwd peak MiB", "steady MiB",
             "trimmed MiB", "kept MiB", "kept x N / teacher", "fwd s", "other CPU", "status"]
+    gpu = any("gpu_run_peak_mib" in r for r in rows)  # --device cuda: the device's peaks before the status
+    if gpu:
+        head[-1:-1] = ["GPU load peak MiB", "GPU fwd peak MiB"]
 
     def cells(r):
         if "fwd_s" not in r:
-            return [r["teacher"], f"{r['params'] / 1e6:.0f}M", str(r["procs"]), r["placement"]] + [""] * 9 + \
-                [r["status"]]
+            return [r["teacher"], f"{r['params'] / 1e6:.0f}M", str(r["procs"]), r["placement"]] + \
+                [""] * (len(head) - 5) + [r["status"]]
+        gpu_cells = [f"{r['gpu_load_peak_mib']:.0f}", f"{r['gpu_run_peak_mib']:.0f}"] if gpu else []
         return [r["teacher"], f"{r['params'] / 1e6:.0f}M", str(r["procs"]), r["placement"], f"{r['load_s']:.1f}",
                 f"{r['load_peak_mib']:.0f}", f"{r['run_peak_mib']:.0f}", f"{r['steady_mib']:.0f}",
                 f"{r['steady_trimmed_mib']:.0f}", f"{r['bytes_per_rank'] / MiB:.0f}",
                 f"{r['bytes_per_rank'] * r['procs'] / r['teacher_bytes']:.2f}", f"{r['fwd_s']:.2f}",
-                f"{r['other_cpu_share']:.0%}", r["status"]]
+                f"{r['other_cpu_share']:.0%}"] + gpu_cells + [r["status"]]
 
     table = [head] + [cells(r) for r in rows]
     widths = [max(len(c[i]) for c in table) for i in range(len(head))]
@@ -467,8 +512,10 @@ def report(result: dict, out: str) -> None:
 
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "teacher_scaling.md"), "w") as fh:
-        fh.write(f"Teacher load and forward per rank ({machine['cpu_count']} CPUs, {machine['mem_total_gib']:.0f} "
-                 f"GiB, torch {machine['torch']}, deepspeed {machine['deepspeed']}, {machine['date']}); "
+        gpu_name = f", {machine['gpu']}" if "gpu" in machine else ""
+        fh.write(f"Teacher load and forward per rank ({machine['cpu_count']} CPUs{gpu_name}, "
+                 f"{machine['mem_total_gib']:.0f} GiB, torch {machine['torch']}, deepspeed {machine['deepspeed']}, "
+                 f"{machine['date']}); "
                  f"`python benchmarks/teacher_scaling.py`, {result['total_s'] / 60:.0f} min. Max over ranks; RSS "
                  f"in MiB above the rank's RSS before the load; forward: batch {a['micro_batch']} x {a['seq_len']}, "
                  f"median of {result['timed_forwards']}; other CPU: the share of the machine's CPU time other "
@@ -482,7 +529,7 @@ def report(result: dict, out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
-    styles = {"replicated": "o-", "zero3": "s-", "untrimmed": "s:", "before": "^--"}
+    styles = {"replicated": "o-", "zero3": "s-", "untrimmed": "s:", "before": "^--", "zero3_offload": "d-"}
     panels = (("load_peak_mib", 1, "peak RSS of the load, per rank (MiB)"),
               ("run_peak_mib", 1, "peak RSS of load + forwards, per rank (MiB)"),
               ("bytes_per_rank", MiB, "teacher bytes kept per rank (MiB)"))
@@ -501,7 +548,7 @@ def report(result: dict, out: str) -> None:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"teacher placement scaling ({machine['cpu_count']} CPUs, fp32, max over ranks; "
+    fig.suptitle(f"teacher placement scaling ({machine.get('gpu') or str(machine['cpu_count']) + ' CPUs'}, fp32, max over ranks; "
                  f"{machine['date'][:10]})")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "teacher_scaling.png"), dpi=110)

@@ -137,8 +137,8 @@ def env():
     return e
 
 
-def deepspeed_cmd(args):
-    return [f"{BIN}/deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
+def deepspeed_cmd(args, procs: int = 2):
+    return [f"{BIN}/deepspeed", "--num_gpus", str(procs), "--master_port", str(free_port()),
             f"{REPO}/launchers/distill.py", *args]
 
 
@@ -147,7 +147,8 @@ def torchrun_cmd(args):
             f"{REPO}/launchers/distill.py", *args]
 
 
-def run_ok(cmd):
-    p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+def run_ok(cmd, **environ):
+    """``cmd`` with the tests' environment (plus ``environ``: ``DS_ACCELERATOR="cuda"``), which must succeed."""
+    p = subprocess.run(cmd, env={**env(), **environ}, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
