@@ -126,6 +126,47 @@ def test_local_dispatch_equals_deepspeed_dispatch(route_padding):
         torch.testing.assert_close(ga[n], gb[n], atol=1e-6 * scale + 1e-12, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
 
 
+def test_bucketed_rows_are_few_and_pad_little():
+    """oneDNN compiles a kernel per matmul shape: expert rows are padded to few counts, at a small price."""
+    from minimoe.moe import bucketed_rows
+    rows = [bucketed_rows(n) for n in range(1, 16385)]
+    assert all(n <= r <= max(n + 63, n * 1.125) for n, r in zip(range(1, 16385), rows))
+    assert len(set(rows)) == 48  # 8 counts below 512, then 8 per doubling up to 16384
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_bucketed_expert_rows_change_nothing_but_the_shapes(local, monkeypatch):
+    """The rows that fill a bucket (copies of a token on the local path, zero rows in DeepSpeed's buffers)
+    change no output and no gradient. Forced on in float64, where only a real difference would show."""
+    import minimoe.moe as moe
+    torch.manual_seed(0)
+    model = MiniMoEModel(tiny(gate_noise=0.0, hidden_dropout=0.0, attention_dropout=0.0)).double()
+    for layer in model.layers:
+        layer.ffn.local_dispatch = local
+    ids = torch.randint(1, 100, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[2, 4:] = 0
+    shapes, results = [], []
+    for bucketed in (False, True):
+        monkeypatch.setattr(moe, "compiles_per_shape", lambda x, on=bucketed: on)
+        seen = []
+        hook = model.layers[0].ffn.local_experts[0].fc1.register_forward_hook(
+            lambda m, args, out: seen.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+        model.zero_grad()
+        out = model(ids, mask)
+        (out.last_hidden_state.pow(2).sum() + out.aux_loss).backward()
+        hook.remove()
+        shapes.append(seen)
+        results.append((out.last_hidden_state, {n: p.grad.clone() for n, p in model.named_parameters()
+                                                if p.grad is not None}))
+    assert shapes[1][0] % 64 == 0 and shapes[1][0] > shapes[0][0]  # the bucket really was filled
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], atol=1e-12, rtol=1e-10, msg=lambda m, n=n: f"{n}: {m}")
+
+
 @pytest.mark.parametrize("capacity_factor,capacity", [(1.0, 6), (2.0, 11), (None, 22)])
 def test_drop_tokens_keeps_an_experts_first_capacity_tokens_and_zeroes_the_rest(capacity_factor, capacity):
     """A gate skewed to send every token to expert 0; 22 of 24 tokens routed (2 padding). With --drop_tokens the
