@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .attention import attention
 from .config import ConfigError, StudentConfig
 from .errors import reading
 from . import model_folder as names
@@ -64,8 +64,7 @@ class SelfAttention(nn.Module):
         q, k, v = self.query(x), self.key(x), self.value(x)
         b, l, h = x.shape
         split = lambda t: t.view(b, l, self.num_heads, -1).transpose(1, 2)  # noqa: E731
-        ctx = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=attn_mask,
-                                             dropout_p=self.dropout_p if self.training else 0.0)
+        ctx = attention(split(q), split(k), split(v), attn_mask, self.dropout_p, self.training)
         return self.output(ctx.transpose(1, 2).reshape(b, l, h)), (q, k, v)
 
 
