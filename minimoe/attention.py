@@ -2,14 +2,10 @@
 
 PyTorch's ``scaled_dot_product_attention`` is the path everywhere but one: training with attention dropout
 on CPU. There it has no fused kernel (the CPU flash kernel takes no dropout) and falls back to a generic
-path that draws the [B, heads, L, L] keep mask with ``bernoulli_``, one generator call per entry: 36 ms of a
-layer's 78 ms forward + backward at 32 x 12 heads x 128^2 (measured, fp32; bf16 84 ms). ``dropped_attention``
-is the same arithmetic written out, with the mask drawn two entries per generator call (a 32-bit integer is
-two 16-bit ones: 13 ms) and the [B, 1, 1, L] key mask added as a bias, not applied by ``where`` over
-[B, heads, L, L]. Measured: fp32 65 ms, bf16 35 ms a layer (``benchmarks/distill_step.py --profile``).
-
-The drop probability is quantised to 1/65536 (p = 0.1 drops 6554 / 65536 = 0.1000061 of the entries), and
-the mask comes from the default CPU generator as ``bernoulli_``'s does, so runs stay reproducible from the seed.
+path that draws the [B, heads, L, L] keep mask with ``bernoulli_`` and applies the key mask with ``where``
+over [B, heads, L, L]: 74 ms for a layer's forward + backward at 32 x 12 heads x 128^2 (fp32; bf16 78 ms).
+``dropped_attention`` is the same arithmetic written out, with the mask from ``dropout.keep_mask`` and the
+[B, 1, 1, L] key mask added as a bias: fp32 53 ms, bf16 36 ms (measured, 2 cores).
 """
 from __future__ import annotations
 
@@ -18,16 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-_HALF = 1 << 15
-
-
-def keep_mask(shape: tuple, p: float, device: torch.device) -> torch.Tensor:
-    """Bool tensor of ``shape``, each entry True with probability ``1 - p`` (to 1/65536), from the default
-    generator: uniform 32-bit integers read as pairs of 16-bit ones, each kept where >= a threshold."""
-    n = math.prod(shape)
-    words = torch.empty((n + 1) // 2, dtype=torch.int32, device=device).random_(-(1 << 31), (1 << 31) - 1)
-    halves = words.view(torch.int16)[:n].view(shape)
-    return halves >= round(p * 2 * _HALF) - _HALF
+from .dropout import keep_mask
 
 
 def dropped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor,

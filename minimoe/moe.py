@@ -28,6 +28,8 @@ from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import TopKGate
 from torch import nn
 
+from .dropout import Dropout
+
 
 class ExpertFFN(nn.Module):
     """One minimal expert: the dense student's FFN, ``H -> F -> H`` with GELU and output dropout."""
@@ -36,7 +38,7 @@ class ExpertFFN(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(hidden_size, ffn_size)
         self.fc2 = nn.Linear(ffn_size, hidden_size)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.fc2(F.gelu(self.fc1(x))))

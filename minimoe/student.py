@@ -17,6 +17,7 @@ from torch import nn
 
 from .attention import attention
 from .config import ConfigError, StudentConfig
+from .dropout import Dropout
 from .errors import reading
 from . import model_folder as names
 from .model_folder import TASK_META, write_model
@@ -43,7 +44,7 @@ class Embeddings(nn.Module):
         self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
 
     def forward(self, input_ids, token_type_ids):
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -73,7 +74,7 @@ class Layer(nn.Module):
         super().__init__()
         self.attention = SelfAttention(cfg)
         self.attention_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
         if cfg.num_experts == 1:
             self.ffn = DenseFeedForward(cfg.hidden_size, cfg.ffn_size, cfg.hidden_dropout)
         else:

@@ -1,12 +1,13 @@
-"""The student's attention core on CPU in training with dropout (minimoe/attention.py): the arithmetic SDPA
-does, a cheaper keep mask, and SDPA itself everywhere else."""
+"""Dropout on CPU with a cheaper keep mask (minimoe/dropout.py), and the student's attention core in CPU
+training with dropout (minimoe/attention.py): the arithmetic SDPA does, and SDPA itself everywhere else."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from minimoe.attention import attention, dropped_attention, keep_mask
+from minimoe.attention import attention, dropped_attention
+from minimoe.dropout import Dropout, keep_mask
 
 
 def _inputs(dtype=torch.float64, b=3, heads=4, length=9, d=8):
@@ -71,3 +72,17 @@ def test_training_with_dropout_matches_sdpa_in_expectation():
         mean = sum(attention(q, k, v, key_mask, 0.2, True) for _ in range(4000)) / 4000
         exact = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
     assert (mean - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_dropout_module_drops_p_scales_the_rest_and_is_identity_in_eval():
+    layer = Dropout(0.25)
+    assert layer.state_dict() == {} and repr(layer) == "Dropout(p=0.25, inplace=False)"
+    x = torch.rand(64, 128, 96, dtype=torch.float64) + 0.5
+    x.requires_grad_(True)
+    y = layer(x)
+    kept = y != 0
+    assert abs(kept.double().mean().item() - 0.75) < 0.01
+    torch.testing.assert_close(y[kept], x[kept] / 0.75, atol=0, rtol=1e-15)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(grad, kept.double() / 0.75, atol=0, rtol=1e-15)
+    assert layer.eval()(x) is x
