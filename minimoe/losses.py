@@ -27,6 +27,13 @@ CHUNK_ELEMENTS = 1 << 22
 DROPOUT_EPS = 1e-7
 
 
+# Log-probabilities are floored at -80 (e^-80 = 1.8e-35, still a normal float): exp of anything lower (a padded
+# key's -3.4e38, or a real one past -87) leaves the vectorised fast path, 20-67 ms against 1-3 ms for a chunk of
+# 256 x 128^2 on CPU. Teacher and student entries below it both become -80, so they add nothing to the loss
+# (t (log t - log s) = e^-80 x 0) or to its gradient (s - t = 0); what changes is below 128 x e^-80 a row.
+LOG_FLOOR = -80.0
+
+
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """[B, L, H] -> [B * R, L, d] in fp32."""
     b, l, h = x.shape
@@ -36,10 +43,16 @@ def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return heads.reshape(b * num_heads, l, -1)
 
 
-def _log_relations(xs: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``log_softmax(X X^T / sqrt(d) + bias)``; the scale and the padding mask fused into one baddbmm."""
-    scores = torch.baddbmm(bias, xs, xs.transpose(1, 2), alpha=1.0 / math.sqrt(xs.shape[-1]))
-    return torch.log_softmax(scores, -1)
+def _log_relations(xs: torch.Tensor, bias: torch.Tensor, padded: bool) -> torch.Tensor:
+    """``log_softmax(X X^T / sqrt(d) + bias)``; the scale and the padding mask fused into one baddbmm.
+
+    The [n, 1, L] bias goes in expanded to the scores' [n, L, L] by hand: left to baddbmm's own broadcasting
+    it cost 3.75 ms a chunk of 256 x 128^2 against 1.0 (measured, CPU); without padding it is not read at all
+    (beta 0: 0.57 ms)."""
+    n, length = xs.shape[0], xs.shape[1]
+    scores = torch.baddbmm(bias.expand(n, length, bias.shape[-1]), xs, xs.transpose(1, 2),
+                           beta=1.0 if padded else 0.0, alpha=1.0 / math.sqrt(xs.shape[-1]))
+    return torch.log_softmax(scores, -1).clamp_(min=LOG_FLOOR)
 
 
 class _RelationKL(torch.autograd.Function):
@@ -58,6 +71,7 @@ class _RelationKL(torch.autograd.Function):
         weight = valid[:, None, :].expand(b, num_heads, l).reshape(b * num_heads, l, 1).float()
         weight = weight / (valid.sum() * num_heads * len(student))
         rows = max(1, chunk_elements // (l * l))
+        padded = not bool(valid.all())
         total = torch.zeros((), dtype=torch.float64, device=valid.device)
         grads = []
         for i, (t, s) in enumerate(zip(teacher, student, strict=True)):
@@ -65,8 +79,8 @@ class _RelationKL(torch.autograd.Function):
             grad = torch.empty_like(ss) if ctx.needs_input_grad[4 + len(teacher) + i] else None
             for r in range(0, ss.shape[0], rows):
                 part = slice(r, r + rows)
-                t_logp = _log_relations(ts[part], bias[part])
-                s_logp = _log_relations(ss[part], bias[part])
+                t_logp = _log_relations(ts[part], bias[part], padded)
+                s_logp = _log_relations(ss[part], bias[part], padded)
                 t_p = t_logp.exp()
                 if dropout:
                     s_logp, g = _dropped(s_logp, t_p, dropout)
