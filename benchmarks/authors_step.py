@@ -3,6 +3,7 @@
     python benchmarks/authors_step.py                     # 1 process, 3 timed steps, then our step
     python benchmarks/authors_step.py --two_procs True    # + both at 2 processes (about 2.5 min more)
     python benchmarks/authors_step.py --device cuda       # both on one GPU
+    python benchmarks/authors_step.py --precision bf16 --out benchmarks/results/authors_step_bf16.json
 
 What it measures: seconds per step (median of ``steps`` after one warm-up) and tokens/s of the
 task-agnostic distillation step of Zhang et al. (ACL 2023) as their public code (GeneZC/MiniMoE) runs it,
@@ -18,6 +19,8 @@ layer, in teacher_fwd; the student's head in student_fwd), ours in loss_fwd; com
 Not a test: numbers, not asserts. The machine is shared: compare within one run only.
 ``--device cuda``: both steps on one GPU (theirs moved there whole, ours as ``distill_step.py --device
 cuda`` runs it), timings synchronised with the GPU; ``--two_procs`` stays a CPU comparison.
+``--precision bf16``: theirs under ``torch.autocast(bfloat16)`` (forwards and loss; fp32 weights and
+optimizer, as their fp16 AMP runs), ours with bf16 engines (``distill_step.py --precisions bf16``).
 
 Their model, teacher, loss and optimizer, and which file of theirs each follows: ``authors_model.py``.
 """
@@ -49,7 +52,7 @@ from authors_model import AuthorsStudent, RelationTeacher, loss_fn, optimizer_fo
 # ------------------------------------------------------------------------------------------------- step
 
 def _run(batch: int, seq_len: int, steps: int, layers: int, hidden: int, experts: int, teacher: str,
-         rank: int = 0, world: int = 1, device: str = "cpu") -> dict:
+         rank: int = 0, world: int = 1, device: str = "cpu", precision: str = "fp32") -> dict:
     """Warm-up + ``steps`` timed steps of their loop; per-phase seconds of each timed step."""
     from minimoe.data.assets import resolve_model
     torch.manual_seed(776 + rank)  # their default seed
@@ -66,14 +69,18 @@ def _run(batch: int, seq_len: int, steps: int, layers: int, hidden: int, experts
     mask = torch.ones_like(ids, dtype=torch.bool)
     segments = torch.zeros_like(ids)
     times, losses, loads = [], [], []
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
     for i in range(steps + 1):
         model.train()
         t = [clock(device)]
-        t_rels = tch(ids, mask, segments)
+        with autocast:
+            t_rels = tch(ids, mask, segments)
         t.append(clock(device))
-        s_rels, balance = model(ids, mask, segments)
+        with autocast:
+            s_rels, balance = model(ids, mask, segments)
         t.append(clock(device))
-        loss = loss_fn(t_rels, s_rels, balance)
+        with autocast:
+            loss = loss_fn(t_rels, s_rels, balance)
         losses.append(loss.item())  # theirs: train_losses.update(loss.item()) every step
         t.append(clock(device))
         loss.backward()
@@ -111,26 +118,28 @@ def _ddp_worker(rank: int, world: int, port: int, kw: dict, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _ours(steps: int, procs: int = 1, device: str = "cpu") -> dict:
+def _ours(steps: int, procs: int = 1, device: str = "cpu", precision: str = "fp32") -> dict:
     """Our step (real engines, E=4) as distill_step.py measures it, in fresh processes."""
     from distill_step import measure
-    return measure("4", steps=steps, procs=procs, device=device)["rows"][0]
+    return measure("4", steps=steps, procs=procs, device=device, precision=precision)["rows"][0]
 
 
 def bench(steps: int = 3, ours_steps: int = 3, batch: int = 32, seq_len: int = 128, layers: int = 4,
           hidden: int = 384, experts: int = 4, teacher: str = "packaged:all-MiniLM-L6-v2",
-          two_procs: bool = False, device: str = "cpu", check: bool = False,
+          two_procs: bool = False, device: str = "cpu", precision: str = "fp32", check: bool = False,
           out: str = "benchmarks/results/authors_step.json") -> dict:
-    """Time their step (1 process, optionally 2) and ours on ``--device`` cpu or cuda; print a table; write
-    JSON and PNG. ``--check True``: validate the flags and exit."""
+    """Time their step (1 process, optionally 2) and ours on ``--device`` cpu or cuda, at ``--precision``
+    fp32 or bf16; print a table; write JSON and PNG. ``--check True``: validate the flags and exit."""
     check_device(device, check)
+    if precision not in ("fp32", "bf16"):
+        refuse(f"--precision {precision!r} is invalid: choose fp32 or bf16")
     if two_procs and device != "cpu":
         refuse("--two_procs True compares 2 CPU processes (gloo); with --device cuda leave it out")
     if check:
         print(f"authors_step.py: flags resolve ({device}, two_procs {two_procs})")
         return {}
     kw = dict(batch=batch, seq_len=seq_len, steps=steps, layers=layers, hidden=hidden, experts=experts,
-              teacher=teacher)
+              teacher=teacher, precision=precision)
     load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     one = _run(**kw, device=device)
@@ -142,13 +151,13 @@ def bench(steps: int = 3, ours_steps: int = 3, batch: int = 32, seq_len: int = 1
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
             mp.spawn(_ddp_worker, args=(2, _free_port(), {**kw, "batch": batch // 2}, tmp.name), nprocs=2)
             two = _median_phases(json.load(open(tmp.name))["times"])
-    ours = _ours(ours_steps, device=device)
-    ours_two = _ours(ours_steps, procs=2) if two_procs else None
+    ours = _ours(ours_steps, device=device, precision=precision)
+    ours_two = _ours(ours_steps, procs=2, precision=precision) if two_procs else None
     tokens = batch * seq_len
     a_tps, o_tps = tokens / authors["step_s"], ours["tokens_per_s"]
     result = {"authors_step_s": authors["step_s"], "authors_tokens_per_s": a_tps,
               "ours_step_s": ours["step_s"], "ours_tokens_per_s": o_tps, "ratio": o_tps / a_tps,
-              "target_ratio": 3.0,
+              "target_ratio": 3.0, "precision": precision,
               "authors_phases_s": {k: authors[k] for k in PHASES},
               "ours_phases_s": {k: ours[k] for k in OURS_PHASES},
               "authors_2procs": None if two is None else {
@@ -171,7 +180,8 @@ def bench(steps: int = 3, ours_steps: int = 3, batch: int = 32, seq_len: int = 1
                   "ours_peak_gpu_mb": ours["peak_gpu_mb"]} if device == "cuda" else {}),
               "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0],
               "wall_s": time.perf_counter() - t0}
-    print(f"batch {batch} x {seq_len}, {describe(device, torch.get_num_threads())}, torch {torch.__version__}; "
+    print(f"batch {batch} x {seq_len}, {precision}, {describe(device, torch.get_num_threads())}, "
+          f"torch {torch.__version__}; "
           f"median of {steps} (authors) / mean of {ours_steps} (ours) steps; load avg {load_before:.1f}")
     head = ["step", "procs"] + list(PHASES) + ["step_s", "tokens_per_s"]
     print(" | ".join(head))
