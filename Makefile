@@ -76,6 +76,11 @@ bench: venv
 	$(BIN)/python benchmarks/distill_step.py --experts 1,1p,4,8
 	$(BIN)/python benchmarks/scaling.py
 	$(BIN)/python benchmarks/authors_step.py --two_procs True
+	$(BIN)/python benchmarks/distill_step.py --experts 1p,4 --precisions fp32,bf16-teacher,bf16 \
+		--out benchmarks/results/distill_step_bf16.json
+	$(BIN)/python benchmarks/authors_step.py --precision bf16 --out benchmarks/results/authors_step_bf16.json
+	$(BIN)/python benchmarks/precision.py
+	$(BIN)/python benchmarks/kernels.py
 	$(MAKE) extra-assets
 	$(BIN)/python benchmarks/students.py
 

@@ -3,9 +3,9 @@
 PyTorch's ``scaled_dot_product_attention`` is the path everywhere but one: training with attention dropout
 on CPU. There it has no fused kernel (the CPU flash kernel takes no dropout) and falls back to a generic
 path that draws the [B, heads, L, L] keep mask with ``bernoulli_`` and applies the key mask with ``where``
-over [B, heads, L, L]: 74 ms for a layer's forward + backward at 32 x 12 heads x 128^2 (fp32; bf16 78 ms).
+over [B, heads, L, L]: 74 ms for a layer's forward + backward at 32 x 12 heads x 128^2 (fp32 and bf16).
 ``dropped_attention`` is the same arithmetic written out, with the mask from ``dropout.keep_mask`` and the
-[B, 1, 1, L] key mask added as a bias: fp32 53 ms, bf16 36 ms (measured, 2 cores).
+[B, 1, 1, L] key mask added as a bias: fp32 49 ms, bf16 36 ms (2 cores, ``benchmarks/kernels.py``).
 """
 from __future__ import annotations
 
