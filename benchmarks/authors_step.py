@@ -41,6 +41,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from benchmarks.device import check_device, clock, describe, peak_device_mib, refuse  # noqa: E402
+from benchmarks.report import pyplot, save  # noqa: E402
 
 PHASES = ("teacher_fwd", "student_fwd", "loss", "backward", "optimizer")
 OURS_PHASES = ("teacher_fwd", "student_fwd", "loss_fwd", "backward", "optimizer")
@@ -197,19 +198,13 @@ def bench(steps: int = 3, ours_steps: int = 3, batch: int = 32, seq_len: int = 1
         print(f"2 processes: ours / authors tokens/s {result['ours_2procs']['ratio']:.2f}x")
     print(f"ours / authors tokens/s: {result['ratio']:.2f}x (target >= 3); mean max expert load: authors "
           f"{one['mean_max_load']:.2f}, ours {ours['mean_max_load']:.2f}")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=2)
-    _plot(rows, result, os.path.splitext(out)[0] + ".png")
-    print(f"wrote {out}")
+    save(result, out, lambda res, path: _plot(rows, res, path))
     return result
 
 
 def _plot(rows: list, result: dict, path: str) -> None:
     """Stacked step time by phase, one bar per step (ours' loss_fwd stacked as loss)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     labels = [f"{name}\n{procs} proc" for name, procs, _, _ in rows]
     bottom = [0.0] * len(rows)

@@ -21,7 +21,6 @@ import json
 import os
 import resource
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -31,6 +30,7 @@ import torch  # noqa: E402
 from torch.profiler import record_function  # noqa: E402
 
 from benchmarks.device import check_device, clock, describe, peak_device_mib, refuse  # noqa: E402
+from benchmarks.report import pyplot, save  # noqa: E402
 
 
 def _free_port() -> int:
@@ -136,11 +136,7 @@ def bench(experts: str = "1,1p,4", layers: int = 4, hidden: int = 384, micro_bat
         if base and r["precision"] != "fp32":
             print(f"{r['student']} {r['precision']}: {r['speedup_vs_fp32']:.2f}x the fp32 step; by phase: "
                   + ", ".join(f"{k} {base[k] / r[k]:.2f}x" for k in PHASES if r[k] > 0))
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=2)
-    _plot(result, os.path.splitext(out)[0] + ".png")
-    print(f"wrote {out}")
+    save(result, out, _plot)
 
 
 # fp32; bf16: student (DeepSpeed's bf16 engine, fp32 master weights) and teacher; bf16-teacher: the teacher only.
@@ -150,9 +146,7 @@ PHASES = ("teacher_fwd", "student_fwd", "loss_fwd", "backward", "optimizer")
 
 def _plot(result: dict, path: str) -> None:
     """Stacked step time by phase, one bar per student."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     labels = [r["student"] + ("" if r["precision"] == "fp32" else f"\n{r['precision']}") for r in result["rows"]]
     bottom = [0.0] * len(labels)

@@ -24,7 +24,6 @@ memory); with ``--runtime onnx`` in onnxruntime's CUDA provider (``onnxruntime-g
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -36,6 +35,7 @@ import fire  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.device import check_device, clock, describe, peak_device_mib, refuse  # noqa: E402
+from benchmarks.report import pyplot, save  # noqa: E402
 
 TARGETS = {1: 1.10, 32: 1.03}  # latency ratio targets by batch size (issue: benchmarks)
 LIMIT_TARGET = 1.15  # MoE latency over its bytes-bound limit (issue: speed, round two)
@@ -169,18 +169,12 @@ def bench(experts: str = "4", layers: int = 4, hidden: int = 384, shapes: str = 
         print(f"{r['experts']:>7} {str(r['batch']) + ' x ' + str(r['seq_len']):>12} {r['dense_ms']:>9.2f} "
               f"{r['moe_ms']:>9.2f} {r['latency_ratio']:>6.2f} {r['target'] or '-':>6} {r['extra_weight_mb']:>8.1f} "
               f"{r['limit_ms']:>8.2f} {r['limit_ratio']:>7.2f} {r['mean_max_load']:>8.2f}")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=2)
-    _plot(result, os.path.splitext(out)[0] + ".png")
-    print(f"wrote {out}")
+    save(result, out, _plot)
 
 
 def _plot(result: dict, path: str) -> None:
     """Dense vs MoE latency, one group per experts x shape, the ratio written over the MoE bar."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     rows = result["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
     for ax, small in zip(axes, (True, False)):

@@ -19,7 +19,6 @@ short kernels, and the machine is shared). What each row shows:
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -29,6 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fire  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.report import save  # noqa: E402
 
 
 def _best_ms(fn, reps: int, warm: bool = True) -> float:
@@ -118,11 +119,7 @@ def bench(reps: int = 10, out: str = "benchmarks/results/kernels.json") -> None:
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}, best of {reps}")
     for r in rows:
         print(f"{r['kernel']:<18} {r['case']:<52} {r['ms']:>8.2f} ms")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump({"threads": torch.get_num_threads(), "torch": torch.__version__, "reps": reps, "rows": rows},
-                  fh, indent=2)
-    print(f"wrote {out}")
+    save({"threads": torch.get_num_threads(), "torch": torch.__version__, "reps": reps, "rows": rows}, out)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,11 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)
 
 import fire  # noqa: E402
+
+from benchmarks.report import pyplot, save  # noqa: E402
 
 # The launcher's flags for each kind (--teacher_precision auto follows --precision).
 KINDS = {"fp32": ["--precision", "fp32"], "bf16": ["--precision", "bf16"],
@@ -39,9 +42,9 @@ def _run(kind: str, steps: int, eval_every: int, micro_batch: int, work: str) ->
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     train = {r["step"]: r["relation"] for r in rows if "relation" in r}
     held = {r["step"]: r["heldout_relation"] for r in rows if "heldout_relation" in r}
-    timed = [r["step_s"] for r in rows if "step_s" in r][1:]  # the first logged window holds the warm-up
-    return {"precision": kind, "train_relation": train, "heldout_relation": held,
-            "step_s": sum(timed) / len(timed) if timed else None}
+    timed = [r["step_s"] for r in rows if "step_s" in r]
+    timed = timed[1:] or timed  # the first logged window holds the warm-up (unless it is the only one)
+    return {"precision": kind, "train_relation": train, "heldout_relation": held, "step_s": sum(timed) / len(timed)}
 
 
 def bench(precisions: str = "fp32,bf16,bf16-teacher", steps: int = 100, eval_every: int = 25,
@@ -71,18 +74,12 @@ def bench(precisions: str = "fp32,bf16,bf16-teacher", steps: int = 100, eval_eve
               f"{r['train_rel_diff'][t_last]:>+8.2%} {r['heldout_relation'][last]:>15.4f} "
               f"{r['heldout_rel_diff'][last]:>+8.2%} {worst:>+23.2%}")
     result = {"steps": steps, "eval_every": eval_every, "micro_batch": micro_batch, "runs": runs}
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=2)
-    _plot(result, os.path.splitext(out)[0] + ".png")
-    print(f"wrote {out}")
+    save(result, out, _plot)
 
 
 def _plot(result: dict, path: str) -> None:
     """Training and held-out relation loss against the step, one line per precision."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for r in result["runs"]:
         for ax, key in zip(axes, ("train_relation", "heldout_relation")):

@@ -10,7 +10,6 @@ process's maximum RSS (teacher, engines and all). Prints a table, writes JSON an
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -19,6 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fire  # noqa: E402
 
 from distill_step import measure  # noqa: E402
+
+from benchmarks.report import pyplot, save  # noqa: E402
 
 
 def _ints(v) -> list[int]:
@@ -41,18 +42,12 @@ def bench(lengths: str = "64,128,256,512", length_experts: str = "1,4", experts:
         print(f"{r['sweep']:<8} {r['student']:<6} {str(r['micro_batch']) + ' x ' + str(r['seq_len']):>10} "
               f"{r['step_s']:>7.2f} {r['tokens_per_s']:>9.0f} {r['peak_rss_mb']:>11.0f} "
               f"{r['fraction_of_matmul_peak']:>14.0%}")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     result = {"tokens_per_step": tokens, "steps": steps, "rows": rows}
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=2)
-    _plot(result, os.path.splitext(out)[0] + ".png")
-    print(f"wrote {out}")
+    save(result, out, _plot)
 
 
 def _plot(result: dict, path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(8, 6))
     for col, sweep, x_key, x_label in ((0, "length", "seq_len", "sequence length (tokens per step fixed)"),
                                        (1, "experts", "experts", "experts per FFN (32 x 128)")):

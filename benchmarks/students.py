@@ -24,8 +24,11 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+sys.path.insert(0, REPO)
 
 import fire  # noqa: E402
+
+from benchmarks.report import pyplot  # noqa: E402
 
 KINDS = {"moe4": "num_experts=4", "dense": "num_experts=1"}
 
@@ -113,9 +116,7 @@ def bench(teachers: str = "minilm,mpnet", ks: str = "1,2,4", steps: int = 10, mi
 
 
 def _plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label in dict.fromkeys(r["teacher"] for r in rows):
         mine = [r for r in rows if r["teacher"] == label]

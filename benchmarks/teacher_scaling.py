@@ -71,6 +71,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from minimoe.teacher import Teacher  # noqa: E402
 from benchmarks.device import DEVICES, check_device, clock, describe, use_accelerator  # noqa: E402
+from benchmarks.report import pyplot  # noqa: E402
 
 MiB, GiB = 1024 ** 2, 1024 ** 3
 PLACEMENTS = ("replicated", "zero3", "before")
@@ -525,9 +526,7 @@ def report(result: dict, out: str) -> None:
         for c in table[1:]:
             fh.write("| " + " | ".join(c) + " |\n")
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.5))
     styles = {"replicated": "o-", "zero3": "s-", "untrimmed": "s:", "before": "^--", "zero3_offload": "d-"}
     panels = (("load_peak_mib", 1, "peak RSS of the load, per rank (MiB)"),
