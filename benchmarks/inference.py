@@ -191,6 +191,7 @@ def _plot(result: dict, path: str) -> None:
                           label="bytes-bound limit" if bar is bars[0] and ax is axes[0] else None)
         ax.set_xticks(list(x), labels)
         ax.set_ylabel("ms per forward (median)")
+        ax.margins(y=0.3)  # room above the bars for the ratios and the legend
     axes[0].legend(fontsize=8)
     fig.suptitle(f"exported student inference ({result['runtime']}), {result['layers']}L H{result['hidden']}, "
                  f"{result.get('gpu') or str(result['threads']) + ' threads'}")
