@@ -196,8 +196,9 @@ def test_ctrl_c_ends_in_one_line_and_leaves_nothing_behind(assets, tmp_path):
         time.sleep(0.1)
     assert not [pid for pid in ranks if _running(pid)], "a rank outlived the interrupt by 30 s"
     assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*")
+    latest = (out / "checkpoints" / "latest").read_text()
     for tag in glob.glob(str(out / "checkpoints" / "step_*")):  # nothing half-written looks complete
-        assert os.path.isfile(os.path.join(tag, "complete")) or tag > (out / "checkpoints" / "latest").read_text()
+        assert os.path.isfile(os.path.join(tag, "complete")) or os.path.basename(tag) > latest, (tag, latest)
 
 
 # ---------------------------------------------------------------------------------------------
