@@ -107,21 +107,11 @@ def plan(cfg: DistillConfig) -> Plan:
     if len(students) > 1:
         check_fit(students, memory[0])
     data = assets.resolve_corpus(cfg.data, cfg.cache_dir)
-    files = corpus_lib.local_files(data)           # raises on missing local files
-    if files:
-        corpus_lib.check_readable(files, cfg.text_column)
-    else:
-        corpus_lib.hub_source(data)                 # raises on a legacy hub name
-    if cfg.eval_data:
-        eval_data = assets.resolve_corpus(cfg.eval_data, cfg.cache_dir)
-        eval_files = corpus_lib.local_files(eval_data)
-        if eval_files:
-            corpus_lib.check_readable(eval_files, cfg.text_column)
-        else:
-            corpus_lib.hub_source(eval_data)
-    held = heldout.build(data, assets.resolve_corpus(cfg.eval_data, cfg.cache_dir) if cfg.eval_data else "",
-                         cfg.eval_fraction, cfg.text_column, tokenizer, cfg.max_seq_length, cfg.short_seq_prob,
-                         cfg.pair_recipe, cfg.eval_pairs)
+    eval_data = assets.resolve_corpus(cfg.eval_data, cfg.cache_dir) if cfg.eval_data else ""
+    for source in filter(None, (data, eval_data)):
+        corpus_lib.check_source(source, cfg.text_column)
+    held = heldout.build(data, eval_data, cfg.eval_fraction, cfg.text_column, tokenizer, cfg.max_seq_length,
+                         cfg.short_seq_prob, cfg.pair_recipe, cfg.eval_pairs)
     by_name = {sp.name: sp for sp in students}
 
     def same_student_and_target(member: str, client: dict) -> None:

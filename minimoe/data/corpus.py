@@ -99,6 +99,16 @@ _FIX = "; repair it or leave it out of --data"
 _SNIFF_BYTES = 1 << 20
 
 
+def check_source(data: str, text_column: str) -> None:
+    """Before any work: ``data``'s local files are readable (``check_readable``), or, when it names a hub
+    dataset, a name datasets still loads (``hub_source``). Missing local files are refused too."""
+    files = local_files(data)
+    if files:
+        check_readable(files, text_column)
+    else:
+        hub_source(data)
+
+
 def check_readable(files: list[str], text_column: str) -> None:
     """Before any work: each text file's first MiB decodes as UTF-8 and each parquet file's footer and
     schema read, so a wrong or damaged file stops the run in one line instead of after the process group
