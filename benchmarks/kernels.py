@@ -2,18 +2,18 @@
 
     python benchmarks/kernels.py                      # writes benchmarks/results/kernels.json
 
-One process, the machine's threads; each line the best of ``--reps`` timings in ms (best, not median: these are
-short kernels, and the machine is shared). What each row shows:
+One process, the machine's threads; each line the best of ``--reps`` timings in ms (best, not median: these
+are short kernels, and the machine is shared). What each row shows:
 
 - ``matmul``: a bf16 expert matmul [M, 1536] x [1536, 384] at M it has not seen (oneDNN compiles a kernel per
   shape), at M it has, and at M bucketed as ``minimoe.moe.bucketed_rows`` does; fp32 (MKL) for scale.
 - ``keep mask``: dropout's keep mask for a [32, 12, 128, 128] attention map by ``bernoulli_`` (PyTorch's CPU
   dropout) and by ``minimoe.dropout.keep_mask``.
 - ``attention``: a layer's attention core, forward + backward, 32 x 12 heads x 128^2 x 32, with dropout 0.1:
-  PyTorch's SDPA (its generic path: the CPU flash kernel takes no dropout) and ``minimoe.attention``'s, in fp32
-  and bf16; SDPA without dropout (the flash kernel) for scale.
-- ``exp``: a relation-loss chunk's exp (256 x 128^2) of ordinary log-probabilities, of a padded key's (-3.4e38)
-  and of ones floored at ``minimoe.losses.LOG_FLOOR``.
+  PyTorch's SDPA (its generic path: the CPU flash kernel takes no dropout) and ``minimoe.attention``'s, in
+  fp32 and bf16; SDPA without dropout (the flash kernel) for scale.
+- ``exp``: a relation-loss chunk's exp (256 x 128^2) of ordinary log-probabilities, of a padded key's
+  (-3.4e38) and of ones floored at ``minimoe.losses.LOG_FLOOR``.
 - ``relation bias``: the chunk's scores with the padding bias read by baddbmm, and not read at all (no
   padding: beta 0).
 """

@@ -44,7 +44,8 @@ def _run(kind: str, steps: int, eval_every: int, micro_batch: int, work: str) ->
     held = {r["step"]: r["heldout_relation"] for r in rows if "heldout_relation" in r}
     timed = [r["step_s"] for r in rows if "step_s" in r]
     timed = timed[1:] or timed  # the first logged window holds the warm-up (unless it is the only one)
-    return {"precision": kind, "train_relation": train, "heldout_relation": held, "step_s": sum(timed) / len(timed)}
+    return {"precision": kind, "train_relation": train, "heldout_relation": held,
+            "step_s": sum(timed) / len(timed)}
 
 
 def bench(precisions: str = "fp32,bf16,bf16-teacher", steps: int = 100, eval_every: int = 25,
@@ -54,7 +55,8 @@ def bench(precisions: str = "fp32,bf16,bf16-teacher", steps: int = 100, eval_eve
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or kinds[0] != "fp32":
         allowed = ", ".join(list(KINDS)[1:])
-        print(f"--precisions {','.join(kinds)} is invalid: fp32 first, then any of {allowed}", file=sys.stderr)
+        print(f"--precisions {','.join(kinds)} is invalid: fp32 first, then any of {allowed}",
+              file=sys.stderr)
         sys.exit(2)
     with tempfile.TemporaryDirectory(prefix="minimoe-precision-") as work:
         runs = [_run(k, steps, eval_every, micro_batch, work) for k in kinds]

@@ -1,4 +1,4 @@
-"""What every benchmark ends with: its result as JSON at ``--out`` and, beside it, the script's plot as a PNG."""
+"""What every benchmark ends with: its result as JSON at ``--out`` and, beside it, the script's plot (PNG)."""
 from __future__ import annotations
 
 import json

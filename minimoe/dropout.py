@@ -2,9 +2,10 @@
 
 PyTorch's CPU dropout draws its mask with ``bernoulli_``, one generator call per entry: 32 ms for a
 [32, 12, 128, 128] attention map on 2 cores, as much as the layer's matmuls. ``keep_mask`` reads each
-uniform 32-bit integer as two 16-bit ones: 13 ms (``benchmarks/kernels.py``, results/kernels.json). The drop probability is quantised to 1/65536 (p = 0.1 drops 6554 / 65536 = 0.1000061 of
-the entries), and the mask comes from the default CPU generator as ``bernoulli_``'s does, so runs stay
-reproducible from the seed. On other devices ``Dropout`` is PyTorch's (fused kernels there).
+uniform 32-bit integer as two 16-bit ones: 13 ms (``benchmarks/kernels.py``, results/kernels.json). The
+drop probability is quantised to 1/65536 (p = 0.1 drops 6554 / 65536 = 0.1000061 of the entries), and the
+mask comes from the default CPU generator as ``bernoulli_``'s does, so runs stay reproducible from the seed.
+On other devices ``Dropout`` is PyTorch's (fused kernels there).
 """
 from __future__ import annotations
 

@@ -27,11 +27,11 @@ CHUNK_ELEMENTS = 1 << 22
 DROPOUT_EPS = 1e-7
 
 
-# Log-probabilities are floored at -80 (e^-80 = 1.8e-35, still a normal float): exp of anything lower (a padded
-# key's -3.4e38, or a real one past -87) leaves the vectorised fast path: 10 ms against 1.3 for a 256 x 128^2
-# chunk with half its keys padded (benchmarks/kernels.py). Teacher and student entries below it both become
-# -80, so they add nothing to the loss (t (log t - log s) = e^-80 x 0) or to its gradient (s - t = 0); what
-# changes is below 128 x e^-80 a row.
+# Log-probabilities are floored at -80 (e^-80 = 1.8e-35, still a normal float): exp of anything lower (a
+# padded key's -3.4e38, or a real one past -87) leaves the vectorised fast path: 10 ms against 1.3 for a
+# 256 x 128^2 chunk with half its keys padded (benchmarks/kernels.py). Teacher and student entries below it
+# both become -80, so they add nothing to the loss (t (log t - log s) = e^-80 x 0) or to its gradient
+# (s - t = 0); what changes is below 128 x e^-80 a row.
 LOG_FLOOR = -80.0
 
 

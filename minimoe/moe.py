@@ -121,10 +121,11 @@ def agreed_capacity(counts: torch.Tensor, routed_tokens: torch.Tensor, drop_toke
 
 
 # oneDNN, which runs bf16/fp16 matmuls on CPU, compiles a kernel for every new shape (4.0 ms for a
-# [M, 1536] x [1536, 384] bf16 matmul, then 0.7 ms for each call of a shape it has seen: benchmarks/kernels.py).
-# Top-1 routing gives every expert a new token count each step, so each expert matmul would compile: rows are
-# padded to few distinct counts instead (a multiple of 64, or of 1/8 of the count's power of two: at most 12.5%
-# more rows, 8 counts per octave). fp32 on CPU (MKL) and CUDA matmuls do not compile per shape.
+# [M, 1536] x [1536, 384] bf16 matmul, then 0.7 ms for each call of a shape it has seen:
+# benchmarks/kernels.py). Top-1 routing gives every expert a new token count each step, so each expert matmul
+# would compile: rows are padded to few distinct counts instead (a multiple of 64, or of 1/8 of the count's
+# power of two: at most 12.5% more rows, 8 counts per octave). fp32 on CPU (MKL) and CUDA matmuls do not
+# compile per shape.
 ROW_BUCKET = 64
 
 
