@@ -58,8 +58,8 @@ def memory_bandwidth_gbps(mib: int = 256, reps: int = 8) -> float:
 def extra_weight_bytes(model, counts_per_layer) -> int:
     """Weight bytes a MoE forward reads beyond its dense twin's: per layer, every expert given a token reads
     its own FFN, where the dense twin reads one."""
-    ffn = model.layers[0].ffn.local_experts[0]
-    per_expert = sum(p.numel() * p.element_size() for p in ffn.parameters())
+    experts = model.layers[0].ffn.local_experts
+    per_expert = sum(p.numel() * p.element_size() for p in experts.parameters()) // experts.num_local_experts
     return sum(per_expert * (int((c > 0).sum()) - 1) for c in counts_per_layer)
 
 

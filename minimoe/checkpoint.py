@@ -83,6 +83,10 @@ class Part:
     rng: Optional[dict] = None
 
 
+# What every checkpoint records of how the experts' parameters are laid out (``experts.StackedExperts``).
+EXPERT_LAYOUT = {"minimoe_expert_layout": "stacked"}
+
+
 def members_of(tag_dir: str) -> list[str]:
     """The models a tag holds: ``[""]`` for a one-model tag, else the student folders' names."""
     if os.path.isfile(os.path.join(tag_dir, MODEL_STATES)):
@@ -113,7 +117,8 @@ def save(parts: list[Part], root: str, step: int, rank: int, keep: int, tag: Opt
             # DeepSpeed's rank 0 writes `latest` as soon as *its* files are done; a kill at that moment would
             # point `latest` at a tag missing other ranks' shards. So: save, wait for every rank, then commit.
             save_dir, ds_tag = (tag_dir, part.subdir) if part.subdir else (root, tag)
-            part.engine.save_checkpoint(save_dir, tag=ds_tag, client_state=part.client_state, save_latest=False)
+            part.engine.save_checkpoint(save_dir, tag=ds_tag, client_state={**part.client_state, **EXPERT_LAYOUT},
+                                        save_latest=False)
         dist.barrier()
         if rank == 0:
             open(os.path.join(tag_dir, COMPLETE), "w").close()
@@ -286,12 +291,18 @@ def load(engine, root: str, tag: str, rank: int, layout, client: dict, weights_o
     """Restore engine, optimizer, scheduler and this rank's RNG. ``client`` is the checkpoint's loop
     state (``client_state``, read once when the run was planned).
 
-    A checkpoint of another world size or ep_size (or ``weights_only``) goes through ``reshard``: the
-    module weights by DeepSpeed's module load (experts by global id), the optimizer state
-    re-partitioned for this layout (or left fresh), the schedule and counters restored."""
+    A checkpoint of another world size or ep_size, one whose experts were saved before they were stacked,
+    or ``weights_only`` goes through ``reshard``: the module weights by DeepSpeed's module load (experts by
+    global id), the optimizer state re-partitioned for this layout (or left fresh), the schedule and
+    counters restored."""
     tag_dir = os.path.join(root, tag, subdir)
     saved = reshard.saved_layout(tag_dir, client)
-    elastic = weights_only or (saved.world_size, saved.ep_size) != (layout.world_size, layout.ep_size)
+    # Checkpoints from before the experts were stacked keep each expert's optimizer state in its own slice of
+    # ZeRO's flat buffer: the same size, another order. Loaded as-is they would mix the experts' moments up.
+    unstacked = layout.student.num_experts > 1 and client.get("minimoe_expert_layout") != EXPERT_LAYOUT[
+        "minimoe_expert_layout"]
+    elastic = (weights_only or unstacked
+               or (saved.world_size, saved.ep_size) != (layout.world_size, layout.ep_size))
     load_dir, ds_tag = (os.path.join(root, tag), subdir) if subdir else (root, tag)
     with reading(tag_dir, _RESUME_EARLIER):
         path, _ = engine.load_checkpoint(load_dir, ds_tag, load_module_only=elastic,

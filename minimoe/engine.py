@@ -257,9 +257,9 @@ def optimizer_groups(model: torch.nn.Module) -> list[dict]:
     """AdamW groups: no weight decay on biases and LayerNorm; experts split into their own groups."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
     decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # stacked experts' biases are [E, F]: 2-D, still biases
+            (no_decay if p.ndim < 2 or name.endswith("_bias") else decay).append(p)
     groups = [{"name": "decay", "params": decay}, {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
     return split_params_into_different_moe_groups_for_optimizer(groups)
 

@@ -29,6 +29,7 @@ from deepspeed.moe.sharded_moe import TopKGate
 from torch import nn
 
 from .dropout import Dropout
+from .experts import StackedExperts
 
 
 class ExpertFFN(nn.Module):
@@ -226,12 +227,13 @@ class MoEFeedForward(nn.Module):
     The chosen expert's output is scaled by its gate probability (DeepSpeed's combine does this).
     ``forward`` returns ``(output, l_aux, expert_counts)``; counts are this rank's routed tokens.
 
-    Two dispatch paths over the same gate and expert modules (same parameters, same checkpoints):
+    Two dispatch paths over the same gate and stacked experts (same parameters, same checkpoints):
     with ``ep_size > 1`` DeepSpeed's all-to-all, which needs one buffer shape on every rank of the group
     and so pads every expert to the busiest one's token count on the busiest rank (dropless cost:
-    ``max_load`` x the dense FFN; ``agreed_capacity``); with ``ep_size == 1``
-    and no token dropping, a local dispatch that runs each expert on exactly its own tokens, so the
-    experts cost the dense FFN whatever the balance. The exported student always takes the local path.
+    ``max_load`` x the dense FFN; ``agreed_capacity``), the experts then one ``bmm`` a projection; with
+    ``ep_size == 1`` and no token dropping, a local dispatch that runs each expert on exactly its own tokens
+    (one grouped matmul a projection), so the experts cost the dense FFN whatever the balance. The exported
+    student always takes the local path.
     """
 
     def __init__(self, hidden_size: int, ffn_size: int, num_experts: int, ep_size: int, dropout: float,
@@ -247,17 +249,21 @@ class MoEFeedForward(nn.Module):
         self.local_dispatch = (ep_size == 1 and not drop_tokens) if local_dispatch is None else local_dispatch
         if self.local_dispatch and (ep_size != 1 or drop_tokens):
             raise ValueError("local dispatch needs ep_size 1 and dropless routing")
-        self.moe = MoE(hidden_size, ExpertFFN(hidden_size, ffn_size, dropout), num_experts=num_experts,
+        # DeepSpeed's MoE would deep-copy an expert module per local expert; it gets a parameterless stand-in
+        # and its experts are replaced by one stacked module (``experts.StackedExperts``).
+        self.moe = MoE(hidden_size, nn.Identity(), num_experts=num_experts,
                        ep_size=ep_size, k=1, capacity_factor=capacity_factor,
                        eval_capacity_factor=capacity_factor, min_capacity=4 if drop_tokens else 0,
                        drop_tokens=drop_tokens, use_rts=False)
+        self.moe.deepspeed_moe.experts = StackedExperts(self.moe.num_local_experts, hidden_size, ffn_size, dropout,
+                                                        self.moe.expert_group_name)
         # Swap in the paper's gate before DeepSpeed assigns the expert-parallel group to it.
         self.moe.deepspeed_moe.gate = NoisyTop1Gate(hidden_size, num_experts, gate_noise, drop_tokens,
                                                     capacity_factor, learned=router == "learned")
 
     @property
-    def local_experts(self) -> nn.ModuleList:
-        return self.moe.deepspeed_moe.experts.deepspeed_experts
+    def local_experts(self) -> StackedExperts:
+        return self.moe.deepspeed_moe.experts
 
     @property
     def gate(self) -> NoisyTop1Gate:
@@ -297,20 +303,21 @@ class MoEFeedForward(nn.Module):
             prob, expert, counts = top1(logits, used)  # unrouted tokens get expert E: sorted last, skipped
             l_aux = load_balance_loss(logits, counts, used)
         order = torch.argsort(expert, stable=True)
-        bucketed = compiles_per_shape(tokens)
-        outs, start = [], 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                idx = order[start:start + n]
-                rows = tokens[idx]
-                if bucketed:  # copies of the first token fill the bucket; their outputs are dropped
-                    rows = torch.cat([rows, rows[:1].expand(bucketed_rows(n) - n, -1)])
-                outs.append(self.local_experts[e](rows)[:n].float() * prob[idx, None])
-                start += n
-        out = tokens.new_zeros(tokens.shape)
-        if outs:
-            out = out.index_copy(0, order[:start], torch.cat(outs).to(tokens.dtype))
-        return out.view_as(x), l_aux, counts
+        rows_per_expert = counts.tolist()
+        routed = order[:sum(rows_per_expert)]
+        rows = tokens[routed]
+        if compiles_per_shape(tokens):
+            # Each expert's rows padded with zero rows to a bucketed count (see ROW_BUCKET); their outputs
+            # are dropped, so they change no output or gradient.
+            padded = [bucketed_rows(n) if n else 0 for n in rows_per_expert]
+            shift = torch.tensor([p - n for p, n in zip(padded, rows_per_expert)], device=tokens.device)
+            slot = torch.arange(len(routed), device=tokens.device) + (shift.cumsum(0) - shift)[expert[routed]]
+            out_rows = self.local_experts.grouped(
+                rows.new_zeros(sum(padded), rows.shape[-1]).index_copy(0, slot, rows), padded)[slot]
+        else:
+            out_rows = self.local_experts.grouped(rows, rows_per_expert)
+        out_rows = (out_rows.float() * prob[routed, None]).to(tokens.dtype)
+        return tokens.new_zeros(tokens.shape).index_copy(0, routed, out_rows).view_as(x), l_aux, counts
 
 
 class DenseFeedForward(nn.Module):
@@ -334,19 +341,19 @@ def moefy_(layer: MoEFeedForward, ep_rank: int, shared_fraction: float, std: flo
     distinct. Every rank draws the same wide FFN (same seed) and keeps only its own global experts.
     """
     experts = layer.local_experts
-    e_total, e_local = layer.num_experts, len(experts)
-    hidden, ffn = experts[0].fc1.in_features, experts[0].fc1.out_features
-    device = experts[0].fc1.weight.device
+    e_total, e_local = layer.num_experts, experts.num_local_experts
+    ffn, hidden = experts.fc1_weight.shape[1:]
+    device = experts.fc1_weight.device
     w1 = torch.empty(e_total * ffn, hidden, device=device).normal_(0.0, std)
     w2 = torch.empty(hidden, e_total * ffn, device=device).normal_(0.0, std)
     n_shared = int(round(shared_fraction * ffn))
     n_own = ffn - n_shared
     leftover = torch.arange(n_shared, e_total * ffn, device=device)
-    for local, expert in enumerate(experts):
+    for local in range(e_local):
         g = ep_rank * e_local + local  # DeepSpeed's global expert id on this rank
         own = leftover[g::e_total][:n_own]
         neurons = torch.cat([torch.arange(n_shared, device=device), own])
-        expert.fc1.weight.copy_(w1[neurons])
-        expert.fc1.bias.zero_()
-        expert.fc2.weight.copy_(w2[:, neurons])
-        expert.fc2.bias.zero_()
+        experts.fc1_weight[local].copy_(w1[neurons])
+        experts.fc2_weight[local].copy_(w2[:, neurons])
+    experts.fc1_bias.zero_()
+    experts.fc2_bias.zero_()

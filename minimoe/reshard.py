@@ -8,9 +8,11 @@ holds is enough to redo the partitioning ourselves:
   load already deals to the new ranks by their new ``ep_rank``;
 - optimizer shards: each rank's flat fp32 master partition and Adam moments per parameter group, with
   ``param_slice_mappings`` saying which parameter (by its local name) occupies which slice. Expert
-  names are local (``deepspeed_experts.{j}``); rank r held global expert ``(r % e) * E/e + j``.
+  names are local (``deepspeed_experts.{j}``); rank r held global expert ``(r % e) * E/e + j``. Since the
+  experts are stacked, one parameter (``experts.fc1_weight``) holds a rank's ``E/e`` experts: split here.
 
-``gather_optimizer_state`` rebuilds every parameter's full fp32 master and moments under global names
+``gather_optimizer_state`` rebuilds every parameter's full fp32 master and moments under global names (an
+expert's under its per-expert name, whichever layout wrote it: checkpoints from before the stacking included)
 (fragments of one parameter come from consecutive ranks of its data-parallel group, in rank order);
 ``restore`` writes each new rank's share with DeepSpeed's ``safe_set_full_*`` (which know the new
 partitioning), then the step counts, schedule and engine counters. Every rank reads every shard: the
@@ -28,6 +30,7 @@ import torch
 
 from .config import ConfigError
 from .errors import reading
+from .experts import legacy_name
 
 _EXPERT = re.compile(r"(\.deepspeed_experts\.)(\d+)(\.)")
 _SHARD = "zero_pp_rank_{}_mp_rank_00_optim_states.pt"
@@ -57,6 +60,11 @@ def to_global(name: str, ep_rank: int, experts_per_rank: int) -> str:
     return _EXPERT.sub(lambda m: f"{m[1]}{ep_rank * experts_per_rank + int(m[2])}{m[3]}", name)
 
 
+def stacked(name: str) -> bool:
+    """Whether ``name`` is a stacked expert tensor (``experts.StackedExperts``): all of a rank's experts."""
+    return legacy_name(name, 0) is not None
+
+
 def _load(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"--resume: {path!r} is missing: the checkpoint is incomplete")
@@ -83,10 +91,21 @@ def gather_optimizer_state(tag_dir: str, saved: SavedLayout, num_experts: int) -
             flats = {"fp32": osd["single_partition_of_fp32_groups"][g],
                      **{k: v for k, v in state.items() if k != "step" and torch.is_tensor(v) and v.dim() == 1}}
             for name, frag in mapping.items():
-                key = to_global(name, rank % saved.ep_size, per_rank) if expert else name
+                key = name
+                if expert:  # a stacked name is the same on every ep_rank: keyed by both until split below
+                    key = (name, rank % saved.ep_size) if stacked(name) else to_global(name, rank % saved.ep_size,
+                                                                                       per_rank)
                 for k, flat in flats.items():
                     pieces[key][k].append(flat.narrow(0, frag.start, frag.numel))
-    full = {name: {k: torch.cat(v) for k, v in parts.items()} for name, parts in pieces.items()}
+    full = {}
+    for key, parts in pieces.items():
+        flats = {k: torch.cat(v) for k, v in parts.items()}
+        if isinstance(key, tuple):  # an ep_rank's stacked experts -> each expert under its global name
+            name, ep_rank = key
+            for j in range(per_rank):
+                full[legacy_name(name, ep_rank * per_rank + j)] = {k: v.chunk(per_rank)[j] for k, v in flats.items()}
+        else:
+            full[key] = flats
     return full, step
 
 
@@ -114,14 +133,17 @@ def restore(engine, tag_dir: str, saved: SavedLayout, ep_rank: int, experts_per_
         for name, p in engine.module.named_parameters():
             if not p.requires_grad:
                 continue
-            key = to_global(name, ep_rank, experts_per_rank)
-            if key not in full:
-                raise ConfigError(f"--resume: the checkpoint has no optimizer state for {key}; pass "
-                                  "--resume_weights_only to continue with fresh optimizer state")
-            for k, flat in full[key].items():
+            keys = ([legacy_name(name, ep_rank * experts_per_rank + j) for j in range(experts_per_rank)]
+                    if stacked(name) else [to_global(name, ep_rank, experts_per_rank)])
+            for key in keys:
+                if key not in full:
+                    raise ConfigError(f"--resume: the checkpoint has no optimizer state for {key}; pass "
+                                      "--resume_weights_only to continue with fresh optimizer state")
+            for k in full[keys[0]]:
+                flat = torch.cat([full[key][k] for key in keys])
                 if flat.numel() != p.numel():
-                    raise ConfigError(f"--resume: {key} has {flat.numel()} elements in the checkpoint's optimizer "
-                                      f"state, the model {p.numel()}")
+                    raise ConfigError(f"--resume: {name} has {flat.numel()} elements in the checkpoint's "
+                                      f"optimizer state, the model {p.numel()}")
                 value = flat.view(p.shape).to(p.device)
                 safe_set_full_fp32_param(p, value) if k == "fp32" else safe_set_full_optimizer_state(p, value, k)
     model_states = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu",

@@ -96,7 +96,7 @@ def _engine_vs_export_worker(rank, run_dir):
     init_distributed()
     cfg = StudentConfig(**json.load(open(run_dir / "run_config.json"))["student"])
     model = MiniMoEModel(cfg, ep_size=2, ep_rank=rank)
-    assert len(model.layers[0].ffn.local_experts) == 2  # each rank holds only its own experts
+    assert model.layers[0].ffn.local_experts.num_local_experts == 2  # each rank holds only its own experts
     ds = {"train_micro_batch_size_per_gpu": 2, "train_batch_size": 4, "zero_optimization": {"stage": 2},
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}}
     engine = build_student_engine(model, ds)

@@ -1,13 +1,16 @@
 """Elastic resume: a checkpoint written by 2 ranks with the experts split over them (ep_size 2) continues
 on 1 rank (ep_size 1), and the other way round, at the same global batch; dropout and gate noise off so
 the runs are comparable step for step. The resumed losses and weights equal the uninterrupted run's."""
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import flag_dict, read_jsonl, spawn
+from helpers import REPO, flag_dict, read_jsonl, run_ok, spawn
 
 pytestmark = pytest.mark.slow
 STEPS, SAVE_AT = 12, 6
@@ -79,3 +82,38 @@ def test_weights_only_resume_restarts_the_optimizer(assets, references):
     assert got[SAVE_AT + 1]["relation"] == pytest.approx(want[SAVE_AT + 1]["relation"], abs=1e-5, rel=1e-5)
     assert got[SAVE_AT + 1]["lr"] == pytest.approx(want[SAVE_AT + 1]["lr"], rel=1e-6)
     assert got[STEPS]["relation"] != pytest.approx(want[STEPS]["relation"], abs=1e-7, rel=1e-6)
+
+
+# The last commit whose experts were a ModuleList of modules (before ``experts.StackedExperts``).
+BEFORE_STACKING = "1296d7f"
+
+
+def _launch(code_root, assets, out, **extra):
+    flag_list = [f"--{k}={v}" for k, v in _flags(assets, out, 1, **extra).items()]
+    run_ok([sys.executable, os.path.join(code_root, "launchers", "distill.py"), *flag_list], PYTHONPATH=code_root)
+
+
+def test_a_checkpoint_from_before_the_experts_were_stacked_resumes_exactly(assets, tmp_path):
+    """A run of the old code saved at step 6; the new code resumes it (its optimizer state re-laid out by
+    name, not loaded as a flat buffer in the old order) and ends where the old code's own run ends."""
+    if not os.path.isdir(os.path.join(REPO, ".git")) or shutil.which("git") is None:
+        pytest.skip("needs this checkout's git history (the code before the stacking)")
+    old = tmp_path / "old_code"
+    old.mkdir()
+    archive = subprocess.run(["git", "-C", REPO, "archive", BEFORE_STACKING, "minimoe", "launchers", "ds_configs"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+    ref, out = tmp_path / "old_run", tmp_path / "resumed"
+    _launch(str(old), assets, ref)
+    _resume_from(ref, out)
+    _launch(REPO, assets, out, resume=True)
+    want = {m["step"]: m for m in read_jsonl(ref / "metrics.jsonl")}
+    got = {m["step"]: m for m in read_jsonl(out / "metrics.jsonl")}
+    assert sorted(got) == list(range(SAVE_AT + 1, STEPS + 1))
+    worst_rel = max(abs(got[s]["relation"] - want[s]["relation"]) / abs(want[s]["relation"]) for s in got)
+    a, b = load_file(ref / "student" / "model.safetensors"), load_file(out / "student" / "model.safetensors")
+    assert a.keys() == b.keys()  # the exported student's keys are unchanged
+    rounding = {k: torch.finfo(torch.float32).eps * a[k].abs().clamp(min=1e-3) for k in a}
+    worst_roundings = max(float(((b[k] - a[k]).abs() / rounding[k]).max()) for k in a)
+    assert worst_rel <= 1e-5, worst_rel
+    assert worst_roundings <= 16, worst_roundings

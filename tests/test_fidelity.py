@@ -9,6 +9,7 @@ import torch
 from helpers import spawn
 from minimoe.config import ConfigError, DistillConfig, StudentConfig
 from minimoe.data import corpus as corpus_lib
+from minimoe.experts import per_expert
 from minimoe.flags import from_flags
 from minimoe.losses import relation_kl
 from minimoe.moe import MoEFeedForward, fixed_route
@@ -61,7 +62,7 @@ def test_fixed_routers_have_no_gate_no_balance_loss_and_weight_one(router):
     assert float(l_aux) == 0.0 and int(counts.sum()) == 10
     expert = fixed_route(router, ids, 0, E, cfg.router_seed, 0)
     for i, e in enumerate(expert.tolist()):  # each token: its expert's output, weight 1
-        torch.testing.assert_close(y.reshape(-1, H)[i], ffn.local_experts[e](x.reshape(-1, H)[i]))
+        torch.testing.assert_close(y.reshape(-1, H)[i], ffn.local_experts.expert(e, x.reshape(-1, H)[i]))
     with pytest.raises(ValueError, match="token_ids"):
         ffn(x, None)
 
@@ -122,8 +123,9 @@ def _ep_worker(rank, router, out):
     x.requires_grad_(True)
     y, _, counts = layer(x, mask, ids)
     (y * weight).sum().backward()
+    grads = per_expert({n: p.grad for n, p in layer.named_parameters()})
     torch.save({"y": y.detach(), "x_grad": x.grad, "counts": counts,
-                "grads": {name(n): p.grad for n, p in layer.named_parameters()}}, os.path.join(out, f"{rank}.pt"))
+                "grads": {name(n): g for n, g in grads.items()}}, os.path.join(out, f"{rank}.pt"))
 
 
 @pytest.mark.slow
@@ -143,8 +145,8 @@ def test_fixed_routers_at_ep2_route_as_one_process_and_equal_it(tmp_path, router
         torch.testing.assert_close(got[r]["y"], y.detach(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got[r]["x_grad"], x.grad, atol=1e-5, rtol=1e-5)
         assert torch.equal(got[r]["counts"], counts)
-    for name, p in ref.named_parameters():
-        torch.testing.assert_close(sum(g["grads"][name] for g in got if name in g["grads"]), p.grad,
+    for name, grad in per_expert({n: p.grad for n, p in ref.named_parameters()}).items():
+        torch.testing.assert_close(sum(g["grads"][name] for g in got if name in g["grads"]), grad,
                                    atol=1e-5, rtol=1e-5, msg=name)
 
 

@@ -35,13 +35,13 @@ def test_analytic_counts_equal_real_parameters(experts):
 def test_moefy_shares_two_thirds_of_neurons():
     model = MiniMoEModel(tiny(ffn_size=60, num_experts=3))
     experts = model.layers[0].ffn.local_experts
-    w = [e.fc1.weight for e in experts]
+    w = list(experts.fc1_weight)
     shared = round(60 * 2 / 3)
     for a in w[1:]:
         assert torch.equal(a[:shared], w[0][:shared])
         # the expert-specific neurons are distinct rows of the wide FFN
         assert not torch.equal(a[shared:], w[0][shared:])
-    assert torch.equal(experts[1].fc2.weight[:, :shared], experts[0].fc2.weight[:, :shared])
+    assert torch.equal(experts.fc2_weight[1][:, :shared], experts.fc2_weight[0][:, :shared])
 
 
 def test_ep_rank_builds_its_slice_of_the_same_experts():
@@ -51,9 +51,9 @@ def test_ep_rank_builds_its_slice_of_the_same_experts():
     half = MiniMoEModel(tiny(), ep_size=2, ep_rank=1)
     got = half.layers[1].ffn.local_experts
     want = full.layers[1].ffn.local_experts
-    assert len(got) == 2
-    assert torch.equal(got[0].fc1.weight, want[2].fc1.weight)
-    assert torch.equal(got[1].fc2.weight, want[3].fc2.weight)
+    assert got.num_local_experts == 2
+    assert torch.equal(got.fc1_weight[0], want.fc1_weight[2])
+    assert torch.equal(got.fc2_weight[1], want.fc2_weight[3])
     # and a global state dict localises onto exactly that slice
     state = localize_experts(full.state_dict(), half)
     half.load_state_dict(state, strict=True)
@@ -149,13 +149,16 @@ def test_bucketed_expert_rows_change_nothing_but_the_shapes(local, monkeypatch):
     shapes, results = [], []
     for bucketed in (False, True):
         monkeypatch.setattr(moe, "compiles_per_shape", lambda x, on=bucketed: on)
-        seen = []
-        hook = model.layers[0].ffn.local_experts[0].fc1.register_forward_hook(
-            lambda m, args, out: seen.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+        seen = []  # rows of the first expert with any: a segment of the local path, DeepSpeed's capacity
+        experts = model.layers[0].ffn.local_experts
+        grouped = experts.grouped
+        experts.grouped = lambda rows, counts: seen.append(next(n for n in counts if n)) or grouped(rows, counts)
+        hook = experts.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[2]))
         model.zero_grad()
         out = model(ids, mask)
         (out.last_hidden_state.pow(2).sum() + out.aux_loss).backward()
         hook.remove()
+        del experts.grouped
         shapes.append(seen)
         results.append((out.last_hidden_state, {n: p.grad.clone() for n, p in model.named_parameters()
                                                 if p.grad is not None}))
@@ -189,7 +192,7 @@ def test_drop_tokens_keeps_an_experts_first_capacity_tokens_and_zeroes_the_rest(
     assert counts.tolist() == [22, 0, 0, 0]  # counts are the routing, before any token is dropped
     with torch.no_grad():
         prob = torch.softmax(layer.gate.logits(x[0]), -1)[:, 0]
-        want = layer.local_experts[0](x[0]) * prob[:, None]
+        want = layer.local_experts.expert(0, x[0]) * prob[:, None]
     kept = torch.zeros(24, dtype=torch.bool)
     kept[2:2 + capacity] = True
     torch.testing.assert_close(out[0][kept], want[kept])

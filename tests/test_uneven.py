@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from helpers import spawn
+from minimoe.experts import per_expert
 from minimoe.moe import MoEFeedForward
 
 H, FFN, E = 16, 32, 4
@@ -63,7 +64,7 @@ def _ep_worker(rank, ep_size, drop_tokens, capacity_factor, out):
     x.requires_grad_(True)
     y, l_aux, counts = layer(x, mask)
     (y * weight).sum().backward()
-    grads = {full_name(n): p.grad for n, p in layer.named_parameters()}
+    grads = {full_name(n): g for n, g in per_expert({n: p.grad for n, p in layer.named_parameters()}).items()}
     torch.save({"y": y.detach(), "x_grad": x.grad, "grads": grads, "counts": counts},
                os.path.join(out, f"{rank}.pt"))
 
@@ -113,9 +114,9 @@ def test_moe_layer_with_unequal_token_counts_equals_ep1(tmp_path, world, ep_size
     assert torch.equal(sum(g["counts"] for g in got), counts)
     # Each rank's gradient covers the tokens of its own group: summed over the groups (what the engine's
     # data-parallel all-reduce does), the gate's and every expert's equal the ep_size-1 gradients.
-    for name, p in ref.named_parameters():
+    for name, grad in per_expert({n: p.grad for n, p in ref.named_parameters()}).items():
         mine = sum(g["grads"][name] for g in got if name in g["grads"])
-        torch.testing.assert_close(mine, p.grad, atol=1e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(mine, grad, atol=1e-5, rtol=1e-5, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------
