@@ -56,9 +56,9 @@ def table(runs: list[tuple[dict, dict]], reference: dict) -> str:
         if differs:
             notes.append(f"{task}: this run used " + ", ".join(differs) + ": its column is not comparable")
         if results["main_metric"] == "entity_f1" and results["best"]["main"] == 0.0:
-            demo = _pct(ref.get("demo"))
+            demo, recipe_of = _pct(ref.get("demo")), "its" if differs else "the same"
             notes.append(f"{task}: entity F1 0.0, every token tagged O (the fine-tuning's last lines say "
-                         f"why); the reference's demo student reached {demo} by the same recipe")
+                         f"why); the reference's demo student reached {demo} by {recipe_of} recipe")
     m = reference["machine"]
     lines.append(f"\nreference: {os.path.relpath(REFERENCE)}, `{reference['command']}` on "
                  f"{reference['date']} ({m['cpu_count']} CPUs, torch {m['torch']}): make demo's distillation "
