@@ -1,11 +1,14 @@
-"""The table that ends `make finetune-demo` (experiments/finetune_demo/view.py), from fake run folders."""
+"""The table that ends `make finetune-demo` (experiments/finetune_demo/view.py), from fake run folders, and
+the Makefile's recipe against the one its committed reference measured."""
 import json
 import os
+import re
 import sys
 
 from helpers import REPO
 
 sys.path.insert(0, os.path.join(REPO, "experiments", "finetune_demo"))
+import reference  # noqa: E402
 import view  # noqa: E402
 
 COLUMNS = [{"key": "demo", "label": "reference: demo student"}, {"key": "dense_twin", "label": "dense twin"},
@@ -41,9 +44,10 @@ def test_table_puts_this_run_beside_the_reference_and_names_a_zero_f1(tmp_path):
 
 
 def test_table_says_when_this_run_used_another_recipe(tmp_path):
-    runs = [view.load_run(run_folder(tmp_path / "w", "wnut16", "entity_f1", 0.1, 1e-3, 5.0))]
-    assert view.table(runs, REF).splitlines()[-1] == \
-        "wnut16: this run used --lr 0.001 (reference 0.0003): its column is not comparable"
+    runs = [view.load_run(run_folder(tmp_path / "w", "wnut16", "entity_f1", 0.0, 1e-3, 5.0))]
+    notes = view.table(runs, REF).splitlines()[-2:]
+    assert notes[0] == "wnut16: this run used --lr 0.001 (reference 0.0003): its column is not comparable"
+    assert notes[1].endswith("the reference's demo student reached 20.00 by its recipe")
 
 
 def test_an_unfinished_run_is_one_line_and_exit_2(tmp_path, capsys):
@@ -52,3 +56,19 @@ def test_an_unfinished_run_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == f"error: {str(tmp_path / 'ft')!r} has no results.json: the fine-tuning run did not finish\n"
 
+
+def test_the_makefile_fine_tunes_with_the_recipe_the_reference_measured():
+    with open(os.path.join(REPO, "Makefile")) as fh:
+        recipe = fh.read().split("\nfinetune-demo:")[1].split("\n\n")[0]
+    for task, values in reference.RECIPE.items():
+        line = next(x for x in recipe.splitlines() if f"--task {task} " in x)
+        got = dict(re.findall(r"--(lr|num_epochs) (\S+)", line))
+        assert {k: float(v) for k, v in got.items()} == {k: float(v) for k, v in values.items()}, line
+
+
+def test_the_committed_reference_has_every_task_and_column():
+    with open(view.REFERENCE) as fh:
+        ref = json.load(fh)
+    assert set(ref["scores"]) == set(reference.RECIPE) and ref["recipe"] == reference.RECIPE
+    for scores in ref["scores"].values():
+        assert all(0.0 <= scores[c["key"]] <= 1.0 for c in ref["columns"])
