@@ -310,10 +310,12 @@ def run(cfg: FinetuneConfig) -> dict:
 
 
 BEST = "best"  # the checkpoint tag of the best dev score so far: what the run exports
-NO_ENTITY = ("entity F1 0.0 means no entity span was tagged right: most tokens of an NER set are O, and a model "
-             "that has not yet learnt to see entities tags every token O (its loss still falls). Small students "
-             "distilled briefly (make demo: 60 steps) usually end there; a longer distillation (--max_steps), more "
-             "epochs or a higher --lr move it off zero (experiments/capacity_gap/README.md has measured scores).")
+# Printed under an NER run's last line when its best entity F1 is 0.0: what a newcomer would read as broken.
+NO_ENTITY = ("entity F1 0.0 means no entity span was tagged right: most tokens of an NER set are O, and a "
+             "model that has not yet learnt to see entities tags every token O (its loss still falls). Small "
+             "students distilled briefly (make demo: 60 steps) end there after a few epochs at a low "
+             "--lr; more epochs and a higher --lr move them off zero (experiments/finetune_demo/README.md "
+             "has the measured --lr and --num_epochs, for the demo student and a 2L H128 one).")
 
 
 def _source(cfg: FinetuneConfig, model: str, task: Task) -> dict:
