@@ -27,7 +27,16 @@ def _pair():
     return stacked, modules
 
 
-def _grads_match(stacked, modules):
+def _same_as_modules(x: torch.Tensor, stacked_fn, modules_fn, stacked, modules) -> None:
+    """Outputs, input gradients and every expert's parameter gradients of the stacked experts on ``x``
+    equal those of the per-expert modules (an expert without rows: zero gradients)."""
+    weight = torch.randn(x.shape)
+    xs, xm = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out, ref = stacked_fn(xs), modules_fn(xm)
+    (out * weight).sum().backward()
+    (ref * weight).sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(xs.grad, xm.grad, atol=1e-6, rtol=1e-6)
     got = per_expert({n: p.grad for n, p in stacked.named_parameters()})
     for j, m in enumerate(modules):
         for n, p in m.named_parameters():
@@ -38,31 +47,15 @@ def _grads_match(stacked, modules):
 @pytest.mark.parametrize("counts", [[5, 0, 7], [1, 1, 1], [0, 0, 4]])
 def test_grouped_rows_equal_each_expert_module_on_its_own_rows(counts):
     stacked, modules = _pair()
-    rows = torch.randn(sum(counts), H, requires_grad=True)
-    weight = torch.randn(sum(counts), H)
-    out = stacked.grouped(rows, counts)
-    (out * weight).sum().backward()
-    ref_rows = rows.detach().clone().requires_grad_(True)
-    ref = torch.cat([m(x) for m, x in zip(modules, ref_rows.split(counts))])
-    (ref * weight).sum().backward()
-    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(rows.grad, ref_rows.grad, atol=1e-6, rtol=1e-6)
-    _grads_match(stacked, modules)
+    _same_as_modules(torch.randn(sum(counts), H), lambda x: stacked.grouped(x, counts),
+                     lambda x: torch.cat([m(r) for m, r in zip(modules, x.split(counts))]), stacked, modules)
 
 
 def test_deepspeed_buffers_equal_each_expert_module_on_its_slots():
     """MOELayer hands the experts ``[ep_size, E_local, C, H]``: expert j serves slots [:, j] of every group."""
     stacked, modules = _pair()
-    buffers = torch.randn(2, E, 4, H, requires_grad=True)
-    weight = torch.randn(2, E, 4, H)
-    out = stacked(buffers)
-    (out * weight).sum().backward()
-    ref_in = buffers.detach().clone().requires_grad_(True)
-    ref = torch.stack([m(ref_in[:, j]) for j, m in enumerate(modules)], dim=1)
-    (ref * weight).sum().backward()
-    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(buffers.grad, ref_in.grad, atol=1e-6, rtol=1e-6)
-    _grads_match(stacked, modules)
+    _same_as_modules(torch.randn(2, E, 4, H), stacked,
+                     lambda x: torch.stack([m(x[:, j]) for j, m in enumerate(modules)], dim=1), stacked, modules)
 
 
 def test_state_dict_has_deepspeeds_per_expert_keys_and_loads_back():
