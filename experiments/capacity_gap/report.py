@@ -7,6 +7,7 @@ mean and spread over every distillation x fine-tuning seed; comparable across te
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import statistics
@@ -89,6 +90,16 @@ def collect(out: str, teachers: list[str], dseeds: list[str]) -> dict:
     return result
 
 
+def recipes(out: str) -> list[str]:
+    """The fine-tuning recipes the runs under ``out`` used, read from their own configs."""
+    found = set()
+    for path in glob.glob(os.path.join(out, "*", "seed*", "*", "*", "seed*", "run_config.json")):
+        with open(path) as fh:
+            cfg = json.load(fh)
+        found.add(f"lr {cfg['lr']:g}, {cfg['num_epochs']:g} epochs, patience {cfg['patience']}")
+    return sorted(found)
+
+
 def report(out: str, teachers: list[str], dseeds: list[str], mode: dict) -> str:
     data = collect(out, teachers, dseeds)
     # the runs' own step counts (a report over earlier runs must not print the mode's current one)
@@ -96,7 +107,7 @@ def report(out: str, teachers: list[str], dseeds: list[str], mode: dict) -> str:
     lines = [f"Budget: {', '.join(map(str, steps)) or mode['steps']} steps x 32 sequences of up to 128 tokens per "
              "student (the same for all), "
              f"distillation seeds {','.join(dseeds)}, fine-tuning seeds {mode['seeds']} "
-             f"({mode['finetune_epochs']} epochs, lr 1e-4).", ""]
+             f"({'; '.join(recipes(out)) or 'none run yet'}).", ""]
     for t, d in data.items():
         tp = d["teacher"]
         lines += [f"### Teacher {d['label']} ({tp['total'] / 1e6:.1f}M parameters, "
