@@ -84,7 +84,7 @@ class Part:
 
 
 # What every checkpoint records of how the experts' parameters are laid out (``experts.StackedExperts``).
-EXPERT_LAYOUT = {"minimoe_expert_layout": "stacked"}
+EXPERT_LAYOUT_KEY, STACKED = "minimoe_expert_layout", "stacked"
 
 
 def members_of(tag_dir: str) -> list[str]:
@@ -117,7 +117,7 @@ def save(parts: list[Part], root: str, step: int, rank: int, keep: int, tag: Opt
             # DeepSpeed's rank 0 writes `latest` as soon as *its* files are done; a kill at that moment would
             # point `latest` at a tag missing other ranks' shards. So: save, wait for every rank, then commit.
             save_dir, ds_tag = (tag_dir, part.subdir) if part.subdir else (root, tag)
-            part.engine.save_checkpoint(save_dir, tag=ds_tag, client_state={**part.client_state, **EXPERT_LAYOUT},
+            part.engine.save_checkpoint(save_dir, tag=ds_tag, client_state={**part.client_state, EXPERT_LAYOUT_KEY: STACKED},
                                         save_latest=False)
         dist.barrier()
         if rank == 0:
@@ -299,8 +299,7 @@ def load(engine, root: str, tag: str, rank: int, layout, client: dict, weights_o
     saved = reshard.saved_layout(tag_dir, client)
     # Checkpoints from before the experts were stacked keep each expert's optimizer state in its own slice of
     # ZeRO's flat buffer: the same size, another order. Loaded as-is they would mix the experts' moments up.
-    unstacked = layout.student.num_experts > 1 and client.get("minimoe_expert_layout") != EXPERT_LAYOUT[
-        "minimoe_expert_layout"]
+    unstacked = layout.student.num_experts > 1 and client.get(EXPERT_LAYOUT_KEY) != STACKED
     elastic = (weights_only or unstacked
                or (saved.world_size, saved.ep_size) != (layout.world_size, layout.ep_size))
     load_dir, ds_tag = (os.path.join(root, tag), subdir) if subdir else (root, tag)

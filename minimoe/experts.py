@@ -27,6 +27,12 @@ PER_EXPERT = {"fc1_weight": ("fc1", "weight"), "fc1_bias": ("fc1", "bias"),
 LEGACY = "deepspeed_experts"
 
 
+def ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+        dropout: nn.Module) -> torch.Tensor:
+    """The minimal FFN an expert is, and the dense student's FFN: ``H -> F -> H`` with GELU, output dropout."""
+    return dropout(F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2))
+
+
 class GroupedLinear(torch.autograd.Function):
     """``y[rows of expert e] = x[rows of e] @ weight[e].T + bias[e]`` for consecutive row segments.
 
@@ -110,8 +116,7 @@ class StackedExperts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` alone on ``x`` (tests, benchmarks): the minimal FFN it is."""
-        h = F.gelu(F.linear(x, self.fc1_weight[e], self.fc1_bias[e]))
-        return self.dropout(F.linear(h, self.fc2_weight[e], self.fc2_bias[e]))
+        return ffn(x, self.fc1_weight[e], self.fc1_bias[e], self.fc2_weight[e], self.fc2_bias[e], self.dropout)
 
 
 def legacy_name(name: str, expert: int) -> Optional[str]:
@@ -124,15 +129,20 @@ def legacy_name(name: str, expert: int) -> Optional[str]:
     return f"{head}{dot}{LEGACY}.{expert}.{sub}.{param}"
 
 
+def is_stacked(name: str) -> bool:
+    """Whether ``name`` is a stacked expert tensor (``StackedExperts``): all of a rank's experts in one."""
+    return legacy_name(name, 0) is not None
+
+
 def per_expert(named: dict) -> dict:
     """``{name: tensor}`` with each stacked tensor split into its experts under their per-expert names (local
     ids; views), every other entry as it is."""
     out = {}
     for name, t in named.items():
-        if legacy_name(name, 0) is None:
-            out[name] = t
-        else:
+        if is_stacked(name):
             out.update((legacy_name(name, j), t[j]) for j in range(t.shape[0]))
+        else:
+            out[name] = t
     return out
 
 

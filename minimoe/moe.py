@@ -29,7 +29,7 @@ from deepspeed.moe.sharded_moe import TopKGate
 from torch import nn
 
 from .dropout import Dropout
-from .experts import StackedExperts
+from .experts import StackedExperts, ffn
 
 
 class ExpertFFN(nn.Module):
@@ -42,7 +42,7 @@ class ExpertFFN(nn.Module):
         self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc2(F.gelu(self.fc1(x))))
+        return ffn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.dropout)
 
 
 class Top1(NamedTuple):

@@ -30,7 +30,7 @@ import torch
 
 from .config import ConfigError
 from .errors import reading
-from .experts import legacy_name
+from .experts import is_stacked, legacy_name
 
 _EXPERT = re.compile(r"(\.deepspeed_experts\.)(\d+)(\.)")
 _SHARD = "zero_pp_rank_{}_mp_rank_00_optim_states.pt"
@@ -58,11 +58,6 @@ def saved_layout(tag_dir: str, client: dict) -> SavedLayout:
 def to_global(name: str, ep_rank: int, experts_per_rank: int) -> str:
     """A local expert parameter name -> the same name with its global expert id."""
     return _EXPERT.sub(lambda m: f"{m[1]}{ep_rank * experts_per_rank + int(m[2])}{m[3]}", name)
-
-
-def stacked(name: str) -> bool:
-    """Whether ``name`` is a stacked expert tensor (``experts.StackedExperts``): all of a rank's experts."""
-    return legacy_name(name, 0) is not None
 
 
 def _load(path: str) -> dict:
@@ -93,7 +88,7 @@ def gather_optimizer_state(tag_dir: str, saved: SavedLayout, num_experts: int) -
             for name, frag in mapping.items():
                 key = name
                 if expert:  # a stacked name is the same on every ep_rank: keyed by both until split below
-                    key = (name, rank % saved.ep_size) if stacked(name) else to_global(name, rank % saved.ep_size,
+                    key = (name, rank % saved.ep_size) if is_stacked(name) else to_global(name, rank % saved.ep_size,
                                                                                        per_rank)
                 for k, flat in flats.items():
                     pieces[key][k].append(flat.narrow(0, frag.start, frag.numel))
@@ -134,7 +129,7 @@ def restore(engine, tag_dir: str, saved: SavedLayout, ep_rank: int, experts_per_
             if not p.requires_grad:
                 continue
             keys = ([legacy_name(name, ep_rank * experts_per_rank + j) for j in range(experts_per_rank)]
-                    if stacked(name) else [to_global(name, ep_rank, experts_per_rank)])
+                    if is_stacked(name) else [to_global(name, ep_rank, experts_per_rank)])
             for key in keys:
                 if key not in full:
                     raise ConfigError(f"--resume: the checkpoint has no optimizer state for {key}; pass "
