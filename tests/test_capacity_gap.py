@@ -37,3 +37,26 @@ def test_the_report_prints_the_recipes_the_runs_used_not_the_current_one(tmp_pat
 def test_an_unknown_teacher_is_refused_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match="unknown teacher 'bert'; allowed minilm, mpnet"):
         run.main(quick=True, out=str(tmp_path), teachers="bert")
+
+
+def test_each_student_is_compared_with_its_dense_twin_run_by_run():
+    def row(heldout, sentiment, wnut16):
+        return {"heldout": heldout, "scores": {"sentiment": sentiment, "wnut16": wnut16}}
+    data = {"minilm": {"label": "MiniLM-L6", "students": {
+        "dense-s": row([0.40], [0.70, 0.72, 0.71], [0.20, 0.30, 0.25]),
+        "moe4-s": row([0.38], [0.71, 0.72, 0.73], [0.30, 0.30, 0.25]),
+        "dense-m": row([0.30], [0.75], [0.40]),
+        "hash-s": row([0.42], [0.70], []),
+    }}}
+    lines = report._against_twin(data)
+    assert lines[4] == "| moe4-s vs dense-s | -5.0% | +1.0 ± 1.0 | +3.3 ± 5.8 | +2.2 ± 2.9 |"
+    assert lines[5] == "| hash-s vs dense-s | +5.0% | +0.0 | - | - |"  # a student without runs: no difference
+    assert len(lines) == 7  # dense students are the baseline, not a row
+
+
+def test_the_heldout_curve_is_read_from_the_rows_that_scored_it(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 10, "relation": 0.5}, {"step": 100, "relation": 0.4, "heldout_relation": 0.45},
+            {"step": 200, "heldout_relation": 0.41}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert report.heldout_curve(str(path)) == ([100, 200], [0.45, 0.41])

@@ -23,11 +23,11 @@ def _mean_sd(values: list[float]) -> tuple[float, float, int]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
 
 
-def _fmt(ms: tuple, scale: float = 1.0, digits: int = 4) -> str:
+def _fmt(ms: tuple, scale: float = 1.0, digits: int = 4, sign: str = "") -> str:
     m, sd, n = ms
     if n == 0:
         return "-"
-    return f"{m * scale:.{digits}f}" + (f" ± {sd * scale:.{digits}f}" if n > 1 else "")
+    return f"{m * scale:{sign}.{digits}f}" + (f" ± {sd * scale:.{digits}f}" if n > 1 else "")
 
 
 def teacher_parameters(folder: str) -> dict:
@@ -74,12 +74,15 @@ def collect(out: str, teachers: list[str], dseeds: list[str]) -> dict:
                 with open(os.path.join(folder, "sweep.json")) as fh:
                     sweep = json.load(fh)
             for name, s in summaries.items():
-                row = rows.setdefault(name, {"heldout": [], "entropy": [], "max_load": [], "tokens": [], "steps": [],
+                row = rows.setdefault(name, {"heldout": [], "qq": [], "kk": [], "vv": [], "entropy": [],
+                                             "max_load": [], "tokens": [], "steps": [],
                                              "scores": {task: [] for task in TASKS}})
                 if "facts" not in row:
                     row["facts"] = student_facts(os.path.join(folder, "distill", "students", name, "student"))
                 held = s.get("heldout") or {}
                 row["heldout"].append(held.get("relation"))
+                for kind in ("qq", "kk", "vv"):
+                    row[kind].append(held.get(kind))
                 row["entropy"].append(held.get("routing_entropy"))
                 row["max_load"].append(held.get("max_load"))
                 row["tokens"].append(s.get("tokens_seen"))
@@ -122,6 +125,7 @@ def report(out: str, teachers: list[str], dseeds: list[str], mode: dict) -> str:
                 f"{_fmt(_mean_sd(row['scores']['sentiment']), 100, 1)} | "
                 f"{_fmt(_mean_sd(row['scores']['wnut16']), 100, 1)} | {_fmt(_mean_sd(row['entropy']), 1, 3)} |")
         lines.append("")
+    lines += _against_twin(data)
     lines += _curse_table(data)
     text = "\n".join(lines)
     os.makedirs(out, exist_ok=True)
@@ -130,7 +134,43 @@ def report(out: str, teachers: list[str], dseeds: list[str], mode: dict) -> str:
     with open(os.path.join(out, "results.json"), "w") as fh:
         json.dump({"mode": mode, "distill_seeds": dseeds, "teachers": data}, fh, indent=1)
     _plot(data, os.path.join(out, "curse.png"))
+    _plot_heldout(out, data, dseeds, os.path.join(out, "heldout.png"))
     return text
+
+
+def _twin(name: str) -> str:
+    """The dense student of the same size (``moe4-s`` -> ``dense-s``)."""
+    return "dense-" + name.rsplit("-", 1)[-1]
+
+
+def _paired(a: list, b: list) -> tuple:
+    """Mean and spread of ``a[i] - b[i]``: two students' runs of one fine-tuning seed each, paired."""
+    n = min(len(a), len(b))
+    return _mean_sd([a[i] - b[i] for i in range(n)])
+
+
+def _against_twin(data: dict) -> list[str]:
+    """Every non-dense student against its dense twin: held-out relation loss in % of the twin's (lower is
+    better), downstream differences paired by fine-tuning seed (mean ± spread over the pairs, in points)."""
+    lines = []
+    for d in data.values():
+        rows = d["students"]
+        pairs = [(n, _twin(n)) for n in rows if not n.startswith("dense-") and _twin(n) in rows]
+        if not pairs:
+            continue
+        lines += [f"### Against the dense twin, teacher {d['label']}", "",
+                  "| student | held-out relation vs twin | sentiment acc diff | WNUT-16 F1 diff | average diff |",
+                  "|---|---|---|---|---|"]
+        for name, twin in pairs:
+            mine, theirs = _mean_sd(rows[name]["heldout"]), _mean_sd(rows[twin]["heldout"])
+            held = f"{100 * (mine[0] / theirs[0] - 1):+.1f}%" if mine[2] and theirs[2] else "-"
+            diffs = [_fmt(_paired(rows[name]["scores"][t], rows[twin]["scores"][t]), 100, 1, "+") for t in TASKS]
+            both = [[sum(v) / len(TASKS) for v in zip(*(rows[n]["scores"][t] for t in TASKS))]
+                    for n in (name, twin)]
+            lines.append(f"| {name} vs {twin} | {held} | {' | '.join(diffs)} | "
+                         f"{_fmt(_paired(*both), 100, 1, '+')} |")
+        lines.append("")
+    return lines
 
 
 def _curse_table(data: dict) -> list[str]:
@@ -183,6 +223,43 @@ def _plot(data: dict, path: str) -> None:
     ax.set_title("student score against teacher size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def heldout_curve(metrics_path: str) -> tuple[list[int], list[float]]:
+    """The held-out relation loss at each step it was scored, from a student's ``metrics.jsonl``."""
+    steps, values = [], []
+    with open(metrics_path) as fh:
+        for line in fh:
+            row = json.loads(line)
+            if "heldout_relation" in row:
+                steps.append(row["step"])
+                values.append(row["heldout_relation"])
+    return steps, values
+
+
+def _plot_heldout(out: str, data: dict, dseeds: list[str], path: str) -> None:
+    """Held-out relation loss against step, a panel per teacher (first distillation seed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if not data:
+        return
+    fig, axes = plt.subplots(1, len(data), figsize=(5.2 * len(data), 4), squeeze=False)
+    for ax, (t, d) in zip(axes[0], data.items()):
+        for name in d["students"]:
+            metrics = os.path.join(out, t, f"seed{dseeds[0]}", "distill", "students", name, "metrics.jsonl")
+            if os.path.isfile(metrics):
+                steps, values = heldout_curve(metrics)
+                ax.plot(steps, values, marker=".", linestyle="--" if name.startswith("dense-") else "-",
+                        label=name)
+        ax.set_title(f"teacher {d['label']}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out relation loss (lower is better)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
