@@ -60,3 +60,43 @@ def test_the_heldout_curve_is_read_from_the_rows_that_scored_it(tmp_path):
             {"step": 200, "heldout_relation": 0.41}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert report.heldout_curve(str(path)) == ([100, 200], [0.45, 0.41])
+
+
+def _earlier(tmp_path, steps=400):
+    """A results.json as report() writes it: one teacher, a dense student and its MoE-4 twin."""
+    facts = {"layers": 2, "hidden": 128, "experts": 1, "router": "learned", "params": 4385920,
+             "params_no_emb": 413056, "active_no_emb": 413056, "gflops": 0.1174}
+
+    def row(heldout, sentiment, wnut16):
+        return {"heldout": [heldout], "qq": [None], "kk": [None], "vv": [None], "entropy": [None],
+                "max_load": [None], "tokens": [1], "steps": [steps], "curves": [([100, 400], [0.4, heldout])],
+                "scores": {"sentiment": sentiment, "wnut16": wnut16}, "facts": facts}
+    mode = dict(run.MODES["full"], steps=steps)
+    teachers = {"minilm": {"label": "MiniLM-L6", "teacher": {"total": 22.7e6, "without_embeddings": 10.8e6},
+                           "recipes": ["lr 0.001, 5 epochs, patience 0"],
+                           "students": {"dense-s": row(0.34, [0.70, 0.72], [0.20, 0.30]),
+                                        "moe4-s": row(0.33, [0.71, 0.74], [0.30, 0.30])}}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"mode": mode, "distill_seeds": ["776"], "teachers": teachers}))
+    return str(path), mode
+
+
+def test_an_earlier_report_stands_in_for_a_teacher_whose_runs_are_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(HERE)  # as when run.py runs: report imports run
+    path, mode = _earlier(tmp_path)
+    out = tmp_path / "out"
+    text = report.report(str(out), ["minilm"], ["776"], mode, report.reusable(path, mode))
+    assert "| moe4-s vs dense-s | -2.9% | +1.5 ± 0.7 | +5.0 ± 7.1 | +3.3 ± 3.2 |" in text
+    assert "(lr 0.001, 5 epochs, patience 0)" in text  # the recipe travels with the rows
+    written = json.loads((out / "results.json").read_text())
+    assert written["reused"] == ["minilm"] and written["teachers"]["minilm"]["students"].keys() == {"dense-s",
+                                                                                                    "moe4-s"}
+    assert (out / "heldout.png").stat().st_size > 0 and (out / "curse.png").stat().st_size > 0
+
+
+def test_an_earlier_report_of_another_budget_is_refused_in_one_line(tmp_path):
+    path, mode = _earlier(tmp_path, steps=80)
+    with pytest.raises(SystemExit, match="was run with steps 80, this run with 400"):
+        report.reusable(path, dict(run.MODES["full"]))
+    with pytest.raises(SystemExit, match="cannot read"):
+        report.reusable(str(tmp_path / "missing.json"), mode)

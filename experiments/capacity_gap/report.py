@@ -75,7 +75,7 @@ def collect(out: str, teachers: list[str], dseeds: list[str]) -> dict:
                     sweep = json.load(fh)
             for name, s in summaries.items():
                 row = rows.setdefault(name, {"heldout": [], "qq": [], "kk": [], "vv": [], "entropy": [],
-                                             "max_load": [], "tokens": [], "steps": [],
+                                             "max_load": [], "tokens": [], "steps": [], "curves": [],
                                              "scores": {task: [] for task in TASKS}})
                 if "facts" not in row:
                     row["facts"] = student_facts(os.path.join(folder, "distill", "students", name, "student"))
@@ -87,6 +87,8 @@ def collect(out: str, teachers: list[str], dseeds: list[str]) -> dict:
                 row["max_load"].append(held.get("max_load"))
                 row["tokens"].append(s.get("tokens_seen"))
                 row["steps"].append(s.get("total_steps"))
+                metrics = os.path.join(folder, "distill", "students", name, "metrics.jsonl")
+                row["curves"].append(heldout_curve(metrics) if os.path.isfile(metrics) else ([], []))
                 for task in TASKS:
                     row["scores"][task] += sweep.get(name, {}).get("runs", {}).get(task, [])
         result[t] = {"label": TEACHERS[t][1], "teacher": teacher_parameters(TEACHERS[t][0]), "students": rows}
@@ -103,14 +105,42 @@ def recipes(out: str) -> list[str]:
     return sorted(found)
 
 
-def report(out: str, teachers: list[str], dseeds: list[str], mode: dict) -> str:
-    data = collect(out, teachers, dseeds)
+# What must match for an earlier report's rows to stand beside new runs (the budget and the seeds).
+SAME_BUDGET = ("steps", "eval_pairs", "seeds", "distill_seeds")
+
+
+def reusable(path: str, mode: dict) -> dict:
+    """The teachers of an earlier ``results.json`` (``run.py --reuse``), refused in one line unless it was run
+    with the same budget and seeds as ``mode``."""
+    try:
+        with open(path) as fh:
+            earlier = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --reuse: cannot read {path!r} as an earlier results.json ({e})") from None
+    for key in SAME_BUDGET:
+        if str(earlier["mode"].get(key)) != str(mode[key]):
+            raise SystemExit(f"error: --reuse: {path} was run with {key} {earlier['mode'].get(key)}, this run "
+                             f"with {mode[key]}; rows of another budget cannot stand in one table")
+    for t in earlier["teachers"].values():
+        t.setdefault("recipes", earlier.get("recipes", []))
+    return earlier["teachers"]
+
+
+def report(out: str, teachers: list[str], dseeds: list[str], mode: dict, reused: dict | None = None) -> str:
+    """Write results.md, results.json, curse.png and heldout.png into ``out`` from its runs; ``reused``
+    teachers (``reusable``) are taken as they are, for those whose runs are not under ``out``."""
+    reused = reused or {}
+    data = collect(out, [t for t in teachers if t not in reused], dseeds)
+    here = recipes(out)
+    for t in data.values():
+        t["recipes"] = here
+    data = {t: data[t] if t in data else reused[t] for t in teachers}
     # the runs' own step counts (a report over earlier runs must not print the mode's current one)
     steps = sorted({n for d in data.values() for r in d["students"].values() for n in r["steps"] if n})
     lines = [f"Budget: {', '.join(map(str, steps)) or mode['steps']} steps x 32 sequences of up to 128 tokens per "
              "student (the same for all), "
              f"distillation seeds {','.join(dseeds)}, fine-tuning seeds {mode['seeds']} "
-             f"({'; '.join(recipes(out)) or 'none run yet'}).", ""]
+             f"({'; '.join(sorted({r for d in data.values() for r in d['recipes']})) or 'none run yet'}).", ""]
     for t, d in data.items():
         tp = d["teacher"]
         lines += [f"### Teacher {d['label']} ({tp['total'] / 1e6:.1f}M parameters, "
@@ -132,9 +162,10 @@ def report(out: str, teachers: list[str], dseeds: list[str], mode: dict) -> str:
     with open(os.path.join(out, "results.md"), "w") as fh:
         fh.write(text + "\n")
     with open(os.path.join(out, "results.json"), "w") as fh:
-        json.dump({"mode": mode, "distill_seeds": dseeds, "teachers": data}, fh, indent=1)
+        json.dump({"mode": mode, "distill_seeds": dseeds, "reused": sorted(reused), "teachers": data}, fh,
+                  indent=1)
     _plot(data, os.path.join(out, "curse.png"))
-    _plot_heldout(out, data, dseeds, os.path.join(out, "heldout.png"))
+    _plot_heldout(data, os.path.join(out, "heldout.png"))
     return text
 
 
@@ -240,7 +271,7 @@ def heldout_curve(metrics_path: str) -> tuple[list[int], list[float]]:
     return steps, values
 
 
-def _plot_heldout(out: str, data: dict, dseeds: list[str], path: str) -> None:
+def _plot_heldout(data: dict, path: str) -> None:
     """Held-out relation loss against step, a panel per teacher (first distillation seed)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -248,11 +279,10 @@ def _plot_heldout(out: str, data: dict, dseeds: list[str], path: str) -> None:
     if not data:
         return
     fig, axes = plt.subplots(1, len(data), figsize=(5.2 * len(data), 4), squeeze=False)
-    for ax, (t, d) in zip(axes[0], data.items()):
-        for name in d["students"]:
-            metrics = os.path.join(out, t, f"seed{dseeds[0]}", "distill", "students", name, "metrics.jsonl")
-            if os.path.isfile(metrics):
-                steps, values = heldout_curve(metrics)
+    for ax, d in zip(axes[0], data.values()):
+        for name, row in d["students"].items():
+            steps, values = (row.get("curves") or [([], [])])[0]
+            if steps:
                 ax.plot(steps, values, marker=".", linestyle="--" if name.startswith("dense-") else "-",
                         label=name)
         ax.set_title(f"teacher {d['label']}")

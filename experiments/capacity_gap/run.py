@@ -10,8 +10,9 @@ Built only on the public launchers: per teacher and distillation seed one ``laun
 run, which distils every student from one teacher pass (``launchers/distill.py --students``, held-out text
 scored every ``--eval_every`` steps) and fine-tunes each on every task and seed (``launchers/finetune.py``).
 Run it again after an interruption: finished runs are kept, an interrupted distillation continues from its
-last checkpoint. ``results.json``, ``results.md`` and ``curse.png`` are written into the output folder at the
-end (``--report_only`` writes them from what is there).
+last checkpoint. ``results.json``, ``results.md``, ``curse.png`` and ``heldout.png`` are written into the output
+folder at the end (``--report_only`` writes them from what is there). ``results.json`` is the complete record
+(held-out curves included): ``--reuse`` takes the teachers of an earlier one instead of running them again.
 
 Teachers: MiniLM-L6 (22.7M parameters) and MPNet-base (109.5M). Corpus:
 ``packaged:chat`` (15M words of English chat text, so the budget is read once, never repeated), 1% of its
@@ -77,14 +78,17 @@ def students(sizes: list[str], ablations: bool) -> list[dict]:
 
 def main(quick: bool = False, out: str = "", teachers: str = "minilm,mpnet", sizes: str = "", steps: int = 0,
          seeds: str = "", distill_seeds: str = "", ablations: bool | None = None, launcher: str = "python",
-         report_only: bool = False):
+         report_only: bool = False, reuse: str = ""):
     """Run the experiment (see the module docstring).
 
     quick: the quick mode (2L H128 students, 80 steps, sentiment and WNUT-16 once); default the full grid.
     out: output folder (default experiments/capacity_gap/runs/<quick|full>).
     teachers / sizes / steps / seeds / distill_seeds / ablations: override the mode's choice (comma-separated).
     launcher: how each launcher run starts ('python', or 'deepspeed --num_gpus 8' on a GPU node).
-    report_only: only (re)write results.json, results.md and curse.png from the runs that exist.
+    report_only: only (re)write results.json, results.md, curse.png and heldout.png from the runs that exist.
+    reuse: an earlier results.json of the same budget and seeds (e.g. results/full/results.json): its teachers
+      whose runs are not in the output folder are taken from it, not run again, so a grid can be finished
+      teacher by teacher, on another day or machine.
     """
     mode = dict(MODES["quick" if quick else "full"])
     for key, value in (("sizes", sizes), ("steps", steps), ("seeds", seeds), ("distill_seeds", distill_seeds)):
@@ -100,13 +104,15 @@ def main(quick: bool = False, out: str = "", teachers: str = "minilm,mpnet", siz
             raise SystemExit(f"error: --teachers: unknown teacher {t!r}; allowed {', '.join(TEACHERS)}")
     sizes_ = str(mode["sizes"]).split(",")
     dseeds = [s for s in str(mode["distill_seeds"]).split(",") if s]
+    from report import report, reusable
+    reused = {t: rows for t, rows in (reusable(reuse, mode) if reuse else {}).items()
+              if t in names and not os.path.isdir(os.path.join(out, t))}
     if not report_only:
-        for t in names:
+        for t in [t for t in names if t not in reused]:
             grid = students(sizes_, mode["ablations"] and t == "minilm")
             for seed in dseeds:
                 _sweep(t, grid, seed, mode, os.path.join(out, t, f"seed{seed}"), launcher)
-    from report import report
-    print(report(out, names, dseeds, mode))
+    print(report(out, names, dseeds, mode, reused))
 
 
 def _sweep(teacher: str, grid: list[dict], seed: str, mode: dict, folder: str, launcher: str) -> None:
