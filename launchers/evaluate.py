@@ -15,7 +15,7 @@ from minimoe.config import EvaluateConfig, check_output_file  # noqa: E402
 
 
 def run(cfg: EvaluateConfig) -> None:
-    from minimoe.finetune import evaluate_folder
+    from minimoe.task_eval import evaluate_folder
     out = cfg.output or os.path.join(os.path.dirname(os.path.abspath(cfg.model)), f"eval_{cfg.split}.json")
     check_output_file(out, "--output")
     r = evaluate_folder(cfg.model, cfg.split, cfg.data or None, cfg.max_seq_length, cfg.batch_size)

@@ -19,7 +19,7 @@ import torch
 from . import checkpoint, heldout, placement as placement_lib, plots, runlock, weights
 from .commands import dry_run
 from .config import ConfigError, DistillConfig, StudentConfig, check_output_dir
-from .data import assets, corpus as corpus_lib
+from .data import assets, corpus as corpus_lib, readers
 from .data.batches import GlobalBatches, StreamingBatches
 from .distributed import accelerator_name, agree, device
 from .engine import (build_student_engine, dtype_of, fill_schedule, pop_precision, student_ds_config,
@@ -109,7 +109,7 @@ def plan(cfg: DistillConfig) -> Plan:
     data = assets.resolve_corpus(cfg.data, cfg.cache_dir)
     eval_data = assets.resolve_corpus(cfg.eval_data, cfg.cache_dir) if cfg.eval_data else ""
     for source in filter(None, (data, eval_data)):
-        corpus_lib.check_source(source, cfg.text_column)
+        readers.check_source(source, cfg.text_column)
     held = heldout.build(data, eval_data, cfg.eval_fraction, cfg.text_column, tokenizer, cfg.max_seq_length,
                          cfg.short_seq_prob, cfg.pair_recipe, cfg.eval_pairs)
     by_name = {sp.name: sp for sp in students}
@@ -152,7 +152,7 @@ def _streaming_batches(cfg: DistillConfig, p: Plan, rank: int, micro: int, accum
     template = corpus_lib.PairTemplate.from_tokenizer(p.tokenizer)
 
     def make_examples(epoch: int, rank: int, world: int):
-        docs = corpus_lib.select_documents(corpus_lib.iter_documents(p.data, cfg.text_column, streaming=True),
+        docs = corpus_lib.select_documents(readers.iter_documents(p.data, cfg.text_column, streaming=True),
                                            cfg.eval_fraction, "train")
         docs = (d for i, d in enumerate(docs) if i % world == rank)
         return corpus_lib.iter_examples(docs, p.tokenizer, template, cfg.max_seq_length, cfg.short_seq_prob,

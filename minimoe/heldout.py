@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import ConfigError
-from .data import corpus as corpus_lib
+from .data import corpus as corpus_lib, readers
 from .data.batches import collate
 from .losses import relation_kl
 
@@ -48,9 +48,9 @@ def build(data: str, eval_data: str, eval_fraction: float, text_column: str, tok
         return None
     template = corpus_lib.PairTemplate.from_tokenizer(tokenizer)
     if eval_data:
-        docs, source = corpus_lib.iter_documents(eval_data, text_column), f"--eval_data {eval_data}"
+        docs, source = readers.iter_documents(eval_data, text_column), f"--eval_data {eval_data}"
     else:
-        docs = corpus_lib.select_documents(corpus_lib.iter_documents(data, text_column), eval_fraction, "eval")
+        docs = corpus_lib.select_documents(readers.iter_documents(data, text_column), eval_fraction, "eval")
         source = f"{eval_fraction:g} of --data {data} (documents held out of training)"
     pairs = corpus_lib.iter_examples(docs, tokenizer, template, max_seq_length, short_seq_prob, PAIR_SEED,
                                      recipe=recipe)

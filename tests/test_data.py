@@ -15,9 +15,10 @@ from minimoe.config import PACKAGED_TEACHER, ConfigError
 from minimoe.errors import UnreadableFile
 from minimoe.data import assets
 from minimoe.data.batches import GlobalBatches, StreamingBatches
-from minimoe.data import corpus as corpus_lib
-from minimoe.data.corpus import (PairTemplate, TokenizedCorpus, build_or_load, document_pairs, iter_documents,
-                                 iter_examples, split_sentences)
+from minimoe.data import corpus as corpus_lib, readers
+from minimoe.data.corpus import (PairTemplate, TokenizedCorpus, build_or_load, document_pairs, iter_examples,
+                                 split_sentences)
+from minimoe.data.readers import iter_documents
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +106,10 @@ def test_compressed_corpora_are_read_as_they_come(suffix, tok, tmp_path):
         path = str(tmp_path / (name + suffix))
         with opener(path, "wb") as fh:
             fh.write(raw)
-        assert corpus_lib.local_files(path) == [path]
-        corpus_lib.check_readable([path], "text")
+        assert readers.local_files(path) == [path]
+        readers.check_readable([path], "text")
         assert list(iter_documents(path)) == want
-    assert len(corpus_lib.local_files(str(tmp_path / f"*{suffix}"))) == 3
+    assert len(readers.local_files(str(tmp_path / f"*{suffix}"))) == 3
     data = str(tmp_path / f"c.txt{suffix}")
     with opener(data, "wb") as fh:
         fh.write(b"The cat sat on the mat. It was warm. The dog came by. It barked.\n")
@@ -117,7 +118,7 @@ def test_compressed_corpora_are_read_as_they_come(suffix, tok, tmp_path):
     assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 1
     (tmp_path / f"bad.txt{suffix}").write_bytes(b"plain text, not compressed\n" * 10)
     with pytest.raises(UnreadableFile, match=rf"bad\.txt\{suffix}' is truncated or corrupt"):
-        corpus_lib.check_readable([str(tmp_path / f"bad.txt{suffix}")], "text")
+        readers.check_readable([str(tmp_path / f"bad.txt{suffix}")], "text")
 
 
 def test_compressed_corpora_need_their_library_and_a_text_file_inside(tmp_path, monkeypatch):
@@ -131,7 +132,7 @@ def test_compressed_corpora_need_their_library_and_a_text_file_inside(tmp_path, 
     with pytest.raises(ConfigError, match=r"unsupported extension; allowed: \.txt, \.json, \.jsonl, "
                                           r"\.parquet, and the text ones compressed: \.gz, \.bz2, \.xz, "
                                           r"\.zst"):
-        corpus_lib.local_files(str(tmp_path / "d.parquet.gz"))
+        readers.local_files(str(tmp_path / "d.parquet.gz"))
     (tmp_path / "e.txt.xz").write_bytes(lzma.compress(b"Cut short. " * 1000)[:-40])
     with pytest.raises(UnreadableFile, match=r"e\.txt\.xz' is truncated or corrupt"):
         list(iter_documents(str(tmp_path / "e.txt.xz")))
@@ -139,29 +140,29 @@ def test_compressed_corpora_need_their_library_and_a_text_file_inside(tmp_path, 
 
 def test_hub_names_are_parsed_as_datasets_names_them_today(tmp_path):
     # org/name was taken for a local path with a slash ("does not exist"): the README's own example failed.
-    assert corpus_lib.local_files("wikimedia/wikipedia:20231101.en") is None
-    assert corpus_lib.hub_source("wikimedia/wikipedia:20231101.en") == ("wikimedia/wikipedia", "20231101.en")
-    assert corpus_lib.local_files("imdb") is None and corpus_lib.hub_source("imdb") == ("imdb", None)
+    assert readers.local_files("wikimedia/wikipedia:20231101.en") is None
+    assert readers.hub_source("wikimedia/wikipedia:20231101.en") == ("wikimedia/wikipedia", "20231101.en")
+    assert readers.local_files("imdb") is None and readers.hub_source("imdb") == ("imdb", None)
     for local in (str(tmp_path / "missing"), "data/sub/missing", "./missing", "corpora/*.jsonl"):
         with pytest.raises(ConfigError, match="does not exist"):
-            corpus_lib.local_files(local)
+            readers.local_files(local)
     with pytest.raises(ConfigError, match=r"'wikipedia:20231101\.en' is a legacy script dataset that "
                                           r"datasets no longer loads; its data is now 'wikimedia/wikipedia': "
                                           r"--data wikimedia/wikipedia:20231101\.en"):
-        corpus_lib.hub_source("wikipedia:20231101.en")
+        readers.hub_source("wikipedia:20231101.en")
     # Every hub name the README gives parses, and none is a legacy one.
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     names = [m for m in re.findall(r"--data[ =]([\w./:-]+)", readme) if _hub_like(m)]
     assert "wikimedia/wikipedia:20231101.en" in names
     for name in names:
-        corpus_lib.hub_source(name)
+        readers.hub_source(name)
     from minimoe.data.tasks import TASKS
     assert {t.hub[0] for t in TASKS.values() if t.hub and t.name != "conll2003"} == {"nyu-mll/glue"}
 
 
 def _hub_like(name):
     try:
-        return not name.startswith("packaged:") and corpus_lib.local_files(name) is None
+        return not name.startswith("packaged:") and readers.local_files(name) is None
     except ConfigError:  # a local path of the README's examples
         return False
 

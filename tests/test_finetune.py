@@ -52,7 +52,7 @@ def _worker(rank, f):
 @pytest.mark.slow
 @pytest.mark.parametrize("task,data", [("sentiment", "sentiment"), ("wnut16", "ner")])
 def test_two_rank_ep2_finetune_exports_a_model_that_scores_the_same(fx, task, data):
-    from minimoe.finetune import evaluate_folder
+    from minimoe.task_eval import evaluate_folder
     out = fx["tmp"] / f"run_{task}"
     spawn(_worker, 2, flags(fx, out, task=task, data=fx[data], ep_size=2))
     res = json.load(open(out / "results.json"))
@@ -174,7 +174,7 @@ def test_sweep_table_averages_seeds_then_tasks(tmp_path):
 def test_a_fixed_router_student_fine_tunes_at_ep2_and_its_model_scores_the_same(fx, router):
     """The random router's draw count is loop state: kept in checkpoints, left out of the exported task
     model, which loads and scores as the engine did (found by the capacity-gap experiment's ablations)."""
-    from minimoe.finetune import evaluate_folder
+    from minimoe.task_eval import evaluate_folder
     student = fx["tmp"] / f"student-{router}"
     MiniMoEModel(StudentConfig(num_layers=2, hidden_size=64, num_heads=4, ffn_size=128, num_experts=4,
                                router=router, router_seed=7)).save_pretrained(str(student))

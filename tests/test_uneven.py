@@ -222,7 +222,7 @@ def test_ep2_finetuning_over_2_to_60_words_and_an_odd_dev_set_scores_as_one_proc
     from minimoe import MiniMoEModel, StudentConfig
     from minimoe.config import PACKAGED_TEACHER
     from minimoe.data.assets import resolve_model
-    from minimoe.finetune import evaluate_folder
+    from minimoe.task_eval import evaluate_folder
     student = tmp_path / "student"
     MiniMoEModel(StudentConfig(num_layers=2, hidden_size=64, num_heads=4, ffn_size=128,
                                num_experts=4)).save_pretrained(str(student))
