@@ -79,7 +79,8 @@ class ExpertLinear(nn.Module):
 
 
 class Output(nn.Module):
-    """dense -> dropout -> (x gate) -> LayerNorm(+ residual), as their ``MoEBertSelfOutput``/``MoEBertOutput``.
+    """dense -> dropout -> (x gate) -> LayerNorm(+ residual), as their
+    ``MoEBertSelfOutput``/``MoEBertOutput``.
 
     The ``LayerNorm`` attribute name matters: their no-weight-decay group matches ``LayerNorm.weight``.
     """
@@ -229,7 +230,8 @@ def loss_fn(t_rels, s_rels, balance):
 # -------------------------------------------------------------------------------------------- optimizer
 
 class _HFAdamW(torch.optim.Optimizer):
-    """``transformers.AdamW`` (removed in transformers 5): per-parameter Python loop, decay after the update."""
+    """``transformers.AdamW`` (removed in transformers 5): per-parameter Python loop, decay after the
+    update."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -259,7 +261,8 @@ def optimizer_for(model: nn.Module, lr: float = 3e-4, weight_decay: float = 1e-2
     named = list(model.named_parameters())
     opt = _HFAdamW([{"params": [p for n, p in named if not any(nd in n for nd in no_decay)],
                      "weight_decay": weight_decay},
-                    {"params": [p for n, p in named if any(nd in n for nd in no_decay)], "weight_decay": 0.0}],
+                    {"params": [p for n, p in named if any(nd in n for nd in no_decay)],
+                     "weight_decay": 0.0}],
                    lr=lr)
     # Their schedule: linear, 1% warm-up over the epochs' steps; the length only sets the lr's value.
     return opt, get_scheduler("linear", optimizer=opt, num_warmup_steps=1000, num_training_steps=100000)

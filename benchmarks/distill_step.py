@@ -3,7 +3,8 @@
     python benchmarks/distill_step.py                       # E=4 (4L H384), the dense twin without and with
                                                             # the relation projection (1, 1p)
     python benchmarks/distill_step.py --experts 1,4,8 --micro_batch 16 --teacher_zero 0
-    python benchmarks/distill_step.py --experts 1,4 --procs 2 --out benchmarks/results/distill_step_2procs.json
+    python benchmarks/distill_step.py --experts 1,4 --procs 2 \
+        --out benchmarks/results/distill_step_2procs.json
     python benchmarks/distill_step.py --experts 4 --precisions fp32,bf16-teacher,bf16 \
         --out benchmarks/results/distill_step_bf16.json     # what bf16 buys, teacher alone and whole step
     python benchmarks/distill_step.py --device cuda --experts 1p,4 --out runs/gpu/distill_step.json
@@ -66,27 +67,30 @@ def measure(student: str, layers: int = 4, hidden: int = 384, micro_batch: int =
         "--master_port", str(_free_port())]
     with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
         p = subprocess.run([*start, os.path.abspath(__file__), "--experts", str(student), "--layers",
-                            str(layers), "--hidden", str(hidden), "--micro_batch", str(micro_batch), "--seq_len",
-                            str(seq_len), "--teacher", teacher, "--teacher_zero", str(teacher_zero), "--steps",
-                            str(steps), "--fused_adam", str(fused_adam), "--device", device, "--precision",
-                            precision, "--profile", profile, "--out", tmp.name, "--_child", "True"],
+                            str(layers), "--hidden", str(hidden), "--micro_batch", str(micro_batch),
+                            "--seq_len", str(seq_len), "--teacher", teacher, "--teacher_zero",
+                            str(teacher_zero), "--steps", str(steps), "--fused_adam", str(fused_adam),
+                            "--device", device, "--precision", precision, "--profile", profile, "--out",
+                            tmp.name, "--_child", "True"],
                            capture_output=True, text=True, env=dict(os.environ, DS_ACCELERATOR=device))
         if p.returncode:
             raise SystemExit(f"student {student} at {micro_batch} x {seq_len} failed:\n{p.stderr[-2000:]}")
         return json.load(open(tmp.name))
 
 
-def bench(experts: str = "1,1p,4", layers: int = 4, hidden: int = 384, micro_batch: int = 32, seq_len: int = 128,
-          teacher: str = "packaged:all-MiniLM-L6-v2", teacher_zero: int = 3, steps: int = 4,
-          fused_adam: bool = True, procs: int = 1, device: str = "cpu", precisions: str = "fp32",
-          profile: bool = False, check: bool = False, out: str = "benchmarks/results/distill_step.json") -> None:
+def bench(experts: str = "1,1p,4", layers: int = 4, hidden: int = 384, micro_batch: int = 32,
+          seq_len: int = 128, teacher: str = "packaged:all-MiniLM-L6-v2", teacher_zero: int = 3,
+          steps: int = 4, fused_adam: bool = True, procs: int = 1, device: str = "cpu",
+          precisions: str = "fp32", profile: bool = False, check: bool = False,
+          out: str = "benchmarks/results/distill_step.json") -> None:
     """Time teacher forward, student forward, relation loss, backward and optimizer step per student
     (``--experts 1,1p,4``: ``1p`` is the dense twin with the relation projection), in 1 or 2 processes,
     on ``--device`` cpu or cuda, at each of ``--precisions`` (fp32; bf16: student and teacher;
     bf16-teacher: an fp32 student, a bf16 teacher). ``--profile``: also the last step's ops by self CPU
     time, per student, beside ``--out`` (``<out>.E=4.bf16.profile.txt``). ``--check True``: validate the
     flags and exit."""
-    counts = experts if isinstance(experts, (tuple, list)) else str(experts).split(",")  # fire: "1,4" -> (1, 4)
+    # fire: "1,4" -> (1, 4)
+    counts = experts if isinstance(experts, (tuple, list)) else str(experts).split(",")
     bad = [e for e in counts if not str(e).rstrip("p").isdigit() or int(str(e).rstrip("p")) < 1]
     if bad:
         refuse(f"--experts {bad} is invalid: expert counts >= 1, a 'p' after one for the projected twin")
@@ -96,15 +100,15 @@ def bench(experts: str = "1,1p,4", layers: int = 4, hidden: int = 384, micro_bat
         refuse(f"--precisions {','.join(unknown)} is invalid: allowed {', '.join(PRECISIONS)}")
     check_device(device, check, procs)
     if check:
-        print(f"distill_step.py: flags resolve (experts {list(counts)}, precisions {kinds}, {procs} process(es), "
-              f"{device})")
+        print(f"distill_step.py: flags resolve (experts {list(counts)}, precisions {kinds}, "
+              f"{procs} process(es), {device})")
         return
     result = None
     for kind in kinds:
         for e in counts:
             table = f"{os.path.splitext(out)[0]}.E={e}.{kind}.profile.txt" if profile else ""
-            one = measure(str(e), layers, hidden, micro_batch, seq_len, teacher, teacher_zero, steps, fused_adam,
-                          procs, device, kind, table)
+            one = measure(str(e), layers, hidden, micro_batch, seq_len, teacher, teacher_zero, steps,
+                          fused_adam, procs, device, kind, table)
             if result is None:
                 result = one
             else:
@@ -112,8 +116,9 @@ def bench(experts: str = "1,1p,4", layers: int = 4, hidden: int = 384, micro_bat
     where = result.get("gpu") or f"{result['threads']} threads"
     print(f"fp32 matmul peak {result['machine_matmul_gflops']:.0f} GFLOP/s ({where}); "
           f"batch {micro_batch} x {seq_len} over {procs} process(es); teacher ZeRO-{teacher_zero}")
-    head = ["student", "precision", "params_M", "active_M", "teacher_fwd", "student_fwd", "loss_fwd", "backward", "optimizer",
-            "step_s", "tokens_per_s", "useful_gflops_per_s", "fraction_of_matmul_peak", "mean_max_load", "peak_rss_mb"]
+    head = ["student", "precision", "params_M", "active_M", "teacher_fwd", "student_fwd", "loss_fwd",
+            "backward", "optimizer", "step_s", "tokens_per_s", "useful_gflops_per_s",
+            "fraction_of_matmul_peak", "mean_max_load", "peak_rss_mb"]
     head += ["peak_gpu_mb"] if device == "cuda" else []
     print(" | ".join(head))
     for r in result["rows"]:
@@ -123,15 +128,17 @@ def bench(experts: str = "1,1p,4", layers: int = 4, hidden: int = 384, micro_bat
     twins = {"step_ratio": "E=1", "step_ratio_vs_projected_twin": "E=1+proj"}
     for key, name in twins.items():
         for r in result["rows"]:
-            twin = next((t for t in result["rows"] if t["student"] == name and t["precision"] == r["precision"]),
-                        None)
+            twin = next((t for t in result["rows"]
+                         if t["student"] == name and t["precision"] == r["precision"]), None)
             r[key] = r["step_s"] / twin["step_s"] if twin else None
             if twin and r["experts"] > 1:
-                print(f"{r['student']} {r['precision']}: step {r[key]:.2f}x {name}'s (target <= 1.10); extra time by phase: "
+                print(f"{r['student']} {r['precision']}: step {r[key]:.2f}x {name}'s (target <= 1.10); "
+                      "extra time by phase: "
                       + ", ".join(f"{k} {r[k] - twin[k]:+.3f} s" for k in PHASES))
     # What bf16 buys: each row's step against the fp32 row of the same student.
     for r in result["rows"]:
-        base = next((b for b in result["rows"] if b["student"] == r["student"] and b["precision"] == "fp32"), None)
+        base = next((b for b in result["rows"]
+                     if b["student"] == r["student"] and b["precision"] == "fp32"), None)
         r["speedup_vs_fp32"] = base["step_s"] / r["step_s"] if base else None
         if base and r["precision"] != "fp32":
             print(f"{r['student']} {r['precision']}: {r['speedup_vs_fp32']:.2f}x the fp32 step; by phase: "
@@ -139,7 +146,8 @@ def bench(experts: str = "1,1p,4", layers: int = 4, hidden: int = 384, micro_bat
     save(result, out, _plot)
 
 
-# fp32; bf16: student (DeepSpeed's bf16 engine, fp32 master weights) and teacher; bf16-teacher: the teacher only.
+# fp32; bf16: student (DeepSpeed's bf16 engine, fp32 master weights) and teacher; bf16-teacher: the
+# teacher only.
 PRECISIONS = ("fp32", "bf16", "bf16-teacher")
 PHASES = ("teacher_fwd", "student_fwd", "loss_fwd", "backward", "optimizer")
 
@@ -148,7 +156,8 @@ def _plot(result: dict, path: str) -> None:
     """Stacked step time by phase, one bar per student."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    labels = [r["student"] + ("" if r["precision"] == "fp32" else f"\n{r['precision']}") for r in result["rows"]]
+    labels = [r["student"] + ("" if r["precision"] == "fp32" else f"\n{r['precision']}")
+              for r in result["rows"]]
     bottom = [0.0] * len(labels)
     for phase in PHASES:
         values = [r[phase] for r in result["rows"]]
@@ -165,7 +174,8 @@ def _plot(result: dict, path: str) -> None:
 
 @contextlib.contextmanager
 def _profiled(on: bool, path: str, device: str):
-    """With ``on``, torch's profiler over the block: the ops by self CPU time, per phase and in all, to ``path``."""
+    """With ``on``, torch's profiler over the block: the ops by self CPU time, per phase and in all, to
+    ``path``."""
     if not on:
         yield
         return
@@ -179,8 +189,9 @@ def _profiled(on: bool, path: str, device: str):
     print(f"wrote {path}", file=sys.stderr)
 
 
-def _one(experts: str, layers: int, hidden: int, micro_batch: int, seq_len: int, teacher: str, teacher_zero: int,
-         steps: int, fused_adam: bool, device: str, precision: str, profile: str, out: str) -> None:
+def _one(experts: str, layers: int, hidden: int, micro_batch: int, seq_len: int, teacher: str,
+         teacher_zero: int, steps: int, fused_adam: bool, device: str, precision: str, profile: str,
+         out: str) -> None:
     from minimoe import MiniMoEModel, StudentConfig, flops_per_sequence, count_parameters
     from minimoe.data.assets import resolve_model
     from minimoe.distributed import init_distributed
@@ -206,7 +217,8 @@ def _one(experts: str, layers: int, hidden: int, micro_batch: int, seq_len: int,
     # The teacher is an encoder of its own shape: count its forward like a dense student's.
     t_flops = flops_per_sequence(StudentConfig(num_layers=tch.layer + 1, hidden_size=t_cfg.hidden_size,
                                                num_heads=t_cfg.num_attention_heads,
-                                               ffn_size=t_cfg.intermediate_size, num_experts=1), seq_len)["forward_flops"]
+                                               ffn_size=t_cfg.intermediate_size, num_experts=1),
+                                 seq_len)["forward_flops"]
     ids = torch.randint(1000, 20000, (micro_batch, seq_len))[rank * local:(rank + 1) * local].to(device)
     mask = torch.ones_like(ids)
     batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
@@ -260,19 +272,20 @@ def _one(experts: str, layers: int, hidden: int, micro_batch: int, seq_len: int,
         s_flops = flops_per_sequence(cfg, seq_len)["forward_flops"]
         useful = micro_batch * (3 * s_flops + t_flops)  # student fwd + bwd (2x), teacher fwd
         c = count_parameters(cfg)
-        rows.append({"student": f"E={e}" + ("+proj" if projected else ""), "precision": precision, "experts": e,
-                     "procs": world, "loss": float(loss),
+        rows.append({"student": f"E={e}" + ("+proj" if projected else ""), "precision": precision,
+                     "experts": e, "procs": world, "loss": float(loss),
                      "params_M": c["total"] / 1e6, "active_M": c["active"] / 1e6,
                      **{k: round(v, 4) for k, v in phases.items()}, "step_s": step_s,
-                     "tokens_per_s": micro_batch * seq_len / step_s, "useful_gflops_per_s": useful / step_s / 1e9,
+                     "tokens_per_s": micro_batch * seq_len / step_s,
+                     "useful_gflops_per_s": useful / step_s / 1e9,
                      "fraction_of_matmul_peak": useful / step_s / 1e9 / peak,
                      "mean_max_load": sum(max_load) / len(max_load) if max_load else 1.0,
                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                      **({"peak_gpu_mb": peak_device_mib(device)} if device == "cuda" else {})})
     if rank:
         return
-    result = {"machine_matmul_gflops": peak, "threads": torch.get_num_threads() * world, "micro_batch": micro_batch,
-              "fused_adam": fused_adam,
+    result = {"machine_matmul_gflops": peak, "threads": torch.get_num_threads() * world,
+              "micro_batch": micro_batch, "fused_adam": fused_adam,
               "seq_len": seq_len, "teacher": teacher, "teacher_zero_stage": teacher_zero,
               "teacher_gflops_per_seq": t_flops / 1e9, "rows": rows,
               **({"device": device, "gpu": describe(device, 0)} if device == "cuda" else {})}

@@ -101,9 +101,9 @@ def _time(model, inputs, reps: int, device: str = "cpu") -> list[float]:
     return out
 
 
-def bench(experts: str = "4", layers: int = 4, hidden: int = 384, shapes: str = "1x128,32x128", reps: int = 30,
-          quick: bool = False, runtime: str = "torch", device: str = "cpu", check: bool = False,
-          out: str = "benchmarks/results/inference.json") -> dict:
+def bench(experts: str = "4", layers: int = 4, hidden: int = 384, shapes: str = "1x128,32x128",
+          reps: int = 30, quick: bool = False, runtime: str = "torch", device: str = "cpu",
+          check: bool = False, out: str = "benchmarks/results/inference.json") -> dict:
     """Median forward latency of each MoE student and the dense twin (E=1) at each batch x length, in
     PyTorch (``--runtime torch``) or onnxruntime (``--runtime onnx``), on ``--device`` cpu or cuda.
     ``--check True``: validate the flags and exit."""
@@ -112,7 +112,8 @@ def bench(experts: str = "4", layers: int = 4, hidden: int = 384, shapes: str = 
         raise SystemExit(f"--runtime {runtime!r} is invalid: choose torch or onnx")
     check_device(device, check)
     try:
-        counts = [int(e) for e in (experts if isinstance(experts, (tuple, list)) else str(experts).split(","))]
+        counts = [int(e) for e in (experts if isinstance(experts, (tuple, list))
+                                   else str(experts).split(","))]
         shape_list = [tuple(int(v) for v in s.split("x"))
                       for s in (shapes if isinstance(shapes, (tuple, list)) else str(shapes).split(","))]
     except ValueError:
@@ -167,7 +168,8 @@ def bench(experts: str = "4", layers: int = 4, hidden: int = 384, shapes: str = 
           f"{'extra MB':>8} {'limit ms':>8} {'/ limit':>7} {'max load':>8}")
     for r in rows:
         print(f"{r['experts']:>7} {str(r['batch']) + ' x ' + str(r['seq_len']):>12} {r['dense_ms']:>9.2f} "
-              f"{r['moe_ms']:>9.2f} {r['latency_ratio']:>6.2f} {r['target'] or '-':>6} {r['extra_weight_mb']:>8.1f} "
+              f"{r['moe_ms']:>9.2f} {r['latency_ratio']:>6.2f} {r['target'] or '-':>6} "
+              f"{r['extra_weight_mb']:>8.1f} "
               f"{r['limit_ms']:>8.2f} {r['limit_ratio']:>7.2f} {r['mean_max_load']:>8.2f}")
     save(result, out, _plot)
 
@@ -193,7 +195,8 @@ def _plot(result: dict, path: str) -> None:
         ax.set_ylabel("ms per forward (median)")
         ax.margins(y=0.3)  # room above the bars for the ratios and the legend
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"exported student inference ({result['runtime']}), {result['layers']}L H{result['hidden']}, "
+    fig.suptitle(f"exported student inference ({result['runtime']}), "
+                 f"{result['layers']}L H{result['hidden']}, "
                  f"{result.get('gpu') or str(result['threads']) + ' threads'}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -32,7 +32,8 @@ def bench(lengths: str = "64,128,256,512", length_experts: str = "1,4", experts:
     for e in _ints(length_experts):
         for length in _ints(lengths):
             r = measure(str(e), micro_batch=max(1, tokens // length), seq_len=length, steps=steps)
-            rows.append({"sweep": "length", **r["rows"][0], "seq_len": length, "micro_batch": tokens // length})
+            rows.append({"sweep": "length", **r["rows"][0], "seq_len": length,
+                         "micro_batch": tokens // length})
     for e in _ints(experts):
         r = measure(str(e), micro_batch=max(1, tokens // 128), seq_len=128, steps=steps)
         rows.append({"sweep": "experts", **r["rows"][0], "seq_len": 128, "micro_batch": tokens // 128})
@@ -57,7 +58,8 @@ def _plot(result: dict, path: str) -> None:
             pts = [r for r in part if e is None or r["experts"] == e]
             label = f"E={e}" if e is not None else None
             axes[0][col].plot([r[x_key] for r in pts], [r["step_s"] for r in pts], "o-", label=label)
-            axes[1][col].plot([r[x_key] for r in pts], [r["peak_rss_mb"] / 1024 for r in pts], "o-", label=label)
+            axes[1][col].plot([r[x_key] for r in pts], [r["peak_rss_mb"] / 1024 for r in pts], "o-",
+                              label=label)
         for row, y_label in ((0, "seconds per step"), (1, "peak RSS, GiB")):
             axes[row][col].set_xscale("log", base=2)
             axes[row][col].set_xlabel(x_label)

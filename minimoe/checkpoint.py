@@ -117,7 +117,8 @@ def save(parts: list[Part], root: str, step: int, rank: int, keep: int, tag: Opt
             # DeepSpeed's rank 0 writes `latest` as soon as *its* files are done; a kill at that moment would
             # point `latest` at a tag missing other ranks' shards. So: save, wait for every rank, then commit.
             save_dir, ds_tag = (tag_dir, part.subdir) if part.subdir else (root, tag)
-            part.engine.save_checkpoint(save_dir, tag=ds_tag, client_state={**part.client_state, EXPERT_LAYOUT_KEY: STACKED},
+            part.engine.save_checkpoint(save_dir, tag=ds_tag,
+                                        client_state={**part.client_state, EXPERT_LAYOUT_KEY: STACKED},
                                         save_latest=False)
         dist.barrier()
         if rank == 0:
@@ -219,7 +220,8 @@ def resolve(resume, checkpoints_root: str) -> Optional[tuple[str, str]]:
             raise ConfigError(f"--resume {resume!r}: this checkpoint's save did not finish (no '{COMPLETE}' "
                               "marker); resume from an earlier one")
         return root, tag
-    raise ConfigError(f"--resume {resume!r} is not a checkpoint folder (no 'latest' or mp_rank_00_model_states.pt)")
+    raise ConfigError(f"--resume {resume!r} is not a checkpoint folder (no 'latest' or "
+                      "mp_rank_00_model_states.pt)")
 
 
 def plan_resume(cfg, global_batch: int, global_batch_fix: str, check_stage=None,
@@ -235,8 +237,8 @@ def plan_resume(cfg, global_batch: int, global_batch_fix: str, check_stage=None,
     resume = resolve(cfg.resume, root)
     if resume is None:
         if complete_tags(root) and not cfg.launch.dry_run:
-            raise ConfigError(f"--output_dir {cfg.output_dir!r} holds checkpoints of an earlier run; pass --resume "
-                              "to continue it or choose another --output_dir")
+            raise ConfigError(f"--output_dir {cfg.output_dir!r} holds checkpoints of an earlier run; "
+                              "pass --resume to continue it or choose another --output_dir")
         return None, {}
     tag_dir = os.path.join(*resume)
     held = members_of(tag_dir)
@@ -256,7 +258,8 @@ def plan_resume(cfg, global_batch: int, global_batch_fix: str, check_stage=None,
         if client.get("minimoe_global_batch") != global_batch:
             raise ConfigError(f"--resume: the checkpoint was trained with global batch "
                               f"{client.get('minimoe_global_batch')}, this run has {global_batch} "
-                              f"({global_batch_fix}); set --micro_batch_size / --grad_accum so that they match")
+                              f"({global_batch_fix}); "
+                              "set --micro_batch_size / --grad_accum so that they match")
     return resume, clients
 
 
@@ -277,8 +280,8 @@ def check_shards(tag_dir: str, client: dict) -> None:
     for rank in range(world):
         path = os.path.join(tag_dir, f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
         if not os.path.isfile(path):
-            raise UnreadableFile(f"{path!r} is missing: the checkpoint is incomplete; resume from an earlier one, "
-                                 "or pass --resume_weights_only to continue with fresh optimizer state")
+            raise UnreadableFile(f"{path!r} is missing: the checkpoint is incomplete; resume from an earlier "
+                                 "one, or pass --resume_weights_only to continue with fresh optimizer state")
 
 
 def _torch_load(path: str):

@@ -11,7 +11,8 @@ from .flags import from_flags, help_text
 
 
 def _strip_local_rank(argv: list[str]) -> list[str]:
-    """The deepspeed launcher appends --local_rank=N (fire would read it as a flag); LOCAL_RANK is in the env."""
+    """The deepspeed launcher appends --local_rank=N (fire would read it as a flag); LOCAL_RANK is in the
+    env."""
     out, skip = [], False
     for a in argv:
         if skip:
@@ -35,8 +36,8 @@ def _check_positionals(argv: list[str]) -> None:
         elif previous is not None:
             previous = None  # the value of the flag before it
         else:
-            raise ConfigError(f"unexpected argument {token!r}: every value belongs to a --flag; quote a glob and "
-                              "join files with commas (--data 'dir/*.txt' or --data a.txt,b.txt)")
+            raise ConfigError(f"unexpected argument {token!r}: every value belongs to a --flag; quote a "
+                              "glob and join files with commas (--data 'dir/*.txt' or --data a.txt,b.txt)")
 
 
 def main(config_cls, run: Callable | str, prog: str, argv: list[str] | None = None) -> int:

@@ -30,8 +30,8 @@ def launch_commands(world: World, script: str, flags: list[str], port: int) -> l
     if world.uniform:
         per_node = world.hosts[0][1]
         ways.append(("torchrun: one command per node, each started on its node",
-                     [f"torchrun --nnodes {world.nodes} --nproc_per_node {per_node} --node_rank {i} {rendezvous} "
-                      f"{args}" for i in range(world.nodes)]))
+                     [f"torchrun --nnodes {world.nodes} --nproc_per_node {per_node} --node_rank {i} "
+                      f"{rendezvous} {args}" for i in range(world.nodes)]))
         export = "" if script == DEFAULT_SCRIPT else f"--export=ALL,LAUNCHER={script} "
         ways.append(("Slurm: one batch job (srun starts torchrun on every node; rendezvous on the first)",
                      [f"sbatch --nodes {world.nodes} --gpus-per-node {per_node} {export}{SLURM_SCRIPT} "

@@ -36,7 +36,8 @@ KNOWN_NOISE = (
     Noise(r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
           "DeepSpeed 0.19's ZeRO gathers call it; torch still runs it unchanged"),
     Noise(r"^(begin|end) bf16_optimizer$|^MA [\d.]+ GB +Max_MA|^CPU Virtual Memory: +used =",
-          "DeepSpeed's bf16 optimizer prints the memory in use when it is built (the plan states the budget)"),
+          "DeepSpeed's bf16 optimizer prints the memory in use when it is built (the plan states the "
+          "budget)"),
     Noise(r"Token indices sequence length is longer than the specified maximum sequence length",
           "documents are tokenised whole, then cut into pairs of at most --max_seq_length tokens"),
 )

@@ -68,8 +68,8 @@ def plan(cfg: DistillConfig) -> Plan:
     info = teacher_info(teacher)
     for name, one in members:
         if info.hidden_size % one.relation_heads:
-            raise ConfigError(f"{_who(name)}--relation_heads {one.relation_heads} must divide the teacher hidden "
-                              f"size {info.hidden_size}")
+            raise ConfigError(f"{_who(name)}--relation_heads {one.relation_heads} must divide the teacher "
+                              f"hidden size {info.hidden_size}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(teacher)
     except (OSError, ValueError) as e:
@@ -84,13 +84,15 @@ def plan(cfg: DistillConfig) -> Plan:
     memory = placement_lib.memory_per_rank(world.hosts[0][1])
     students, t_ds, placement = [], None, None
     for name, one in members:
-        student = dataclasses.replace(one.student, vocab_size=info.vocab_size, pad_token_id=tokenizer.pad_token_id,
+        student = dataclasses.replace(one.student, vocab_size=info.vocab_size,
+                                      pad_token_id=tokenizer.pad_token_id,
                                       router_seed=cfg.seed if one.student.router == "random" else 0)
         s_ds = student_ds_config(one, world.size, accel)
         precision = pop_precision(s_ds)
         micro = s_ds["train_micro_batch_size_per_gpu"]
         if t_ds is None:  # the teacher is planned once, from the run's (the first student's) batch
-            t_ds = teacher_ds_config(cfg, world.size, micro, accel, layer_params=teacher_params // (layer + 1))
+            t_ds = teacher_ds_config(cfg, world.size, micro, accel,
+                                     layer_params=teacher_params // (layer + 1))
             teacher_bytes = teacher_params * dtype_of(t_ds["_minimoe_precision"]).itemsize
             placement = placement_lib.choose(cfg.teacher_placement, placement_lib.file_placement(t_ds),
                                              teacher_bytes, world.size, accel, *memory)
@@ -119,14 +121,15 @@ def plan(cfg: DistillConfig) -> Plan:
         saved_target = client.get("minimoe_target", sp.target)  # older checkpoints did not record it
         changed = sorted(k for k in sp.target if saved_target.get(k) != sp.target[k])
         if changed:
-            raise ConfigError(f"--resume: {_who(member)}the checkpoint distilled another target: {changed} were "
-                              f"{[saved_target.get(k) for k in changed]}, this run has "
+            raise ConfigError(f"--resume: {_who(member)}the checkpoint distilled another target: {changed} "
+                              f"were {[saved_target.get(k) for k in changed]}, this run has "
                               f"{[sp.target[k] for k in changed]}")
         # a key the checkpoint lacks is a field added since: it had that field's default
         saved = {**StudentConfig().to_dict(), **(client.get("minimoe_student") or {})}
         diff = sorted(k for k, v in sp.student.to_dict().items() if saved.get(k) != v)
         if diff:
-            raise ConfigError(f"--resume: {_who(member)}the checkpoint's student differs from this run's in {diff}")
+            raise ConfigError(f"--resume: {_who(member)}the checkpoint's student differs from this run's "
+                              f"in {diff}")
 
     layout = students[0].layout
     resume, resume_clients = checkpoint.plan_resume(
@@ -158,7 +161,8 @@ def _streaming_batches(cfg: DistillConfig, p: Plan, rank: int, micro: int, accum
         return corpus_lib.iter_examples(docs, p.tokenizer, template, cfg.max_seq_length, cfg.short_seq_prob,
                                         cfg.seed + 7919 * epoch + rank, recipe=cfg.pair_recipe)
 
-    return StreamingBatches(make_examples, micro, accum, p.world_size, rank, cfg.seed, p.tokenizer.pad_token_id)
+    return StreamingBatches(make_examples, micro, accum, p.world_size, rank, cfg.seed,
+                            p.tokenizer.pad_token_id)
 
 
 def run(cfg: DistillConfig) -> dict:
@@ -178,7 +182,8 @@ def run(cfg: DistillConfig) -> dict:
     else:
         corpus = _load_corpus(cfg, p)
         corpus_size = len(corpus)
-        batches = GlobalBatches(corpus, micro, accum, p.world_size, dist_info.rank, cfg.seed, p.tokenizer.pad_token_id)
+        batches = GlobalBatches(corpus, micro, accum, p.world_size, dist_info.rank, cfg.seed,
+                                p.tokenizer.pad_token_id)
         total_steps = batches.total_steps(cfg.max_steps, cfg.num_epochs, f"--data {cfg.data!r}")
 
     placement = p.layout.placement
@@ -202,10 +207,12 @@ def run(cfg: DistillConfig) -> dict:
 
         members.append(Member(engine, sp.layout, client_state, name=sp.name, cfg=sp.cfg))
 
-    held = p.held and heldout.HeldOutLoss(p.held, micro, dist_info.rank, p.world_size, p.tokenizer.pad_token_id, dev)
+    held = p.held and heldout.HeldOutLoss(p.held, micro, dist_info.rank, p.world_size,
+                                          p.tokenizer.pad_token_id, dev)
     spec = Distillation(batches, teacher, dev, held)
     eval_every = (cfg.eval_every or total_steps) if held else 0  # 0: at the end only
-    trainer = Trainer(spec, members, cfg, dist_info, Cadence(total_steps, cfg.log_every, cfg.save_every, eval_every))
+    trainer = Trainer(spec, members, cfg, dist_info,
+                      Cadence(total_steps, cfg.log_every, cfg.save_every, eval_every))
     start_step = trainer.resume(p.resume, p.resume_clients)
     common = {"command": command_line(), "world_size": p.world_size, "global_batch": batches.global_batch,
               "total_steps": total_steps, "corpus_pairs": corpus_size,
@@ -276,7 +283,8 @@ class Distillation:
 
     def loss(self, member, batch: dict, t_qkv):
         cfg = member.cfg
-        out = member.engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], output_qkv=True)
+        out = member.engine(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                            output_qkv=True)
         relation = relation_kl(t_qkv, out.qkv, batch["attention_mask"], cfg.relation_heads,
                                dropout=cfg.relation_dropout)
         return relation + cfg.load_balance_weight * out.aux_loss, (relation, out, self._teacher_s)
@@ -292,7 +300,8 @@ class Distillation:
             line = (f"step {step}: {who}held-out relation {scores['relation']:.4f} (Q-Q {scores['qq']:.4f}, "
                     f"K-K {scores['kk']:.4f}, V-V {scores['vv']:.4f})")
             if "routing_entropy" in scores:
-                line += f", routing entropy {scores['routing_entropy']:.3f}, max load {scores['max_load']:.2f}"
+                line += (f", routing entropy {scores['routing_entropy']:.3f}, "
+                         f"max load {scores['max_load']:.2f}")
             out.append(({f"heldout_{k}": v for k, v in scores.items()}, line))
         return out
 
@@ -339,7 +348,8 @@ class _Window:
         relation, aux, micro, tokens, padded, teacher_s, step_time, member_s = v.tolist()
         step_time /= world_size  # every rank times the same steps
         metrics = {"relation": relation / micro, "load_balance": aux / micro,
-                   "tokens": tokens, "tokens_per_s": tokens / step_time, "padded_tokens_per_s": padded / step_time,
+                   "tokens": tokens, "tokens_per_s": tokens / step_time,
+                   "padded_tokens_per_s": padded / step_time,
                    "loss": (relation + self.weight * aux) / micro,
                    "step_s": step_time / self.steps, "teacher_share": teacher_s / world_size / step_time,
                    "student_share": member_s / world_size / step_time}
@@ -362,15 +372,17 @@ def _summary(sp: StudentPlan, p: Plan, history, wall, steps, total_steps, rss, t
                        "paper_gflops": f["paper_gflops"], "forward_gflops": f["forward_flops"] / 1e9}
     tokens_per_s = [h["tokens_per_s"] for h in history]
     return {
-        "steps": steps, "total_steps": total_steps, "wall_s": wall, "steps_per_s": steps / wall if wall else 0.0,
+        "steps": steps, "total_steps": total_steps, "wall_s": wall,
+        "steps_per_s": steps / wall if wall else 0.0,
         "tokens_per_s": sum(tokens_per_s) / len(tokens_per_s) if tokens_per_s else 0.0,
         "relation_first": history[0]["relation"] if history else None,
         "relation_last": history[-1]["relation"] if history else None,
         "tokens_seen": int(sum(h["tokens"] for h in history)),
         "global_batch": global_batch, "world_size": p.world_size, "ep_size": sp.cfg.ep_size,
         "peak_rss_mib_per_rank": rss,
-        "teacher": {"name": p.teacher, "hidden_size": teacher.info.hidden_size, "layers": teacher.info.num_layers,
-                    "placement": teacher.placement.kind, "bytes_per_rank": teacher.bytes_per_rank()},
+        "teacher": {"name": p.teacher, "hidden_size": teacher.info.hidden_size,
+                    "layers": teacher.info.num_layers, "placement": teacher.placement.kind,
+                    "bytes_per_rank": teacher.bytes_per_rank()},
         "models": table,
         "heldout": None if held is None else {**held, "pairs": len(p.held.examples), "tokens": p.held.tokens,
                                               "source": p.held.source},
@@ -379,8 +391,10 @@ def _summary(sp: StudentPlan, p: Plan, history, wall, steps, total_steps, rss, t
 
 def format_summary(s: dict) -> str:
     done = (f"done: {s['steps']} steps in {s['wall_s']:.1f} s ({s['steps_per_s']:.3f} steps/s, "
-            f"{s['tokens_per_s']:.0f} tokens/s), relation loss {s['relation_first']:.4f} -> {s['relation_last']:.4f}"
-            if s["relation_first"] is not None else "done: the checkpoint was already at the last step; exported it")
+            f"{s['tokens_per_s']:.0f} tokens/s), relation loss {s['relation_first']:.4f} -> "
+            f"{s['relation_last']:.4f}"
+            if s["relation_first"] is not None
+            else "done: the checkpoint was already at the last step; exported it")
     held = s.get("heldout")
     if held:
         done += (f"; held-out relation {held['relation']:.4f} ({held['pairs']} pairs, dropout and gate noise "

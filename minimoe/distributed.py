@@ -52,8 +52,9 @@ def _check_port_free(port: int) -> None:
             s.bind(("0.0.0.0", port))
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                raise ConfigError(f"--master_port {port} is in use on this machine (another job?): start this "
-                                  f"one with another port (deepspeed --master_port P, torchrun --master_port P)")
+                raise ConfigError(f"--master_port {port} is in use on this machine (another job?): "
+                                  f"start this one with another port (deepspeed --master_port P, "
+                                  f"torchrun --master_port P)")
 
 
 def init_distributed() -> DistInfo:
@@ -64,7 +65,8 @@ def init_distributed() -> DistInfo:
 
     if "RANK" not in os.environ:  # plain `python`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                          MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     if os.environ.get("RANK") == "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         _check_port_free(int(os.environ["MASTER_PORT"]))  # rank 0 hosts the rendezvous store (not torchrun)
     local_world = env_local_world_size()
@@ -141,7 +143,8 @@ def accelerator_name() -> str:
     try:
         accel = get_accelerator()
     except ValueError as e:  # DeepSpeed's own check of the other names (xpu, npu, mps, ...)
-        raise ConfigError(f"DS_ACCELERATOR={asked} was asked for, but {str(e).splitlines()[0]}; {fix}") from None
+        raise ConfigError(f"DS_ACCELERATOR={asked} was asked for, but {str(e).splitlines()[0]}; "
+                          f"{fix}") from None
     if asked and asked != "cpu" and not accel.is_available():
         import torch
         why = ("this torch is built without CUDA" if asked == "cuda" and not torch.version.cuda

@@ -21,7 +21,8 @@ PAPER_GRAD_CLIP = 5.0
 
 
 def _precision(ds: dict, precision: str, accelerator: str, what: str) -> str:
-    if precision == "mixed":  # the paper trains with fp16 autocast; bf16 where the GPU has it is the safer half
+    if precision == "mixed":
+        # the paper trains with fp16 autocast; bf16 where the GPU has it is the safer half
         precision = "fp32" if accelerator == "cpu" else "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if precision != "auto":
         ds.setdefault("bf16", {})["enabled"] = precision == "bf16"
@@ -50,24 +51,27 @@ def student_ds_config(cfg: TrainConfig, world_size: int, accelerator: str) -> di
         raise ConfigError(f"{what}: zero_optimization.stage {stage} is invalid; allowed 0, 1, 2")
     precision = _precision(ds, cfg.precision, accelerator, what)
 
-    micro = cfg.micro_batch_size or _int_or_none(ds.get("train_micro_batch_size_per_gpu")) or DEFAULT_MICRO_BATCH
+    micro = (cfg.micro_batch_size or _int_or_none(ds.get("train_micro_batch_size_per_gpu"))
+             or DEFAULT_MICRO_BATCH)
     accum = cfg.grad_accum or _int_or_none(ds.get("gradient_accumulation_steps")) or 1
     if cfg.global_batch:
         accum, rest = divmod(cfg.global_batch, micro * world_size)
         if rest or not accum:
-            raise ConfigError(f"--global_batch {cfg.global_batch} is not a multiple of micro batch x ranks = {micro} "
-                              f"x {world_size}; choose a multiple, or set --micro_batch_size")
+            raise ConfigError(f"--global_batch {cfg.global_batch} is not a multiple of micro batch x ranks = "
+                              f"{micro} x {world_size}; choose a multiple, or set --micro_batch_size")
     stated = ds.get("train_batch_size", "auto")
     if stated != "auto" and stated != micro * accum * world_size:
-        raise ConfigError(f"{what}: train_batch_size {stated} is not micro batch x grad accum x ranks = {micro} x "
-                          f"{accum} x {world_size}; write \"auto\" (or leave it out) and minimoe derives it")
+        raise ConfigError(f"{what}: train_batch_size {stated} is not micro batch x grad accum x ranks = "
+                          f"{micro} x {accum} x {world_size}; write \"auto\" (or leave it out) and minimoe "
+                          "derives it")
     ds["train_micro_batch_size_per_gpu"] = micro
     ds["gradient_accumulation_steps"] = accum
     ds["train_batch_size"] = micro * accum * world_size
 
     opt = ds.get("optimizer")
     if not opt or "type" not in opt:
-        raise ConfigError(f"{what} has no optimizer block; the student needs one (see ds_configs/zero2_moe.json)")
+        raise ConfigError(f"{what} has no optimizer block; the student needs one "
+                          "(see ds_configs/zero2_moe.json)")
     params = opt.setdefault("params", {})
     if cfg.lr is not None:
         params["lr"] = cfg.lr
@@ -167,9 +171,11 @@ def check_shapes(ds: dict, what: str) -> None:
             raise ConfigError(f"{what}: {block}.params must be a JSON object, got {spec['params']!r}")
         kind = spec.get("type")
         if kind is not None and (not isinstance(kind, str) or
-                                 (kind.lower() not in known and kind not in known and not hasattr(source, kind))):
+                                 (kind.lower() not in known and kind not in known
+                                  and not hasattr(source, kind))):
             raise ConfigError(f"{what}: {block}.type {kind!r} is not one DeepSpeed can build; allowed "
-                              f"{', '.join(sorted(known))} or a torch.{source.__name__.split('.', 1)[1]} class")
+                              f"{', '.join(sorted(known))} or a "
+                              f"torch.{source.__name__.split('.', 1)[1]} class")
     params = (ds.get("optimizer") or {}).get("params", {})
     for key in ("lr", "eps", "weight_decay"):
         if key in params and params[key] != "auto" and (not _number(params[key]) or params[key] < 0):
@@ -216,7 +222,8 @@ def check_deepspeed_keys(ds: dict, what: str, strict: bool) -> None:
         where = ".".join(str(x) for x in err["loc"])
         raise ConfigError(f"{what}: {e.title} {where}: {err['msg']} (input {err.get('input')!r})")
     except (AssertionError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{what}: DeepSpeed rejects it: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        raise ConfigError(f"{what}: DeepSpeed rejects it: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
     recorded.read.add("train_batch_size")
     for key in sorted(set(recorded) - recorded.read):
         close = difflib.get_close_matches(key, sorted(recorded.read), n=1)
@@ -260,13 +267,15 @@ def optimizer_groups(model: torch.nn.Module) -> list[dict]:
     for name, p in model.named_parameters():
         if p.requires_grad:  # stacked experts' biases are [E, F]: 2-D, still biases
             (no_decay if p.ndim < 2 or name.endswith("_bias") else decay).append(p)
-    groups = [{"name": "decay", "params": decay}, {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    groups = [{"name": "decay", "params": decay},
+              {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
     return split_params_into_different_moe_groups_for_optimizer(groups)
 
 
 def build_student_engine(model: torch.nn.Module, ds_config: dict, what: str = "--ds_config"):
     """The DeepSpeed engine. What ``check_shapes`` cannot see before (an optimizer argument its class does
-    not take: ``"lrr"``) DeepSpeed finds here, with a TypeError or an assertion: said as the config's fault."""
+    not take: ``"lrr"``) DeepSpeed finds here, with a TypeError or an assertion: said as the config's
+    fault."""
     import deepspeed
     try:
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=optimizer_groups(model),

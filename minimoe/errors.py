@@ -119,7 +119,8 @@ def _cache_folders() -> list[tuple[str, str]]:
          "the Hugging Face cache: set HF_HOME to a writable folder"),
         (os.environ.get("TRITON_CACHE_DIR") or os.path.join(home, ".triton"),
          "triton's cache: set TRITON_CACHE_DIR to a writable folder"),
-        (cache, "the cache folder of torch, Hugging Face and minimoe: set XDG_CACHE_HOME to a writable folder"),
+        (cache,
+         "the cache folder of torch, Hugging Face and minimoe: set XDG_CACHE_HOME to a writable folder"),
     ]
 
 

@@ -29,7 +29,8 @@ LEGACY = "deepspeed_experts"
 
 def ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
         dropout: nn.Module) -> torch.Tensor:
-    """The minimal FFN an expert is, and the dense student's FFN: ``H -> F -> H`` with GELU, output dropout."""
+    """The minimal FFN an expert is, and the dense student's FFN: ``H -> F -> H`` with GELU, output
+    dropout."""
     return dropout(F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2))
 
 
@@ -77,10 +78,11 @@ class GroupedLinear(torch.autograd.Function):
 class StackedExperts(nn.Module):
     """``num_local`` minimal experts (``H -> F -> H``, GELU, output dropout), stacked.
 
-    Called by DeepSpeed's ``MOELayer`` on its dispatch buffers ``[ep_size, E_local, C, H]`` (``forward``), or by
-    the local dropless path on rows sorted by expert (``grouped``). The parameters are flagged as DeepSpeed flags
-    its experts' (``allreduce=False`` and the expert-parallel group name), so ZeRO reduces their gradients over
-    the expert's data-parallel group only and the optimizer puts them in the MoE parameter groups.
+    Called by DeepSpeed's ``MOELayer`` on its dispatch buffers ``[ep_size, E_local, C, H]`` (``forward``), or
+    by the local dropless path on rows sorted by expert (``grouped``). The parameters are flagged as
+    DeepSpeed flags its experts' (``allreduce=False`` and the expert-parallel group name), so ZeRO reduces
+    their gradients over the expert's data-parallel group only and the optimizer puts them in the MoE
+    parameter groups.
     """
 
     def __init__(self, num_local: int, hidden_size: int, ffn_size: int, dropout: float,
@@ -101,7 +103,8 @@ class StackedExperts(nn.Module):
         self.register_load_state_dict_pre_hook(_stack_state)
 
     def forward(self, buffers: torch.Tensor) -> torch.Tensor:
-        """DeepSpeed's dispatch buffers ``[G, E_local, C, H]`` -> outputs of the same shape: one bmm a projection."""
+        """DeepSpeed's dispatch buffers ``[G, E_local, C, H]`` -> outputs of the same shape: one bmm a
+        projection."""
         g, e, c, h = buffers.shape
         x = buffers.transpose(0, 1).reshape(e, g * c, h)
         x = torch.baddbmm(self.fc1_bias.unsqueeze(1), x, self.fc1_weight.transpose(1, 2))
@@ -116,7 +119,8 @@ class StackedExperts(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert ``e`` alone on ``x`` (tests, benchmarks): the minimal FFN it is."""
-        return ffn(x, self.fc1_weight[e], self.fc1_bias[e], self.fc2_weight[e], self.fc2_bias[e], self.dropout)
+        return ffn(x, self.fc1_weight[e], self.fc1_bias[e], self.fc2_weight[e], self.fc2_bias[e],
+                   self.dropout)
 
 
 def legacy_name(name: str, expert: int) -> Optional[str]:
@@ -155,8 +159,8 @@ def _per_expert_state(module: StackedExperts, state: dict, prefix: str, local_me
             state[legacy_name(prefix + name, j)] = stacked[j].clone()
 
 
-def _stack_state(module: StackedExperts, state: dict, prefix: str, local_metadata, strict, missing, unexpected,
-                 errors) -> None:
+def _stack_state(module: StackedExperts, state: dict, prefix: str, local_metadata, strict, missing,
+                 unexpected, errors) -> None:
     """load_state_dict pre-hook: gather the per-expert entries back into the stacked tensors' keys. A missing
     expert is left for load_state_dict to report (its stacked key stays absent)."""
     for name in PER_EXPERT:

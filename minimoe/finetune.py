@@ -30,7 +30,8 @@ from .errors import reading
 from .export.card import command_line
 from .export.hf import save_task_model
 from .model_folder import TASK_META
-from .heads import TaskModel, check_positions, is_minimoe_folder, load_encoder, tokenizer_folder, tokenizer_for
+from .heads import (TaskModel, check_positions, is_minimoe_folder, load_encoder, tokenizer_folder,
+                    tokenizer_for)
 from .layout import Layout, StudentShape, plan_layout, run_world
 from .losses import logits_kd
 from .monitor import gather_peak_rss
@@ -118,15 +119,16 @@ def plan(cfg: FinetuneConfig) -> Plan:
 def _check_not_a_run_folder(model: str) -> None:
     """A distillation run folder, one of its checkpoints, or a fine-tuned model, in place of a student."""
     if os.path.isfile(os.path.join(model, TASK_META)):
-        raise ConfigError(f"--model {model!r} is a fine-tuned task model; fine-tune the student or encoder it "
-                          f"came from (\"source\" in its {TASK_META})")
+        raise ConfigError(f"--model {model!r} is a fine-tuned task model; fine-tune the student or encoder "
+                          f"it came from (\"source\" in its {TASK_META})")
     if os.path.isdir(os.path.join(model, "student")) and os.path.isdir(os.path.join(model, "checkpoints")):
         raise ConfigError(f"--model {model!r} is a distillation run folder; fine-tune its exported student: "
                           f"--model {os.path.join(model, 'student')}")
     if os.path.isfile(os.path.join(model, "mp_rank_00_model_states.pt")) or \
             os.path.isfile(os.path.join(model, "latest")):
-        raise ConfigError(f"--model {model!r} is a DeepSpeed checkpoint, not a model folder; fine-tune the run's "
-                          "exported student/ (a distillation run exports it at its end, or when resumed)")
+        raise ConfigError(f"--model {model!r} is a DeepSpeed checkpoint, not a model folder; fine-tune the "
+                          "run's exported student/ (a distillation run exports it at its end, or when "
+                          "resumed)")
 
 
 def _model_config(model: str, minimoe: bool):
@@ -149,7 +151,8 @@ def _check_teacher(folder: str, task: Task, tokenizer) -> None:
     if meta["task"] != task.name:
         raise ConfigError(f"--teacher {folder!r} was fine-tuned on {meta['task']}, not {task.name}")
     if tokenizer_for(tokenizer_folder(folder)).get_vocab() != tokenizer.get_vocab():
-        raise ConfigError(f"--teacher {folder!r} has another tokenizer than --model: the logits would not align")
+        raise ConfigError(f"--teacher {folder!r} has another tokenizer than --model: the logits would "
+                          "not align")
 
 
 def run(cfg: FinetuneConfig) -> dict:
@@ -193,8 +196,9 @@ def run(cfg: FinetuneConfig) -> dict:
     trainer.fit(start_step)
     wall = time.perf_counter() - t0
     best, history = spec.best, spec.history
-    results = {"task": task.name, "model": cfg.model, "encoder_type": p.encoder_type, "main_metric": task.main_metric,
-               "best": best, "history": history, "wall_s": wall, "steps": history[-1]["step"] if history else 0,
+    results = {"task": task.name, "model": cfg.model, "encoder_type": p.encoder_type,
+               "main_metric": task.main_metric, "best": best, "history": history, "wall_s": wall,
+               "steps": history[-1]["step"] if history else 0,
                "train_examples": len(train), "world_size": p.world_size, "ep_size": cfg.ep_size,
                "peak_rss_mib_per_rank": gather_peak_rss()}
     if info.is_main:
@@ -202,8 +206,8 @@ def run(cfg: FinetuneConfig) -> dict:
         save_task_model(os.path.join(cfg.output_dir, "model"), state, task, p.encoder_type, p.model, tok,
                         cfg.classifier_dropout, cfg.max_seq_length, command_line(), results)
         write_results(cfg.output_dir, results)
-        monitor.write(f"best dev {task.main_metric} {best['main']:.4f} at step {best['step']} ({wall:.0f} s); "
-                      f"model in {os.path.join(cfg.output_dir, 'model')}")
+        monitor.write(f"best dev {task.main_metric} {best['main']:.4f} at step {best['step']} "
+                      f"({wall:.0f} s); model in {os.path.join(cfg.output_dir, 'model')}")
         if task.kind == "ner" and best["main"] == 0.0:
             monitor.write(NO_ENTITY)
     monitor.close({"best_" + task.main_metric: best["main"]})

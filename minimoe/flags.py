@@ -61,7 +61,8 @@ def expand_home(value: Any) -> Any:
     start with ``~``."""
     if not isinstance(value, str) or "~" not in value:
         return value
-    return ",".join(os.path.expanduser(v.strip()) if v.strip().startswith("~") else v for v in value.split(","))
+    return ",".join(os.path.expanduser(v.strip()) if v.strip().startswith("~") else v
+                    for v in value.split(","))
 
 
 def coerce_fields(cls, values: dict) -> dict:

@@ -59,14 +59,16 @@ class TaskModel(nn.Module):
     """Encoder + head. Sentence tasks read the first token ([CLS]): dense -> tanh -> linear (BERT/RoBERTa
     style); NER classifies every token. ``forward`` returns (logits, load-balance loss)."""
 
-    def __init__(self, encoder: nn.Module, encoder_type: str, kind: str, num_labels: int, dropout: float = 0.1):
+    def __init__(self, encoder: nn.Module, encoder_type: str, kind: str, num_labels: int,
+                 dropout: float = 0.1):
         super().__init__()
         self.encoder, self.encoder_type, self.kind = encoder, encoder_type, kind
         hidden = encoder.config.hidden_size
         self.dropout = nn.Dropout(dropout)
         self.dense = nn.Linear(hidden, hidden) if kind != "ner" else None
         self.out = nn.Linear(hidden, num_labels)
-        self._token_types = encoder_type == "minimoe" or "token_type_ids" in inspect.signature(encoder.forward).parameters
+        self._token_types = (encoder_type == "minimoe"
+                             or "token_type_ids" in inspect.signature(encoder.forward).parameters)
         if encoder_type == "minimoe":  # only for distillation / BERT pooling; the head has its own dense
             for m in (encoder.pooler, encoder.relation_proj):
                 if m is not None:
@@ -77,7 +79,8 @@ class TaskModel(nn.Module):
             out = self.encoder(input_ids, attention_mask, token_type_ids)
             h, aux = out.last_hidden_state, out.aux_loss
         else:
-            kw = {"token_type_ids": token_type_ids} if self._token_types and token_type_ids is not None else {}
+            kw = ({"token_type_ids": token_type_ids} if self._token_types and token_type_ids is not None
+                  else {})
             h = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
             aux = h.new_zeros((), dtype=torch.float32)
         if self.kind == "ner":

@@ -56,7 +56,8 @@ def build(data: str, eval_data: str, eval_fraction: float, text_column: str, tok
                                      recipe=recipe)
     examples = list(itertools.islice(pairs, max_pairs))
     if not examples:
-        flag = f"--eval_data {eval_data!r}" if eval_data else f"--eval_fraction {eval_fraction} of --data {data!r}"
+        flag = (f"--eval_data {eval_data!r}" if eval_data
+                else f"--eval_fraction {eval_fraction} of --data {data!r}")
         raise ConfigError(f"{flag} gave no held-out pairs (no document, or documents of < 2 tokens); "
                           "give more text or a larger --eval_fraction")
     return HeldOutSet(examples, source)

@@ -71,10 +71,11 @@ class World:
                     continue
                 m = re.fullmatch(r"(\S+)\s+slots\s*=\s*(\d+)", line)
                 if not m or int(m.group(2)) < 1:
-                    raise ConfigError(f"--hostfile {path!r} line {lineno}: {line!r} is not 'hostname slots=N' "
-                                      "(N >= 1)")
+                    raise ConfigError(f"--hostfile {path!r} line {lineno}: {line!r} is not "
+                                      "'hostname slots=N' (N >= 1)")
                 if any(h == m.group(1) for h, _ in hosts):
-                    raise ConfigError(f"--hostfile {path!r} line {lineno}: host {m.group(1)!r} is listed twice")
+                    raise ConfigError(f"--hostfile {path!r} line {lineno}: "
+                                      f"host {m.group(1)!r} is listed twice")
                 hosts.append((m.group(1), int(m.group(2))))
         if not hosts:
             raise ConfigError(f"--hostfile {path!r} lists no hosts")
@@ -95,7 +96,8 @@ class World:
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
-    """Slurm's compressed host list (``gpu[01-03,07],login1``) -> host names, as ``scontrol show hostnames``."""
+    """Slurm's compressed host list (``gpu[01-03,07],login1``) -> host names, as
+    ``scontrol show hostnames``."""
     hosts = []
     for m in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?(?:,|$)", nodelist.strip()):
         prefix, ranges = m.group(1), m.group(2)
@@ -202,12 +204,14 @@ class Layout:
         adam = 8 + (4 if width == 2 else 0)
         local_experts = self.student.expert_params // self.ep_size
         params = self.student.dense_params + local_experts
-        optimizer = adam * (self.student.dense_params / self.world_size + local_experts / self.expert_replicas)
+        optimizer = adam * (self.student.dense_params / self.world_size
+                            + local_experts / self.expert_replicas)
         if self.zero_stage == 0:
             optimizer = adam * params
         grads = width * params
         if self.zero_stage >= 2:
-            grads = width * (self.student.dense_params / self.world_size + local_experts / self.expert_replicas)
+            grads = width * (self.student.dense_params / self.world_size
+                             + local_experts / self.expert_replicas)
         out = {"weights": width * params, "grads": int(grads), "optimizer": int(optimizer)}
         out["total"] = sum(out.values())
         return out
@@ -219,25 +223,28 @@ class Layout:
 
     def describe(self) -> str:
         w, s = self.world, self.student_bytes_per_rank()
-        shape = f"{w.nodes} nodes x {w.hosts[0][1]}" if w.uniform else " + ".join(f"{h}:{n}" for h, n in w.hosts)
+        shape = (f"{w.nodes} nodes x {w.hosts[0][1]}" if w.uniform
+                 else " + ".join(f"{h}:{n}" for h, n in w.hosts))
         groups = [f"ranks {g[0]}-{g[-1]} (node {_span(range(w.node_of(g[0]), w.node_of(g[-1]) + 1))})"
                   if len(g) > 1 else f"rank {g[0]} (node {w.node_of(g[0])})" for g in self.ep_groups()]
         lines = [
             f"world: {w.size} ranks = {shape}  ({w.source})",
             f"batch: micro {self.micro_batch} x accum {self.grad_accum} x {w.size} ranks = global "
             f"{self.global_batch}",
-            f"experts: {self.student.num_experts} per layer, ep_size {self.ep_size}: {self.experts_per_rank} per "
-            f"rank, each expert held by {self.expert_replicas} rank(s) (its data-parallel group)",
+            f"experts: {self.student.num_experts} per layer, ep_size {self.ep_size}: "
+            f"{self.experts_per_rank} per rank, each expert held by {self.expert_replicas} rank(s) "
+            f"(its data-parallel group)",
             "  rank r holds by ep_rank = r % ep_size: "
             + ", ".join(f"{k}: experts {_span(self.experts_of(k))}" for k in range(self.ep_size)),
             "  expert-parallel groups (all-to-all): " + ", ".join(groups[:8])
             + (f", ... {len(groups) - 8} more" if len(groups) > 8 else ""),
-            f"student per rank (ZeRO-{self.zero_stage}, {self.precision}): weights {gib(s['weights'])}, grads "
-            f"{gib(s['grads'])}, optimizer {gib(s['optimizer'])} = {gib(s['total'])} + activations"]
+            f"student per rank (ZeRO-{self.zero_stage}, {self.precision}): weights {gib(s['weights'])}, "
+            f"grads {gib(s['grads'])}, optimizer {gib(s['optimizer'])} = {gib(s['total'])} + activations"]
         if self.placement is not None:
             t = self.teacher_bytes_per_rank()
             where = ", ".join(f"{k} {gib(v)}" for k, v in t.items() if v) or "0"
-            lines.append(f"teacher: {gib(self.teacher_bytes)}, placement {self.placement.kind}: per rank {where}")
+            lines.append(f"teacher: {gib(self.teacher_bytes)}, placement {self.placement.kind}: "
+                         f"per rank {where}")
             lines.append(f"  why: {self.placement.reason}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -275,7 +282,8 @@ def plan_layout(world: World, ep_size: int, student: StudentShape, micro_batch: 
     layout = Layout(world, ep_size, student, micro_batch, grad_accum, zero_stage, precision, placement,
                     teacher_bytes)
     if any(len({world.node_of(r) for r in group}) > 1 for group in layout.ep_groups()):
-        note = (f"an expert-parallel group of {ep_size} ranks spans nodes: its all-to-all crosses the network "
-                f"(keep --ep_size <= processes per node, {min(s for _, s in world.hosts)}, when you can)")
+        note = (f"an expert-parallel group of {ep_size} ranks spans nodes: its all-to-all crosses the "
+                f"network (keep --ep_size <= processes per node, {min(s for _, s in world.hosts)}, "
+                f"when you can)")
         layout = dataclasses.replace(layout, notes=(note,))
     return layout

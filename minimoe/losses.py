@@ -128,7 +128,8 @@ def relation_kl(teacher_qkv: Sequence[torch.Tensor], student_qkv: Sequence[torch
         raise ValueError(f"{len(teacher_qkv)} teacher and {len(student_qkv)} student relation inputs")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"relation dropout {dropout} must be in [0, 1)")
-    return _RelationKL.apply(attention_mask, num_heads, chunk_elements, float(dropout), *teacher_qkv, *student_qkv)
+    return _RelationKL.apply(attention_mask, num_heads, chunk_elements, float(dropout), *teacher_qkv,
+                             *student_qkv)
 
 
 def logits_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,

@@ -244,7 +244,8 @@ class MoEFeedForward(nn.Module):
         self.num_experts = num_experts
         self.route_padding = route_padding
         self.router, self.layer, self.router_seed = router, layer, router_seed
-        if router == "random":  # its training forwards so far: the draws' salt (checkpoints and resumes carry it)
+        if router == "random":
+            # its training forwards so far: the draws' salt (checkpoints and resumes carry it)
             self.register_buffer("route_draws", torch.zeros((), dtype=torch.long))
         self.local_dispatch = (ep_size == 1 and not drop_tokens) if local_dispatch is None else local_dispatch
         if self.local_dispatch and (ep_size != 1 or drop_tokens):
@@ -255,8 +256,8 @@ class MoEFeedForward(nn.Module):
                        ep_size=ep_size, k=1, capacity_factor=capacity_factor,
                        eval_capacity_factor=capacity_factor, min_capacity=4 if drop_tokens else 0,
                        drop_tokens=drop_tokens, use_rts=False)
-        self.moe.deepspeed_moe.experts = StackedExperts(self.moe.num_local_experts, hidden_size, ffn_size, dropout,
-                                                        self.moe.expert_group_name)
+        self.moe.deepspeed_moe.experts = StackedExperts(self.moe.num_local_experts, hidden_size, ffn_size,
+                                                        dropout, self.moe.expert_group_name)
         # Swap in the paper's gate before DeepSpeed assigns the expert-parallel group to it.
         self.moe.deepspeed_moe.gate = NoisyTop1Gate(hidden_size, num_experts, gate_noise, drop_tokens,
                                                     capacity_factor, learned=router == "learned")

@@ -36,7 +36,8 @@ def expert_utilisation(counts: list[torch.Tensor]) -> dict:
     for i, c in enumerate(counts):
         c = c.double()
         share = c / c.sum().clamp(min=1)
-        out[f"layer{i}"] = {"share": [round(float(s), 4) for s in share], "max_load": float(share.max() * len(c))}
+        out[f"layer{i}"] = {"share": [round(float(s), 4) for s in share],
+                            "max_load": float(share.max() * len(c))}
     return out
 
 
@@ -67,8 +68,9 @@ class Monitor:
         if wandb_mode != "disabled" and os.environ.get("WANDB_MODE") != "disabled":
             import wandb
             # wandb's own banner (five lines at start, four at the end) gives way to one line of ours
-            self._wandb = wandb.init(project=wandb_project, mode=wandb_mode, dir=output_dir, config=run_config,
-                                     resume="allow", id=_run_id(output_dir), settings=wandb.Settings(silent=True))
+            self._wandb = wandb.init(project=wandb_project, mode=wandb_mode, dir=output_dir,
+                                     config=run_config, resume="allow", id=_run_id(output_dir),
+                                     settings=wandb.Settings(silent=True))
             where = self._wandb.dir.removesuffix(os.sep + "files")
             print(f"wandb: {wandb_mode} run {self._wandb.id} in {where}"
                   + (f" (upload: wandb sync {where})" if wandb_mode == "offline" else ""), flush=True)

@@ -59,8 +59,8 @@ def choose(requested: str, from_file: Optional[str], teacher_bytes: int, world_s
     size = f"teacher {teacher_bytes / GiB:.2f} GiB"
     if requested == "zero3_offload" or (requested == "auto" and from_file == "zero3_offload"):
         if accelerator == "cpu":
-            raise ConfigError("--teacher_placement zero3_offload moves a GPU teacher's partitions to host memory; "
-                              "on a CPU-only machine they already live there: use zero3")
+            raise ConfigError("--teacher_placement zero3_offload moves a GPU teacher's partitions to host "
+                              "memory; on a CPU-only machine they already live there: use zero3")
     if requested != "auto":
         return Placement(requested, f"--teacher_placement {requested} ({size}, {world_size} ranks)")
     if from_file:
@@ -74,9 +74,11 @@ def choose(requested: str, from_file: Optional[str], teacher_bytes: int, world_s
         return Placement("zero3", f"auto: {size} is over {where}; 1/{world_size} of it fits: zero3")
     if accelerator != "cpu" and share <= TEACHER_SHARE * host_per_rank:
         return Placement("zero3_offload", f"auto: 1/{world_size} of the {size} is over {where}; it fits in "
-                                          f"host memory ({host_per_rank / GiB:.1f} GiB per rank): zero3_offload")
-    raise ConfigError(f"the {size} does not fit: 1/{world_size} of it is {share / GiB:.2f} GiB per rank, over "
-                      f"{where}; add ranks (more nodes) or use a smaller --teacher_layer / --teacher_precision")
+                                          f"host memory ({host_per_rank / GiB:.1f} GiB per rank): "
+                                          f"zero3_offload")
+    raise ConfigError(f"the {size} does not fit: 1/{world_size} of it is {share / GiB:.2f} GiB per rank, "
+                      f"over {where}; add ranks (more nodes) or use a smaller --teacher_layer / "
+                      f"--teacher_precision")
 
 
 def apply(ds: dict, placement: Placement) -> dict:
@@ -92,8 +94,8 @@ def apply(ds: dict, placement: Placement) -> dict:
             offload["device"] = "cpu"
         offload.setdefault("pin_memory", True)
         if offload["device"] == "nvme":
-            raise ConfigError("--teacher_ds_config: offload_param to nvme is not supported for the teacher yet; "
-                              "use device cpu")
+            raise ConfigError("--teacher_ds_config: offload_param to nvme is not supported for the teacher "
+                              "yet; use device cpu")
     else:
         zero.pop("offload_param", None)
     return ds

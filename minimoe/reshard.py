@@ -84,12 +84,13 @@ def gather_optimizer_state(tag_dir: str, saved: SavedLayout, num_experts: int) -
             state = base["state"].get(g, {})
             step = state.get("step", step)
             flats = {"fp32": osd["single_partition_of_fp32_groups"][g],
-                     **{k: v for k, v in state.items() if k != "step" and torch.is_tensor(v) and v.dim() == 1}}
+                     **{k: v for k, v in state.items()
+                        if k != "step" and torch.is_tensor(v) and v.dim() == 1}}
             for name, frag in mapping.items():
                 key = name
                 if expert:  # a stacked name is the same on every ep_rank: keyed by both until split below
-                    key = (name, rank % saved.ep_size) if is_stacked(name) else to_global(name, rank % saved.ep_size,
-                                                                                       per_rank)
+                    key = ((name, rank % saved.ep_size) if is_stacked(name)
+                           else to_global(name, rank % saved.ep_size, per_rank))
                 for k, flat in flats.items():
                     pieces[key][k].append(flat.narrow(0, frag.start, frag.numel))
     full = {}
@@ -98,7 +99,8 @@ def gather_optimizer_state(tag_dir: str, saved: SavedLayout, num_experts: int) -
         if isinstance(key, tuple):  # an ep_rank's stacked experts -> each expert under its global name
             name, ep_rank = key
             for j in range(per_rank):
-                full[legacy_name(name, ep_rank * per_rank + j)] = {k: v.chunk(per_rank)[j] for k, v in flats.items()}
+                full[legacy_name(name, ep_rank * per_rank + j)] = {k: v.chunk(per_rank)[j]
+                                                                   for k, v in flats.items()}
         else:
             full[key] = flats
     return full, step
@@ -114,8 +116,9 @@ def restore(engine, tag_dir: str, saved: SavedLayout, ep_rank: int, experts_per_
         zero = engine.optimizer
         flats = getattr(zero, "single_partition_of_fp32_groups", None)
         if flats is None:
-            raise ConfigError("--resume: re-partitioning the optimizer state needs a ZeRO-1/2 student (ds_config "
-                              "zero_optimization.stage 1 or 2); pass --resume_weights_only otherwise")
+            raise ConfigError("--resume: re-partitioning the optimizer state needs a ZeRO-1/2 student "
+                              "(ds_config zero_optimization.stage 1 or 2); pass --resume_weights_only "
+                              "otherwise")
         # Adam creates its state at the first step and ZeRO-1/2 link each parameter to its slice of it
         # then (DeepSpeed 0.19, stage_1_and_2): create it now, with the checkpoint's step, and link.
         keys = {k for parts in full.values() for k in parts} - {"fp32"}
@@ -140,7 +143,8 @@ def restore(engine, tag_dir: str, saved: SavedLayout, ep_rank: int, experts_per_
                     raise ConfigError(f"--resume: {name} has {flat.numel()} elements in the checkpoint's "
                                       f"optimizer state, the model {p.numel()}")
                 value = flat.view(p.shape).to(p.device)
-                safe_set_full_fp32_param(p, value) if k == "fp32" else safe_set_full_optimizer_state(p, value, k)
+                (safe_set_full_fp32_param(p, value) if k == "fp32"
+                 else safe_set_full_optimizer_state(p, value, k))
     model_states = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu",
                               weights_only=False)
     if engine.lr_scheduler is not None and model_states.get("lr_scheduler") is not None:

@@ -59,8 +59,8 @@ def _refusal(output_dir: str, path: str, holder: Optional[dict]) -> ConfigError:
     who = (f"host {holder.get('host')}, pid {holder.get('pid')}, since {holder.get('since')}"
            if holder else "a run starting up")
     return ConfigError(f"--output_dir {output_dir!r} is in use by a live run ({who}); wait for it to end or "
-                       f"choose another --output_dir (a lock whose run is dead is taken over; remove {path!r} "
-                       "only if you know that run is gone)")
+                       f"choose another --output_dir (a lock whose run is dead is taken over; remove "
+                       f"{path!r} only if you know that run is gone)")
 
 
 def check(output_dir: str) -> None:
@@ -92,14 +92,16 @@ def acquire(output_dir: str) -> str:
                 raise _refusal(output_dir, path, holder) from None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            note = (f"took over {path!r}: its run (host {holder.get('host')}, pid {holder.get('pid')}) is gone"
+            note = (f"took over {path!r}: its run "
+                    f"(host {holder.get('host')}, pid {holder.get('pid')}) is gone"
                     if holder else f"took over {path!r}: its run is gone")
             continue
         with os.fdopen(fd, "w") as fh:
             json.dump(me, fh)
         _held = path
         return note
-    raise ConfigError(f"--output_dir {output_dir!r}: could not take {path!r} (other runs keep starting there)")
+    raise ConfigError(f"--output_dir {output_dir!r}: could not take {path!r} "
+                      "(other runs keep starting there)")
 
 
 def touch() -> None:

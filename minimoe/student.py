@@ -79,8 +79,8 @@ class Layer(nn.Module):
             self.ffn = DenseFeedForward(cfg.hidden_size, cfg.ffn_size, cfg.hidden_dropout)
         else:
             self.ffn = MoEFeedForward(cfg.hidden_size, cfg.ffn_size, cfg.num_experts, ep_size,
-                                      cfg.hidden_dropout, cfg.gate_noise, cfg.drop_tokens, cfg.capacity_factor,
-                                      cfg.route_padding, router=cfg.router, layer=index,
+                                      cfg.hidden_dropout, cfg.gate_noise, cfg.drop_tokens,
+                                      cfg.capacity_factor, cfg.route_padding, router=cfg.router, layer=index,
                                       router_seed=cfg.router_seed)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 

@@ -60,8 +60,8 @@ def read_entries(value: str) -> list[dict]:
         for item in (i.strip() for i in rest.split(",") if i.strip()) if colon else ():
             key, eq, raw = item.partition("=")
             if not eq:
-                raise ConfigError(f"--students {value!r}: {item!r} in entry {name.strip()!r} is not key=value; "
-                                  "inline form: 'name:key=value,key=value;name2:key=value'")
+                raise ConfigError(f"--students {value!r}: {item!r} in entry {name.strip()!r} is not "
+                                  "key=value; inline form: 'name:key=value,key=value;name2:key=value'")
             entry[key.strip()] = _scalar(raw.strip())
         entries.append(entry)
     if not entries:
@@ -96,14 +96,15 @@ def _read_file(path: str) -> list[dict]:
     except UnicodeDecodeError:
         raise ConfigError(f"--students {path!r} is not a text file (not UTF-8)")
     except json.JSONDecodeError as e:
-        raise ConfigError(f"--students {path!r} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}")
+        raise ConfigError(f"--students {path!r} is not valid JSON: {e.msg} at line {e.lineno} "
+                          f"column {e.colno}")
     except Exception as e:  # yaml.YAMLError: its first line names the place
         raise ConfigError(f"--students {path!r} is not valid YAML: {str(e).splitlines()[0]}")
     if isinstance(data, dict) and set(data) == {"students"}:
         data = data["students"]
     if not isinstance(data, list) or not data or not all(isinstance(d, dict) for d in data):
-        raise ConfigError(f"--students {path!r} must hold a non-empty list of objects (one per student), e.g. "
-                          "[{\"name\": \"moe4\", \"num_experts\": 4}]")
+        raise ConfigError(f"--students {path!r} must hold a non-empty list of objects (one per student), "
+                          "e.g. [{\"name\": \"moe4\", \"num_experts\": 4}]")
     return data
 
 
@@ -130,8 +131,8 @@ def expand(cfg: DistillConfig) -> list[tuple[str, DistillConfig]]:
         entry = {k: _scalar(v) if isinstance(v, str) and k != "name" else v for k, v in entry.items()}
         name = str(entry.get("name", "")).strip()
         if not _NAME.match(name):
-            raise ConfigError(f"--students entry {i + 1}: name {name!r} is invalid: give each student a name of "
-                              "letters, digits, '_', '.', '-' (it names the folder students/<name>/)")
+            raise ConfigError(f"--students entry {i + 1}: name {name!r} is invalid: give each student a "
+                              "name of letters, digits, '_', '.', '-' (it names the folder students/<name>/)")
         if name in (n for n, _ in out):
             raise ConfigError(f"--students: the name {name!r} is used twice; each student needs its own")
         unknown = sorted(set(entry) - set(allowed))
@@ -174,9 +175,9 @@ def check_fit(students: list[StudentPlan], memory_per_rank: int) -> None:
     teacher = students[0].layout.teacher_bytes_per_rank()["device"]
     need = teacher + sum(sp.layout.student_bytes_per_rank()["total"] for sp in students)
     if need > memory_per_rank:
-        raise ConfigError(f"the {len(students)} students and the teacher need {need / GiB:.2f} GiB per rank before "
-                          f"activations, over the {memory_per_rank / GiB:.1f} GiB each rank has; list fewer or "
-                          "smaller students (--dry_run shows each one's share)")
+        raise ConfigError(f"the {len(students)} students and the teacher need {need / GiB:.2f} GiB per rank "
+                          f"before activations, over the {memory_per_rank / GiB:.1f} GiB each rank has; "
+                          "list fewer or smaller students (--dry_run shows each one's share)")
 
 
 def describe_students(students: list[StudentPlan]) -> str:
@@ -186,9 +187,9 @@ def describe_students(students: list[StudentPlan]) -> str:
     for sp in students:
         s, b = sp.student, sp.layout.student_bytes_per_rank()
         total += b["total"]
-        lines.append(f"  {sp.name}: {s.num_layers}L H{s.hidden_size} FFN {s.ffn_size} x {s.num_experts} experts, "
-                     f"ep_size {sp.cfg.ep_size}, relation heads {sp.cfg.relation_heads}: per rank "
-                     f"{gib(b['total'])} + activations")
+        lines.append(f"  {sp.name}: {s.num_layers}L H{s.hidden_size} FFN {s.ffn_size} x {s.num_experts} "
+                     f"experts, ep_size {sp.cfg.ep_size}, relation heads {sp.cfg.relation_heads}: "
+                     f"per rank {gib(b['total'])} + activations")
     teacher = students[0].layout.teacher_bytes_per_rank()
     lines.append(f"  total per rank: students {gib(total)} + teacher {gib(teacher['device'])} + activations")
     return "\n".join(lines)

@@ -45,7 +45,8 @@ def encode(task: Task, examples: list[dict], tokenizer, max_len: int) -> list[di
     pairs = [ex["text_pair"] for ex in examples] if examples[0]["text_pair"] is not None else None
     enc = tokenizer([ex["text"] for ex in examples], pairs, truncation=True, max_length=max_len,
                     return_token_type_ids=True)
-    return [{"ids": enc["input_ids"][i], "types": enc["token_type_ids"][i], "label": ex["label"], "gold": ex["label"]}
+    return [{"ids": enc["input_ids"][i], "types": enc["token_type_ids"][i], "label": ex["label"],
+             "gold": ex["label"]}
             for i, ex in enumerate(examples)]
 
 
@@ -64,7 +65,8 @@ def collate(batch: list[dict], pad_id: int, kind: str, dev) -> dict:
         for r, ex in enumerate(batch):
             labels[r, :len(ex["label"])] = torch.tensor(ex["label"])
     else:
-        labels = torch.tensor([ex["label"] for ex in batch], dtype=torch.float if kind == "regression" else torch.long)
+        labels = torch.tensor([ex["label"] for ex in batch],
+                              dtype=torch.float if kind == "regression" else torch.long)
     out["labels"] = labels
     return {k: v.to(dev) for k, v in out.items()}
 
@@ -73,7 +75,8 @@ def collate(batch: list[dict], pad_id: int, kind: str, dev) -> dict:
 
 
 @torch.no_grad()
-def predict(engine, task: Task, data: list[dict], micro: int, rank: int, world: int, pad_id: int, dev) -> list:
+def predict(engine, task: Task, data: list[dict], micro: int, rank: int, world: int, pad_id: int,
+            dev) -> list:
     """Predictions for every example, the same list on every rank.
 
     Each rank runs the same number of batches (expert-parallel all-to-alls need every rank to take part):
@@ -115,7 +118,8 @@ def predict(engine, task: Task, data: list[dict], micro: int, rank: int, world: 
 
 
 def evaluate(engine, task: Task, splits: dict, micro: int, rank: int, world: int, pad_id: int, dev) -> dict:
-    return {name: task.score(predict(engine, task, data, micro, rank, world, pad_id, dev), [ex["gold"] for ex in data])
+    return {name: task.score(predict(engine, task, data, micro, rank, world, pad_id, dev),
+                             [ex["gold"] for ex in data])
             for name, data in splits.items()}
 
 

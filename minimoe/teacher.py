@@ -66,7 +66,8 @@ def _hf_config(name: str):
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"--teacher {name!r} is not a loadable Hugging Face model: {str(e).splitlines()[0]}")
+        raise ConfigError(f"--teacher {name!r} is not a loadable Hugging Face model: "
+                          f"{str(e).splitlines()[0]}")
 
 
 def teacher_info(name: str) -> TeacherInfo:
@@ -122,8 +123,8 @@ def load_weights(model: nn.Module, ckpt: LazyCheckpoint, partitioned: bool) -> N
     params = [(_checkpoint_key(n, keys, prefix), n, p) for n, p in model.named_parameters()]
     missing = [n for key, n, _ in params if key is None]
     if missing:
-        raise ConfigError(f"teacher checkpoint {ckpt.folder!r} lacks {len(missing)} weights the encoder needs, "
-                          f"e.g. {missing[:3]}")
+        raise ConfigError(f"teacher checkpoint {ckpt.folder!r} lacks {len(missing)} weights the encoder "
+                          f"needs, e.g. {missing[:3]}")
     with torch.no_grad():
         for key, _, param in params:
             shape, want = tuple(ckpt.shape(key)), tuple(param.ds_shape if partitioned else param.shape)

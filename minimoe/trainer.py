@@ -111,7 +111,8 @@ class TrainSpec(Protocol):
 
     def shared_forward(self, batch: dict) -> Any: ...               # once per micro-batch, for every member
 
-    def loss(self, member: "Member", batch: dict, shared: Any) -> tuple[torch.Tensor, Any]: ...  # loss, record
+    def loss(self, member: "Member", batch: dict, shared: Any) -> tuple[torch.Tensor, Any]:
+        ...  # loss, record
 
     def window(self, member: "Member") -> Window: ...
 

@@ -33,8 +33,8 @@ def checkpoint_files(folder: str) -> dict[str, str]:
             return {k: os.path.join(folder, f) for k, f in weight_map.items()}
         if os.path.isfile(os.path.join(folder, single)):
             return {k: os.path.join(folder, single) for k in _keys_of(os.path.join(folder, single))}
-    raise ConfigError(f"{folder!r} holds no model weights: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} "
-                      f"or {BIN_INDEX}")
+    raise ConfigError(f"{folder!r} holds no model weights: expected {SAFE_SINGLE}, {SAFE_INDEX}, "
+                      f"{BIN_SINGLE} or {BIN_INDEX}")
 
 
 def check_files(folder: str) -> None:
@@ -53,7 +53,8 @@ def local_folder(name: str) -> str:
         return name
     from huggingface_hub import snapshot_download
     try:
-        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"])
+        return snapshot_download(name,
+                                 allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"])
     except Exception as e:  # the hub's errors are many; the message is what the user needs
         raise ConfigError(f"--teacher {name!r}: cannot fetch its weights: {str(e).splitlines()[0]}")
 
@@ -66,8 +67,8 @@ def _keys_of(path: str) -> list[str]:
 
 # safetensors dtype names -> torch dtypes (the format's spec: https://github.com/huggingface/safetensors)
 _SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                "BOOL": torch.bool}
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class _SafetensorsFile:
@@ -111,7 +112,8 @@ class _SafetensorsFile:
         while done < len(view):
             n = os.preadv(self.fd, [view[done:]], offset + done)
             if n <= 0:
-                raise UnreadableFile(f"{self.path!r} is truncated: {key} ends past the end of the file{_REFETCH}")
+                raise UnreadableFile(f"{self.path!r} is truncated: {key} ends past the end of the "
+                                     f"file{_REFETCH}")
             done += n
         if buf is not out:
             out.copy_(buf)

@@ -71,7 +71,8 @@ def sentiment_dir(path):
             fh.write("sentence\tlabel\n")
             for _ in range(n):
                 y = rng.randint(0, 1)
-                fh.write(f"the film was {rng.choice(GOOD if y else BAD)} and the cast {rng.choice(['too', 'also'])}\t{y}\n")
+                fh.write(f"the film was {rng.choice(GOOD if y else BAD)} and the cast "
+                         f"{rng.choice(['too', 'also'])}\t{y}\n")
     return str(path)
 
 
@@ -82,8 +83,9 @@ def free_port() -> int:
 
 
 def _child(rank, world, port, fn, args, errors):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     try:
         fn(rank, *args)
@@ -98,7 +100,8 @@ def spawn(fn, world: int, *args) -> None:
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     try:
-        mp.start_processes(_child, args=(world, free_port(), fn, args, errors), nprocs=world, start_method="spawn")
+        mp.start_processes(_child, args=(world, free_port(), fn, args, errors), nprocs=world,
+                           start_method="spawn")
     except Exception as e:
         msgs = []
         while not errors.empty():
@@ -123,7 +126,8 @@ def flags(tmp, out, **extra):
 
 
 def flag_dict(tmp, out, **extra):
-    f = {"teacher": tmp / "teacher", "data": tmp / "wiki.jsonl", "cache_dir": tmp / "cache", "output_dir": out,
+    f = {"teacher": tmp / "teacher", "data": tmp / "wiki.jsonl", "cache_dir": tmp / "cache",
+         "output_dir": out,
          "num_layers": 2, "hidden_size": 64, "num_heads": 4, "ffn_size": 128, "num_experts": 4,
          "relation_heads": 8, "micro_batch_size": 4, "max_seq_length": 64, "max_steps": STEPS,
          "log_every": 1, "save_every": 4, "keep_checkpoints": 50, "wandb": "disabled", "ep_size": 2}
@@ -148,7 +152,8 @@ def torchrun_cmd(args):
 
 
 def run_ok(cmd, **environ):
-    """``cmd`` with the tests' environment (plus ``environ``: ``DS_ACCELERATOR="cuda"``), which must succeed."""
+    """``cmd`` with the tests' environment (plus ``environ``: ``DS_ACCELERATOR="cuda"``), which must
+    succeed."""
     p = subprocess.run(cmd, env={**env(), **environ}, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p

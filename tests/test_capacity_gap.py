@@ -1,11 +1,13 @@
-"""experiments/capacity_gap: the grid it builds and the recipe its report prints (from the runs themselves)."""
+"""experiments/capacity_gap: the grid it builds and the recipe its report prints (from the runs
+themselves)."""
 import importlib.util
 import json
 import os
 
 import pytest
 
-HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "capacity_gap")
+HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments",
+                    "capacity_gap")
 
 
 def _module(name):
@@ -31,7 +33,8 @@ def test_the_report_prints_the_recipes_the_runs_used_not_the_current_one(tmp_pat
         folder = tmp_path / "minilm" / "seed776" / student / "wnut16" / "seed1"
         folder.mkdir(parents=True)
         (folder / "run_config.json").write_text(json.dumps({"lr": lr, "num_epochs": 5.0, "patience": 0}))
-    assert report.recipes(str(tmp_path)) == ["lr 0.0001, 5 epochs, patience 0", "lr 0.001, 5 epochs, patience 0"]
+    assert report.recipes(str(tmp_path)) == ["lr 0.0001, 5 epochs, patience 0",
+                                             "lr 0.001, 5 epochs, patience 0"]
 
 
 def test_an_unknown_teacher_is_refused_in_one_line(tmp_path):

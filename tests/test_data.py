@@ -33,7 +33,8 @@ def test_readers(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"text": ["P1", "P2"]}), tmp_path / "d.parquet")
-    assert list(iter_documents(str(tmp_path / "a.txt"))) == ["Doc one line one.\nDoc one line two.", "Doc two."]
+    assert list(iter_documents(str(tmp_path / "a.txt"))) == ["Doc one line one.\nDoc one line two.",
+                                                             "Doc two."]
     assert list(iter_documents(f"{tmp_path}/b.jsonl,{tmp_path}/d.parquet")) == ["J1", "J2", "P1", "P2"]
     assert list(iter_documents(str(tmp_path / "c.json"), "body")) == ["A1", "A2"]
     assert len(list(iter_documents(str(tmp_path / "*.txt")))) == 2
@@ -48,7 +49,8 @@ def test_readers(tmp_path):
 
 def test_a_text_field_may_hold_a_list_of_paragraphs_and_nothing_else(tmp_path, monkeypatch):
     # A list was trained on as its repr, "['Anarchism is ...']"; its strings are one document's paragraphs.
-    (tmp_path / "a.jsonl").write_text('{"text": ["Anarchism is old.", "It is a view."]}\n{"text": "Plain."}\n')
+    (tmp_path / "a.jsonl").write_text('{"text": ["Anarchism is old.", "It is a view."]}\n'
+                                      '{"text": "Plain."}\n')
     assert list(iter_documents(str(tmp_path / "a.jsonl"))) == ["Anarchism is old.\nIt is a view.", "Plain."]
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -168,7 +170,8 @@ def _hub_like(name):
 
 
 def test_sentences_and_pair_template(tok):
-    assert split_sentences("One here. Two there! (Three) ok.\nNew para") == ["One here.", "Two there!", "(Three) ok.", "New para"]
+    assert split_sentences("One here. Two there! (Three) ok.\nNew para") == ["One here.", "Two there!",
+                                                                             "(Three) ok.", "New para"]
     t = PairTemplate.from_tokenizer(tok)
     ids, types = t.build([7, 8], [9])
     assert ids == [tok.cls_token_id, 7, 8, tok.sep_token_id, 9, tok.sep_token_id]
@@ -232,7 +235,8 @@ def test_a_long_line_without_sentence_punctuation_is_paired_like_a_document(tok)
 
 def test_cache_is_built_once_and_keyed(tok, tmp_path):
     data = tmp_path / "c.txt"
-    data.write_text("The cat sat on the mat. It was warm. The dog came by. It barked.\n\nAnother doc. With text.\n")
+    data.write_text("The cat sat on the mat. It was warm. The dog came by. It barked.\n\n"
+                    "Another doc. With text.\n")
     c1 = build_or_load(str(data), "text", tok, 32, 0.0, 1, str(tmp_path / "cache"))
     files = list((tmp_path / "cache" / "tokenized").iterdir())
     c2 = build_or_load(str(data), "text", tok, 32, 0.0, 1, str(tmp_path / "cache"))

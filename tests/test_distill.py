@@ -70,7 +70,8 @@ def test_a_bf16_run_trains_in_bf16_and_follows_the_fp32_run(assets, straight_run
     out = assets / "bf16"
     run_ok(deepspeed_cmd(flags(assets, out, precision="bf16", save_every=STEPS)))
     cfg = json.load(open(out / "run_config.json"))
-    assert cfg["precision"] == "bf16" and any("(ZeRO-2, bf16)" in line for line in cfg["layout"]), cfg["layout"]
+    assert cfg["precision"] == "bf16" and any("(ZeRO-2, bf16)" in line for line in cfg["layout"]), \
+        cfg["layout"]
     tag = out / "checkpoints" / f"step_{STEPS:08d}"
     state = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     assert state["ds_config"]["bf16"] == {"enabled": True}
@@ -161,8 +162,8 @@ def test_a_run_that_drops_tokens_past_capacity_trains_over_two_ranks_and_exports
     every rank really drops tokens (counted at the gate's routes); the run trains four finite steps and
     exports a student whose config keeps the capacity settings."""
     out = assets / "drop"
-    spawn(_counting_drops_worker, 2, flag_dict(assets, out, drop_tokens=True, capacity_factor=0.5, max_steps=4,
-                                               save_every=0), str(assets))
+    spawn(_counting_drops_worker, 2, flag_dict(assets, out, drop_tokens=True, capacity_factor=0.5,
+                                               max_steps=4, save_every=0), str(assets))
     for rank in range(2):
         seen = json.load(open(assets / f"drops{rank}.json"))
         assert seen["calls"] >= 4 * 2 and 0 < seen["kept"] < seen["routed"], seen
@@ -180,7 +181,8 @@ def test_resume_refuses_another_student_or_a_fresh_start_over_old_checkpoints(as
     from minimoe.flags import from_flags
     from minimoe.distill import plan
     with pytest.raises(ConfigError, match=r"student differs from this run's in \['num_experts'\]"):
-        plan(from_flags(DistillConfig, flag_dict(assets, straight_run, resume=True, num_experts=2, ep_size=1)))
+        plan(from_flags(DistillConfig, flag_dict(assets, straight_run, resume=True, num_experts=2,
+                                                 ep_size=1)))
     with pytest.raises(ConfigError, match="holds checkpoints of an earlier run; pass --resume"):
         plan(from_flags(DistillConfig, flag_dict(assets, straight_run, ep_size=1)))
     with pytest.raises(ConfigError, match=r"global batch 8, this run has 4 \(4 x 1 x 1 ranks\)"):
@@ -232,6 +234,7 @@ def test_export_refuses_non_finite_weights(tmp_path):
     from minimoe.config import ConfigError, StudentConfig
     from minimoe.export.hf import export_student
     state = {"embeddings.word.weight": torch.tensor([1.0, float("nan")])}
-    with pytest.raises(ConfigError, match=r"holds non-finite weights \(1 tensors, e.g. \['embeddings.word.weight'\]"):
+    with pytest.raises(ConfigError,
+                       match=r"holds non-finite weights \(1 tensors, e.g. \['embeddings.word.weight'\]"):
         export_student(state, str(tmp_path / "student"), StudentConfig())
     assert not (tmp_path / "student").exists() and not (tmp_path / "student.tmp").exists()

@@ -20,7 +20,8 @@ def read(path):
 @pytest.mark.parametrize("dockerfile", DOCKERFILES)
 def test_hadolint_is_clean(dockerfile):
     hadolint = shutil.which("hadolint") or os.path.join(os.path.dirname(os.sys.executable), "hadolint")
-    p = subprocess.run([hadolint, "--no-color", os.path.join(REPO, dockerfile)], capture_output=True, text=True)
+    p = subprocess.run([hadolint, "--no-color", os.path.join(REPO, dockerfile)], capture_output=True,
+                       text=True)
     assert p.returncode == 0, p.stdout + p.stderr
 
 
@@ -39,12 +40,13 @@ def test_images_install_the_pins_of_requirements_files_only(dockerfile):
     # Every file `make deps` reads is in the image before it runs (its own layer, cached by them).
     copied_before = text[:text.index("RUN make deps")]
     for name in deps_requirements() + ["Makefile"]:
-        assert re.search(rf"^COPY [^\n]*{re.escape(name)}|^    [^\n]*{re.escape(name)}", copied_before, re.M), \
-            f"{dockerfile} does not copy {name} before `make deps`"
+        assert re.search(rf"^COPY [^\n]*{re.escape(name)}|^    [^\n]*{re.escape(name)}", copied_before,
+                         re.M), f"{dockerfile} does not copy {name} before `make deps`"
 
 
 def test_torch_pin_has_one_source():
-    """The Makefile installs torch first (CPU wheel on CPU hosts) at the pin it reads from requirements.txt."""
+    """The Makefile installs torch first (CPU wheel on CPU hosts) at the pin it reads from
+    requirements.txt."""
     makefile = read("Makefile")
     assert re.search(r"grep -E '\^torch==' requirements.txt", makefile)
     assert not re.search(r"torch==\d", makefile)

@@ -27,8 +27,8 @@ def _flags(assets, out, world, **extra):
     # Global batch 8 either way: 2 ranks x 4, or 1 rank x 4 x 2 micro-steps (the same samples per micro-step).
     layout = {"ep_size": 2, "micro_batch_size": 4, "grad_accum": 1} if world == 2 else \
         {"ep_size": 1, "micro_batch_size": 4, "grad_accum": 2}
-    return flag_dict(assets, out, max_steps=STEPS, save_every=SAVE_AT, hidden_dropout=0.0, attention_dropout=0.0,
-                     **layout, **extra)
+    return flag_dict(assets, out, max_steps=STEPS, save_every=SAVE_AT, hidden_dropout=0.0,
+                     attention_dropout=0.0, **layout, **extra)
 
 
 def _resume_from(ref, out):
@@ -60,7 +60,8 @@ def test_resume_at_another_world_and_ep_size_continues_exactly(assets, reference
     worst_rel = max(abs(got[s]["relation"] - want[s]["relation"]) / abs(want[s]["relation"]) for s in got)
     for step in got:
         assert got[step]["lr"] == pytest.approx(want[step]["lr"], rel=1e-6), step
-    a, b = load_file(refs[saved] / "student" / "model.safetensors"), load_file(out / "student" / "model.safetensors")
+    a, b = (load_file(refs[saved] / "student" / "model.safetensors"),
+            load_file(out / "student" / "model.safetensors"))
     # Weights in units of fp32 rounding of each reference weight (eps x |w|): an absolute bound fails on
     # one rounding of a weight near 1 (6e-8), which is what reordered sums give.
     rounding = {k: torch.finfo(torch.float32).eps * a[k].abs().clamp(min=1e-3) for k in a}
@@ -90,7 +91,8 @@ BEFORE_STACKING = "1296d7f"
 
 def _launch(code_root, assets, out, **extra):
     flag_list = [f"--{k}={v}" for k, v in _flags(assets, out, 1, **extra).items()]
-    run_ok([sys.executable, os.path.join(code_root, "launchers", "distill.py"), *flag_list], PYTHONPATH=code_root)
+    run_ok([sys.executable, os.path.join(code_root, "launchers", "distill.py"), *flag_list],
+           PYTHONPATH=code_root)
 
 
 def test_a_checkpoint_from_before_the_experts_were_stacked_resumes_exactly(assets, tmp_path):
@@ -100,8 +102,8 @@ def test_a_checkpoint_from_before_the_experts_were_stacked_resumes_exactly(asset
         pytest.skip("needs this checkout's git history (the code before the stacking)")
     old = tmp_path / "old_code"
     old.mkdir()
-    archive = subprocess.run(["git", "-C", REPO, "archive", BEFORE_STACKING, "minimoe", "launchers", "ds_configs"],
-                             capture_output=True, check=True).stdout
+    archive = subprocess.run(["git", "-C", REPO, "archive", BEFORE_STACKING, "minimoe", "launchers",
+                              "ds_configs"], capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
     ref, out = tmp_path / "old_run", tmp_path / "resumed"
     _launch(str(old), assets, ref)

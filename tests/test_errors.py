@@ -19,7 +19,8 @@ def teacher(tmp_path_factory):
 
 
 def cfg(teacher, tmp_path, **kw):
-    base = {"teacher": teacher, "data": wiki_slice(str(tmp_path / "w.jsonl"), 2), "output_dir": str(tmp_path / "out"),
+    base = {"teacher": teacher, "data": wiki_slice(str(tmp_path / "w.jsonl"), 2),
+            "output_dir": str(tmp_path / "out"),
             "cache_dir": str(tmp_path / "cache"), "hidden_size": 64, "num_heads": 4, "relation_heads": 8}
     base.update(kw)
     return from_flags(DistillConfig, base)
@@ -55,7 +56,8 @@ def test_plan_errors(teacher, tmp_path, monkeypatch):
         plan(cfg("/nope", tmp_path))
     with pytest.raises(ConfigError, match="--data '/nope.txt' does not exist"):
         plan(cfg(teacher, tmp_path, data="/nope.txt"))
-    with pytest.raises(ConfigError, match="'wikipedia:20231101.en' is a legacy script dataset .* --data wikimedia/"):
+    with pytest.raises(ConfigError,
+                       match="'wikipedia:20231101.en' is a legacy script dataset .* --data wikimedia/"):
         plan(cfg(teacher, tmp_path, data="wikipedia:20231101.en"))  # before anything is downloaded
     with pytest.raises(ConfigError, match="--ds_config '/nope.json' does not exist"):
         plan(cfg(teacher, tmp_path, ds_config="/nope.json"))
@@ -131,8 +133,8 @@ def test_launcher_errors_are_one_line_with_exit_2_and_no_output(teacher, tmp_pat
     assert not out.exists()
     # Found only after the process group started (rank 0 tokenises): still one line, exit 2, no output.
     empty = write(tmp_path / "empty.txt", "\n")
-    p = launch([f"--teacher={teacher}", f"--data={empty}", f"--output_dir={out}", f"--cache_dir={tmp_path / 'c'}",
-                "--hidden_size=64", "--num_heads=4", "--relation_heads=8"])
+    p = launch([f"--teacher={teacher}", f"--data={empty}", f"--output_dir={out}",
+                f"--cache_dir={tmp_path / 'c'}", "--hidden_size=64", "--num_heads=4", "--relation_heads=8"])
     assert p.returncode == 2, p.stderr[-2000:]
     assert [l for l in stderr_lines(p) if l.startswith("error:")] == [
         f"error: --data {empty!r} gave no training pairs (empty corpus, or documents of < 2 tokens)"]
@@ -151,8 +153,8 @@ def test_failures_are_classified_as_user_or_environment():
     assert classify(ConfigError("--lr 0 must be > 0")) == (2, "--lr 0 must be > 0")
     code, line = classify(OSError(errno.ENOSPC, "No space left on device", "/ckpt/step_00000004/x.pt"))
     assert code == 1 and line.startswith("no space left on device writing '/ckpt/step_00000004/x.pt'")
-    code, line = classify(RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed "
-                                       "writing file data/0: file write failed"))
+    code, line = classify(RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter "
+                                       "failed writing file data/0: file write failed"))
     assert code == 1 and "no space left on device while saving" in line
     code, line = classify(RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:56530: "
                                        "Connection reset by peer. This is typically caused by ..."))
@@ -212,7 +214,8 @@ def test_ds_config_keys_deepspeed_does_not_know(teacher, tmp_path):
     nested = dict(base, zero_optimization=dict(base["zero_optimization"], overlap_com=True))
     with pytest.raises(ConfigError, match="DeepSpeedZeroConfig overlap_com: Extra inputs are not permitted"):
         plan(cfg(teacher, tmp_path, ds_config=write(tmp_path / "n.json", json.dumps(nested)), ep_size=1))
-    teacher_typo = write(tmp_path / "t.json", json.dumps({"zero_optimization": {"stage3_prefetch_bucket": 1}}))
+    teacher_typo = write(tmp_path / "t.json",
+                         json.dumps({"zero_optimization": {"stage3_prefetch_bucket": 1}}))
     with pytest.raises(ConfigError, match="--teacher_ds_config .*stage3_prefetch_bucket: Extra inputs"):
         plan(cfg(teacher, tmp_path, teacher_ds_config=teacher_typo, ep_size=1))
     commented = write(tmp_path / "c.json", json.dumps(dict(base, _comment="ZeRO-2 for the student")))
@@ -222,7 +225,8 @@ def test_ds_config_keys_deepspeed_does_not_know(teacher, tmp_path):
 def test_a_model_folder_without_its_tokenizer_files(teacher, tmp_path):
     import shutil
     bare = tmp_path / "bare"
-    shutil.copytree(teacher, bare, ignore=shutil.ignore_patterns("vocab.txt", "tokenizer*", "special_tokens_map.json"))
+    shutil.copytree(teacher, bare,
+                    ignore=shutil.ignore_patterns("vocab.txt", "tokenizer*", "special_tokens_map.json"))
     with pytest.raises(ConfigError, match=r"the folder lacks its tokenizer files|has no loadable tokenizer"):
         plan(cfg(str(bare), tmp_path, ep_size=1))
 
@@ -279,10 +283,13 @@ def test_a_leading_tilde_is_expanded_in_every_path_flag(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     c = from_flags(DistillConfig, {"output_dir": "~/run", "data": "~/a.txt,~/b.txt", "teacher": "~/t",
                                    "cache_dir": "~", "ds_config": "~/ds.json", "resume": "~/run/ckpt"})
-    assert (c.output_dir, c.data, c.teacher) == (f"{tmp_path}/run", f"{tmp_path}/a.txt,{tmp_path}/b.txt", f"{tmp_path}/t")
-    assert (c.cache_dir, c.ds_config, c.resume) == (str(tmp_path), f"{tmp_path}/ds.json", f"{tmp_path}/run/ckpt")
+    assert (c.output_dir, c.data, c.teacher) == (f"{tmp_path}/run", f"{tmp_path}/a.txt,{tmp_path}/b.txt",
+                                                 f"{tmp_path}/t")
+    assert (c.cache_dir, c.ds_config, c.resume) == (str(tmp_path), f"{tmp_path}/ds.json",
+                                                    f"{tmp_path}/run/ckpt")
     assert from_flags(DistillConfig, {"data": "packaged:wikipedia", "resume": True}).resume is True
-    # Every flag that names a file or folder, in every launcher: a field redeclared without the mark fails here.
+    # Every flag that names a file or folder, in every launcher: a field redeclared without the mark fails
+    # here.
     paths = {"output_dir", "ds_config", "resume", "hostfile", "teacher", "data", "eval_data", "cache_dir",
              "teacher_ds_config", "students", "model", "output", "models"}
     for cls in (DistillConfig, FinetuneConfig, EvaluateConfig, ExportConfig, SweepConfig):

@@ -52,10 +52,12 @@ def test_grouped_rows_equal_each_expert_module_on_its_own_rows(counts):
 
 
 def test_deepspeed_buffers_equal_each_expert_module_on_its_slots():
-    """MOELayer hands the experts ``[ep_size, E_local, C, H]``: expert j serves slots [:, j] of every group."""
+    """MOELayer hands the experts ``[ep_size, E_local, C, H]``: expert j serves slots [:, j] of every
+    group."""
     stacked, modules = _pair()
     _same_as_modules(torch.randn(2, E, 4, H), stacked,
-                     lambda x: torch.stack([m(x[:, j]) for j, m in enumerate(modules)], dim=1), stacked, modules)
+                     lambda x: torch.stack([m(x[:, j]) for j, m in enumerate(modules)], dim=1), stacked,
+                     modules)
 
 
 def test_state_dict_has_deepspeeds_per_expert_keys_and_loads_back():
@@ -64,7 +66,8 @@ def test_state_dict_has_deepspeeds_per_expert_keys_and_loads_back():
     assert sorted(state) == sorted(f"deepspeed_experts.{j}.{m}.{p}" for j in range(E) for m in ("fc1", "fc2")
                                    for p in ("weight", "bias"))
     assert state["deepspeed_experts.1.fc1.weight"].shape == (F, H)
-    assert state["deepspeed_experts.1.fc1.weight"].untyped_storage().nbytes() == F * H * 4  # a copy, not a view
+    # a copy, not a view
+    assert state["deepspeed_experts.1.fc1.weight"].untyped_storage().nbytes() == F * H * 4
     fresh = StackedExperts(E, H, F, dropout=0.0)
     fresh.load_state_dict(state)
     for a, b in zip(fresh.parameters(), stacked.parameters()):
@@ -77,5 +80,6 @@ def test_state_dict_has_deepspeeds_per_expert_keys_and_loads_back():
 def test_stacked_parameters_are_flagged_for_deepspeeds_expert_groups_and_biases_not_decayed():
     stacked = StackedExperts(E, H, F, dropout=0.0, group_name="ep_size_2")
     assert all(p.allreduce is False and p.group_name == "ep_size_2" for p in stacked.parameters())
-    decayed = {id(p) for g in optimizer_groups(stacked) if g.get("weight_decay", None) != 0.0 for p in g["params"]}
+    decayed = {id(p) for g in optimizer_groups(stacked) if g.get("weight_decay", None) != 0.0
+               for p in g["params"]}
     assert decayed == {id(stacked.fc1_weight), id(stacked.fc2_weight)}

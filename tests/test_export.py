@@ -129,8 +129,8 @@ def test_pipelines_run_on_task_folders(fx):
               "c = transformers.pipeline('text-classification', model=sys.argv[1], trust_remote_code=True)\n"
               "t = transformers.pipeline('token-classification', model=sys.argv[2], trust_remote_code=True)\n"
               "print(c('the film was great')[0]['label'], type(t('Alice visited Paris today')).__name__)\n")
-    p = subprocess.run([PY, "-c", script, fx["sentiment"], fx["ner"]], env=env(), capture_output=True, text=True,
-                       timeout=300)
+    p = subprocess.run([PY, "-c", script, fx["sentiment"], fx["ner"]], env=env(), capture_output=True,
+                       text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     label, entities = p.stdout.split()[-2:]
     assert label in get_task("sentiment").labels and entities == "list"
@@ -144,8 +144,8 @@ def test_model_cards_follow_the_hub_format(fx):
     assert front["library_name"] == "transformers" and front["pipeline_tag"] == "feature-extraction"
     summary = json.load(open(os.path.join(fx["run"], "summary.json")))
     for fact in ("| teacher |", "| data |", "4 steps x 8 sequences", f"{summary['tokens_seen']:,}",
-                 "| parameters |", "GFLOPs per 32-token sequence", f"{summary['relation_last']:.4f}", "launchers/distill.py",
-                 "trust_remote_code=True"):
+                 "| parameters |", "GFLOPs per 32-token sequence", f"{summary['relation_last']:.4f}",
+                 "launchers/distill.py", "trust_remote_code=True"):
         assert fact in text, fact
     task = open(os.path.join(fx["sentiment"], "README.md")).read()
     front = yaml.safe_load(task.split("---")[1])
@@ -179,7 +179,8 @@ def test_onnx_keeps_top1_routing_and_equals_pytorch(fx, tmp_path, key):
     assert "onnxruntime equals PyTorch within" in p.stdout
     folder = fx["student"] if key == "run" else fx[key]
     refs = references(folder, str(tmp_path / "refs.pt"))
-    p = subprocess.run([PY, "-c", ORT, str(out), refs], env=env(), capture_output=True, text=True, timeout=300)
+    p = subprocess.run([PY, "-c", ORT, str(out), refs], env=env(), capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     worst = float(p.stdout.split()[-1])
     assert worst <= 1e-5, worst  # measured: 1.4e-6 at most (the MoE run's student)
@@ -283,8 +284,8 @@ def test_the_task_model_cards_snippet_runs_as_written(tmp_path):
     model = TaskModel(MiniMoEModel.from_pretrained(student), "minimoe", task.kind, task.num_labels)
     results = {"main_metric": task.main_metric, "steps": 4, "wall_s": 1.0,
                "best": {"step": 4, "main": 0.5, "dev": {"dev": {"accuracy": 0.5}}}}
-    folder = save_task_model(str(tmp_path / "run" / "model"), model.state_dict(), task, "minimoe", student, tok,
-                             0.1, 32, "launchers/finetune.py --task sentiment", results)
+    folder = save_task_model(str(tmp_path / "run" / "model"), model.state_dict(), task, "minimoe", student,
+                             tok, 0.1, 32, "launchers/finetune.py --task sentiment", results)
     card = open(os.path.join(folder, "README.md")).read()
     snippet = re.search(r"## How to load\n\n```python\n(.*?)```", card, re.S).group(1)
     assert "minimoe.heads.load_task_model(path)" in snippet

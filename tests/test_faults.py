@@ -128,15 +128,16 @@ def _finetuned_folder(folder, student):
     from minimoe.heads import TaskModel, load_encoder, tokenizer_for
     task = get_task("sentiment")
     model = TaskModel(load_encoder(student)[0], "minimoe", task.kind, task.num_labels)
-    save_task_model(str(folder), model.state_dict(), task, "minimoe", student, tokenizer_for(student), 0.1, 32)
+    save_task_model(str(folder), model.state_dict(), task, "minimoe", student, tokenizer_for(student),
+                    0.1, 32)
     return str(folder)
 
 
 def distill_args(fx, out, **kw):
     d = {"teacher": fx["teacher"], "data": fx["wiki"], "cache_dir": fx["tmp"] / "cache", "output_dir": out,
          "num_layers": 2, "hidden_size": 64, "num_heads": 4, "ffn_size": 128, "num_experts": 4,
-         "relation_heads": 8, "micro_batch_size": 4, "max_seq_length": 64, "max_steps": 2, "wandb": "disabled",
-         "ep_size": 1}
+         "relation_heads": 8, "micro_batch_size": 4, "max_seq_length": 64, "max_steps": 2,
+         "wandb": "disabled", "ep_size": 1}
     d.update(kw)
     return args_of(d)
 
@@ -163,7 +164,8 @@ DISTILL = [  # (case, bad flags (values naming fx entries are resolved), exit co
     ("seed out of range", {"seed": -1}, 2, "--seed -1 is invalid"),
     ("missing data", {"data": "/nope/corpus.txt"}, 2, "--data '/nope/corpus.txt' does not exist"),
     ("resume with nothing to resume", {"resume": True}, 2, "no complete checkpoint to resume"),
-    ("ds_config block of another type", {"ds_config": "zero_int"}, 2, "'zero_optimization' must be a JSON object"),
+    ("ds_config block of another type", {"ds_config": "zero_int"}, 2,
+     "'zero_optimization' must be a JSON object"),
     ("optimizer DeepSpeed cannot build", {"ds_config": "noopt"}, 2, "optimizer.type 'NoSuchOpt' is not one"),
     ("optimizer argument its class does not take", {"ds_config": "params_typo"}, 2,
      "DeepSpeed cannot build the engine from it: AdamW.__init__() got an unexpected keyword argument 'lrr'"),
@@ -178,7 +180,8 @@ FINETUNE = [
     ("output_dir is a file", {"output_dir": "afile"}, 2, "afile' is a file, not a folder"),
     ("output_dir is a dangling link", {"output_dir": "dangling"}, 2, "dangling' is a symbolic link to '"),
     ("truncated student weights", {"model": "cut_student"}, 1, "model.safetensors' is truncated or corrupt"),
-    ("model is a distillation run folder", {"model": "run_folder"}, 2, "is a distillation run folder; fine-tune"),
+    ("model is a distillation run folder", {"model": "run_folder"}, 2,
+     "is a distillation run folder; fine-tune"),
     ("max_seq_length past the positions", {"max_seq_length": 4096}, 2, "4096 exceeds the 512 positions"),
 ]
 
@@ -215,8 +218,10 @@ ARGS = {  # each launcher's otherwise good command line, with the bad flags on t
     "distill": lambda fx, out, bad: distill_args(fx, out, **bad),
     "finetune": lambda fx, out, bad: finetune_args(fx, out, **bad),
     "evaluate": lambda fx, out, bad: args_of({"output": out / "eval.json", **bad}),
-    "sweep": lambda fx, out, bad: args_of({"models": fx["student"], "tasks": "sentiment", "output_dir": out, **bad}),
-    "export": lambda fx, out, bad: args_of({"model": fx["student"], "format": "onnx", "output_dir": out, **bad}),
+    "sweep": lambda fx, out, bad: args_of({"models": fx["student"], "tasks": "sentiment", "output_dir": out,
+                                           **bad}),
+    "export": lambda fx, out, bad: args_of({"model": fx["student"], "format": "onnx", "output_dir": out,
+                                            **bad}),
 }
 SLOW = pytest.mark.slow  # the distill and finetune launchers load DeepSpeed and start a process group
 BAD_INPUT = [pytest.param(launcher, *case, id=f"{launcher}: {case[0]}",
@@ -385,7 +390,8 @@ def test_two_ranks_resume_from_a_truncated_optimizer_shard(assets, straight_run,
 @pytest.mark.slow
 @pytest.mark.parametrize("change,culprit", [
     ("missing shard", "zero_pp_rank_1_mp_rank_00_optim_states.pt' is missing: the checkpoint is incomplete"),
-    ("another target", "the checkpoint distilled another target: ['relation_heads'] were [8], this run has [16]"),
+    ("another target",
+     "the checkpoint distilled another target: ['relation_heads'] were [8], this run has [16]"),
 ])
 def test_two_ranks_resume_refuses_what_cannot_continue(assets, straight_run, tmp_path, change, culprit):
     out = tmp_path / "run"
@@ -396,8 +402,8 @@ def test_two_ranks_resume_refuses_what_cannot_continue(assets, straight_run, tmp
         os.remove(out / "checkpoints" / tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     else:
         extra["relation_heads"] = 16
-    assert_one_line(launch("distill", flags(assets, out, **extra), ranks=2), 1 if change == "missing shard" else 2,
-                    culprit)
+    assert_one_line(launch("distill", flags(assets, out, **extra), ranks=2),
+                    1 if change == "missing shard" else 2, culprit)
     assert not (out / "student").exists()
 
 

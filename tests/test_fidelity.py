@@ -69,8 +69,8 @@ def test_fixed_routers_have_no_gate_no_balance_loss_and_weight_one(router):
 
 def test_a_random_router_draws_anew_each_training_forward_and_fixed_at_inference():
     torch.manual_seed(0)
-    cfg = StudentConfig(num_layers=1, hidden_size=H, num_heads=2, ffn_size=FFN, num_experts=E, vocab_size=1000,
-                        router="random", router_seed=5)
+    cfg = StudentConfig(num_layers=1, hidden_size=H, num_heads=2, ffn_size=FFN, num_experts=E,
+                        vocab_size=1000, router="random", router_seed=5)
     ffn = MiniMoEModel(cfg).layers[0].ffn
     x, ids = torch.randn(4, 32, H), torch.randint(1, 1000, (4, 32))
     first, second = (ffn(x, None, ids)[2] for _ in range(2))
@@ -83,8 +83,8 @@ def test_a_random_router_draws_anew_each_training_forward_and_fixed_at_inference
 
 
 def _layer(router, ep_size):
-    return MoEFeedForward(H, FFN, E, ep_size, dropout=0.0, gate_noise=0.0, drop_tokens=False, capacity_factor=1.0,
-                          route_padding=False, router=router, layer=1, router_seed=776)
+    return MoEFeedForward(H, FFN, E, ep_size, dropout=0.0, gate_noise=0.0, drop_tokens=False,
+                          capacity_factor=1.0, route_padding=False, router=router, layer=1, router_seed=776)
 
 
 def _inputs(rank):
@@ -197,7 +197,8 @@ def test_relation_dropout_equals_the_authors_loss_and_its_gradient():
     torch.testing.assert_close(fused, total, atol=1e-5, rtol=1e-5)
     for a, b in zip(g_fused, torch.autograd.grad(total, s)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
-    assert float(fused.detach()) > float(relation_kl(t, s, mask, heads).detach()) + 0.5  # dropped mass costs log(1e-7)
+    # dropped mass costs log(1e-7)
+    assert float(fused.detach()) > float(relation_kl(t, s, mask, heads).detach()) + 0.5
 
 
 # ---------------------------------------------------------------------- pair recipes
@@ -340,10 +341,12 @@ def test_held_out_scoring_leaves_training_unchanged_and_scores_what_it_says(asse
     runs = {}
     for every in (2, 0):
         out = tmp_path / f"every{every}"
-        run_ok(deepspeed_cmd(flags(assets, out, max_steps=8, eval_fraction=0.3, eval_every=every, save_every=0)))
+        run_ok(deepspeed_cmd(flags(assets, out, max_steps=8, eval_fraction=0.3, eval_every=every,
+                                   save_every=0)))
         runs[every] = out
     rows = {e: read_jsonl(str(o / "metrics.jsonl")) for e, o in runs.items()}
-    train = {e: [(r["step"], r["relation"], r["load_balance"]) for r in rows[e] if "relation" in r] for e in runs}
+    train = {e: [(r["step"], r["relation"], r["load_balance"]) for r in rows[e] if "relation" in r]
+             for e in runs}
     assert train[2] == train[0] and len(train[0]) == 8
     assert [r["step"] for r in rows[2] if "heldout_relation" in r] == [2, 4, 6, 8]
     assert [r["step"] for r in rows[0] if "heldout_relation" in r] == [8]
@@ -361,7 +364,8 @@ def test_held_out_scoring_leaves_training_unchanged_and_scores_what_it_says(asse
     for i in range(0, len(held.examples), 4):  # the run's micro-batches, each weighted by its tokens
         batch = collate(held.examples[i:i + 4], tok.pad_token_id)
         with torch.no_grad():
-            s = student(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], output_qkv=True).qkv
+            s = student(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                        output_qkv=True).qkv
         t = _teacher_qkv(str(assets / "teacher"), batch)
         n = int(batch["attention_mask"].sum())
         for k, tt, ss in zip(total, t, s):
@@ -387,7 +391,8 @@ def test_a_fixed_router_student_trains_at_ep2_and_exports_with_its_rule(assets, 
     run_ok(deepspeed_cmd(flags(assets, out, max_steps=4, save_every=0, router=router, pair_recipe="bert",
                                relation_dropout=0.1)))
     student = MiniMoEModel.from_pretrained(str(out / "student")).eval()
-    assert student.config.router == router and student.config.router_seed == (776 if router == "random" else 0)
+    assert (student.config.router == router
+            and student.config.router_seed == (776 if router == "random" else 0))
     ids = torch.randint(1000, 2000, (3, 17), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[2, 9:] = 0
@@ -396,9 +401,9 @@ def test_a_fixed_router_student_trains_at_ep2_and_exports_with_its_rule(assets, 
         hf = AutoModel.from_pretrained(str(out / "student"), trust_remote_code=True).eval()
         torch.testing.assert_close(hf(input_ids=ids, attention_mask=mask).last_hidden_state, want, atol=1e-6,
                                    rtol=1e-6)
-    p = subprocess.run([sys.executable, f"{REPO}/launchers/export.py", "--model", str(out), "--format", "onnx",
-                        "--output_dir", str(tmp_path / "onnx")], env=env(), capture_output=True, text=True,
-                       timeout=600)
+    p = subprocess.run([sys.executable, f"{REPO}/launchers/export.py", "--model", str(out), "--format",
+                        "onnx", "--output_dir", str(tmp_path / "onnx")], env=env(), capture_output=True,
+                       text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     import onnxruntime as ort
     session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"))

@@ -23,7 +23,8 @@ def ner_dir(path):
     for split, n in (("train", 80), ("dev", 20)):
         with open(os.path.join(path, f"{split}.txt"), "w") as fh:
             for _ in range(n):
-                fh.write(f"{rng.choice(names)}\tB-person\nvisited\tO\n{rng.choice(places)}\tB-geo-loc\ntoday\tO\n\n")
+                fh.write(f"{rng.choice(names)}\tB-person\nvisited\tO\n{rng.choice(places)}\tB-geo-loc\n"
+                         "today\tO\n\n")
     return str(path)
 
 
@@ -31,15 +32,17 @@ def ner_dir(path):
 def fx(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ft")
     student = tmp / "student"
-    MiniMoEModel(StudentConfig(num_layers=2, hidden_size=64, num_heads=4, ffn_size=128, num_experts=4)).save_pretrained(str(student))
+    MiniMoEModel(StudentConfig(num_layers=2, hidden_size=64, num_heads=4, ffn_size=128,
+                               num_experts=4)).save_pretrained(str(student))
     for f in TOKENIZER_FILES:
         shutil.copy(os.path.join(resolve_model(PACKAGED_TEACHER), f), student)
-    return {"tmp": tmp, "student": str(student), "sentiment": sentiment_dir(tmp / "sent"), "ner": ner_dir(tmp / "ner")}
+    return {"tmp": tmp, "student": str(student), "sentiment": sentiment_dir(tmp / "sent"),
+            "ner": ner_dir(tmp / "ner")}
 
 
 def flags(fx, out, **kw):
-    f = {"model": fx["student"], "output_dir": str(out), "micro_batch_size": 8, "max_seq_length": 32, "lr": 1e-3,
-         "max_steps": 60, "eval_every": 30, "log_every": 10, "wandb": "disabled", "patience": 0}
+    f = {"model": fx["student"], "output_dir": str(out), "micro_batch_size": 8, "max_seq_length": 32,
+         "lr": 1e-3, "max_steps": 60, "eval_every": 30, "log_every": 10, "wandb": "disabled", "patience": 0}
     f.update(kw)
     return f
 
@@ -65,7 +68,8 @@ def test_two_rank_ep2_finetune_exports_a_model_that_scores_the_same(fx, task, da
     # the exported model (experts gathered, ep_size 1, one process) gives the ep_size-2 engine's dev score
     again = evaluate_folder(str(out / "model"), "dev", fx[data], 32, 16)
     assert again["scores"] == pytest.approx(res["best"]["dev"]["dev"])
-    assert (out / "checkpoints" / "best" / "complete").exists()  # kept: the run can be resumed and re-exported
+    # kept: the run can be resumed and re-exported
+    assert (out / "checkpoints" / "best" / "complete").exists()
 
 
 @pytest.mark.slow
@@ -91,7 +95,8 @@ def test_evaluate_scores_a_fine_tuned_model_as_its_run_did_and_writes_json_and_a
     p = subprocess.run([sys.executable, os.path.join(REPO, "launchers/evaluate.py"), "--model",
                         str(tmp_path / "copy" / "model"), "--split", "dev", "--data", fx["sentiment"],
                         "--max_seq_length", "32", "--batch_size", "16"],
-                       env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=300)
+                       env=dict(os.environ, DS_ACCELERATOR="cpu"), capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = tmp_path / "copy" / "eval_dev.json"
     assert p.stdout.rstrip().endswith(f"wrote {out}")
@@ -111,14 +116,17 @@ def test_finetune_plan_errors(fx, tmp_path):
     with pytest.raises(ConfigError, match="has no dev.tsv for task sentiment"):
         os.makedirs(tmp_path / "only_train")
         shutil.copy(os.path.join(fx["sentiment"], "train.tsv"), tmp_path / "only_train")
-        plan(from_flags(FinetuneConfig, flags(fx, tmp_path, task="sentiment", data=str(tmp_path / "only_train"))))
+        plan(from_flags(FinetuneConfig, flags(fx, tmp_path, task="sentiment",
+                                              data=str(tmp_path / "only_train"))))
     with pytest.raises(ConfigError, match="--ep_size 3 must divide the student's 4 experts"):
-        plan(from_flags(FinetuneConfig, flags(fx, tmp_path, task="sentiment", data=fx["sentiment"], ep_size=3)))
+        plan(from_flags(FinetuneConfig, flags(fx, tmp_path, task="sentiment", data=fx["sentiment"],
+                                              ep_size=3)))
     with pytest.raises(ConfigError, match="--ep_size 2 needs a MiniMoE student with experts"):
-        plan(from_flags(FinetuneConfig, flags(fx, tmp_path, model=resolve_model(PACKAGED_TEACHER), task="sentiment",
-                                              data=fx["sentiment"], ep_size=2)))
+        plan(from_flags(FinetuneConfig, flags(fx, tmp_path, model=resolve_model(PACKAGED_TEACHER),
+                                              task="sentiment", data=fx["sentiment"], ep_size=2)))
     with pytest.raises(ConfigError, match="--model ./nope. does not exist"):
-        plan(from_flags(FinetuneConfig, flags(fx, tmp_path, model="/nope", task="sentiment", data=fx["sentiment"])))
+        plan(from_flags(FinetuneConfig, flags(fx, tmp_path, model="/nope", task="sentiment",
+                                              data=fx["sentiment"])))
 
 
 def test_label_set_mismatch_fails_with_one_line(fx, tmp_path):
@@ -140,7 +148,8 @@ def test_task_specific_distillation_from_a_fine_tuned_teacher(fx):
     """The sentence model fine-tuned above teaches a fresh student (2 ranks, ep_size 2) through its logits."""
     teacher = fx["tmp"] / "run_sentiment" / "model"
     if not teacher.is_dir():
-        spawn(_worker, 2, flags(fx, fx["tmp"] / "run_sentiment", task="sentiment", data=fx["sentiment"], ep_size=2))
+        spawn(_worker, 2, flags(fx, fx["tmp"] / "run_sentiment", task="sentiment", data=fx["sentiment"],
+                                ep_size=2))
     out = fx["tmp"] / "kd"
     spawn(_worker, 2, flags(fx, out, task="sentiment", data=fx["sentiment"], ep_size=2, teacher=str(teacher),
                             kd_weight=0.7, temperature=2.0))
@@ -214,8 +223,8 @@ def test_sweep_continues_an_interrupted_fine_tuning_run(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("launcher,first", [("python", sys.executable),
-                                            ("deepspeed --num_gpus 2", os.path.join(os.path.dirname(sys.executable),
-                                                                                   "deepspeed"))])
+                                            ("deepspeed --num_gpus 2",
+                                             os.path.join(os.path.dirname(sys.executable), "deepspeed"))])
 def test_sweep_runs_its_own_python(tmp_path, monkeypatch, launcher, first):
     """The default launcher ran whatever `python` came first on PATH: another Python's child failed with
     "No module named 'fire'". python, deepspeed and torchrun are the ones beside the sweep's interpreter."""

@@ -90,11 +90,13 @@ def test_a_bf16_student_on_cuda_follows_the_fp32_run(assets, cuda_run):
     out = assets / "gpu-bf16"
     run_ok(deepspeed_cmd(flags(assets, out, precision="bf16", **SAME_STEP), procs=1), DS_ACCELERATOR="cuda")
     cfg = json.loads((out / "run_config.json").read_text())
-    assert cfg["precision"] == "bf16" and any("(ZeRO-2, bf16)" in line for line in cfg["layout"]), cfg["layout"]
+    assert cfg["precision"] == "bf16" and any("(ZeRO-2, bf16)" in line for line in cfg["layout"]), \
+        cfg["layout"]
     tag = out / "checkpoints" / f"step_{STEPS:08d}"
     state = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     assert {v.dtype for v in state["module"].values()} == {torch.bfloat16}
-    assert [f.name for f in tag.glob("*optim_states.pt")] == ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    assert [f.name for f in tag.glob("*optim_states.pt")] == \
+        ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"]
     bf16, fp32 = _relation(out), _relation(cuda_run)
     assert len(bf16) == STEPS and all(map(math.isfinite, bf16))
     assert bf16[-1] < 0.9 * bf16[0], (bf16[0], bf16[-1])
@@ -127,7 +129,8 @@ def _cuda_teacher_worker(rank, path, kind, want):
 def test_the_zero3_teacher_on_cuda_matches_the_plain_model(tmp_path, kind):
     """Teacher under ZeRO-3 on one GPU: its partitions live on the GPU (zero3) or in host memory
     (zero3_offload, fetched a layer at a time), and its captured Q/K/V equal the plain transformers model's
-    on the CPU within 1e-4 (fp32; CUDA and CPU kernels round differently, a misplaced weight is off by O(1))."""
+    on the CPU within 1e-4 (fp32; CUDA and CPU kernels round differently, a misplaced weight is off by
+    O(1))."""
     path = tiny_teacher(str(tmp_path / "bert"), "bert")
     spawn(_cuda_teacher_worker, 1, path, kind, _plain_qkv(path, 2))
 

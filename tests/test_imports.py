@@ -27,7 +27,8 @@ def _imports() -> dict[str, set[str]]:
                     target = ".".join(base + ([node.module] if node.module else []))
                     for alias in node.names:
                         sub = f"{target}.{alias.name}"
-                        is_module = os.path.isfile(os.path.join(os.path.dirname(PACKAGE), *sub.split(".")) + ".py")
+                        is_module = os.path.isfile(os.path.join(os.path.dirname(PACKAGE),
+                                                                *sub.split(".")) + ".py")
                         targets.add(sub if is_module else target)
     return graph
 

@@ -21,12 +21,13 @@ def _hostfile(tmp_path, text):
 
 
 def test_four_nodes_of_eight_with_16_experts_over_ep8(tmp_path):
-    world = World.from_hostfile(_hostfile(tmp_path, "# the job\ngpu01 slots=8\ngpu02 slots=8\n\ngpu03 slots=8\n"
-                                                    "gpu04 slots=8  # last\n"))
+    world = World.from_hostfile(_hostfile(tmp_path, "# the job\ngpu01 slots=8\ngpu02 slots=8\n\n"
+                                                    "gpu03 slots=8\ngpu04 slots=8  # last\n"))
     layout = plan_layout(world, 8, MOE16, micro_batch=16, grad_accum=2, zero_stage=2, precision="bf16")
     assert (layout.world_size, world.nodes, layout.global_batch) == (32, 4, 16 * 2 * 32)
     assert layout.experts_per_rank == 2 and layout.expert_replicas == 4
-    assert layout.ep_rank(9) == 1 and list(layout.experts_of(9)) == [2, 3] and list(layout.experts_of(31)) == [14, 15]
+    assert layout.ep_rank(9) == 1 and list(layout.experts_of(9)) == [2, 3] and \
+        list(layout.experts_of(31)) == [14, 15]
     assert layout.ep_groups()[1] == list(range(8, 16)) and world.node_of(15) == 1 and world.node_of(16) == 2
     assert not layout.notes  # every all-to-all stays inside a node
     text = layout.describe()
@@ -40,7 +41,8 @@ def test_student_memory_follows_zero_accounting():
     local = MOE16.dense_params + MOE16.expert_params // 4        # experts split over 4 ranks
     assert s1["weights"] == s2["weights"] == 2 * local
     # Adam moments + fp32 master (12 bytes) over 8 ranks for shared weights, over 2 replicas for experts
-    assert s1["optimizer"] == s2["optimizer"] == int(12 * (MOE16.dense_params / 8 + MOE16.expert_params / 4 / 2))
+    assert s1["optimizer"] == s2["optimizer"] == int(12 * (MOE16.dense_params / 8
+                                                           + MOE16.expert_params / 4 / 2))
     assert s1["grads"] == 2 * local and s2["grads"] < s1["grads"] / 2
 
 
@@ -95,10 +97,11 @@ def test_dry_run_prints_the_plan_and_every_nodes_command(tmp_path):
     assert "torchrun --nnodes 4 --nproc_per_node 8 --node_rank 0" in p.stdout
     assert not out.exists()  # nothing written, no process group
     p = _dry_run(["--ep_size", "2"], env={"SLURM_JOB_NODELIST": "a[1-2]", "SLURM_GPUS_ON_NODE": "2"})
-    assert p.returncode == 0 and "sbatch --nodes 2 --gpus-per-node 2 launchers/slurm/distill.sbatch --ep_size 2" \
-        in p.stdout
+    assert p.returncode == 0 and \
+        "sbatch --nodes 2 --gpus-per-node 2 launchers/slurm/distill.sbatch --ep_size 2" in p.stdout
     p = _dry_run(["--hostfile", hosts, "--ep_size", "3"])
-    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == "error: --ep_size 3 must divide the student's 4 experts"
+    assert p.returncode == 2 and \
+        p.stderr.strip().splitlines()[-1] == "error: --ep_size 3 must divide the student's 4 experts"
 
 
 def _groups_worker(rank, out):

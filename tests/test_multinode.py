@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import BIN, REPO, STEPS, deepspeed_cmd, env, flag_dict, flags, free_port, read_jsonl, run_ok, spawn
+from helpers import (BIN, REPO, STEPS, deepspeed_cmd, env, flag_dict, flags, free_port, read_jsonl, run_ok,
+                     spawn)
 
 pytestmark = pytest.mark.slow
 
@@ -109,7 +110,8 @@ def test_a_dead_rank_ends_every_node_and_resume_continues(assets, straight_run, 
     assert latest.read_text() != f"step_{STEPS:08d}", "the run finished before it could be killed"
     # The survivor says what happened in one line (no traceback), and removes the dead rank's shm buffer.
     survivor = (tmp_path / "node0.log").read_text()
-    assert "error (rank 0): another rank of this job stopped without reporting why (killed from outside" in survivor
+    assert "error (rank 0): another rank of this job stopped without reporting why (killed from outside" \
+        in survivor
     if launcher == "deepspeed":  # torchrun's agent prints its own failure report for the killed rank
         assert "Traceback" not in survivor
     assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*")
@@ -186,7 +188,8 @@ def test_a_rank_that_dies_in_a_collective_is_named_by_its_partner_with_a_log_tha
     assert os.path.isfile(stack) and "Fatal Python error" in open(stack).read()
     assert "moe.py" in open(stack).read()  # where it died: in the MoE layer's all-to-all
     # The survivor's own crash log was empty and is gone.
-    assert [os.path.basename(p) for p in glob.glob(str(out / "logs" / "native-*"))] == [os.path.basename(stack)]
+    assert [os.path.basename(p) for p in glob.glob(str(out / "logs" / "native-*"))] == \
+        [os.path.basename(stack)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,9 +226,9 @@ def test_the_slurm_script_trains_on_a_one_node_allocation_under_fake_srun_and_sc
         (fake / f).chmod(0o755)
     port = free_port()
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "minimoe-distill", "SLURM_JOB_NODELIST": "localhost",
-             "SLURM_NNODES": "1", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "2",
-             "SLURM_GPUS_PER_NODE": "gpu:2", "SLURM_SUBMIT_DIR": REPO, "SLURM_NODEID": "0", "SLURM_PROCID": "0",
-             "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+             "SLURM_NNODES": "1", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
+             "SLURM_GPUS_ON_NODE": "2", "SLURM_GPUS_PER_NODE": "gpu:2", "SLURM_SUBMIT_DIR": REPO,
+             "SLURM_NODEID": "0", "SLURM_PROCID": "0", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
     child = dict(env(), **slurm)
     child["PATH"] = f"{fake}:{child['PATH']}"
     out = tmp_path / "run"

@@ -38,8 +38,9 @@ def _step_worker(rank, ep_size, stage, clip, out):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [
-    pytest.param(0, marks=pytest.mark.xfail(strict=True, reason="DeepSpeed 0.19: ZeRO-0 + EP misses remote experts "
-                                                                 "in the clip norm; minimoe refuses this combination")),
+    pytest.param(0, marks=pytest.mark.xfail(strict=True, reason="DeepSpeed 0.19: ZeRO-0 + EP misses "
+                                                                "remote experts in the clip norm; minimoe "
+                                                                "refuses this combination")),
     1, 2])
 def test_one_clipped_step_at_ep2_equals_ep1(tmp_path, stage):
     torch.manual_seed(0)
@@ -55,11 +56,11 @@ def test_one_clipped_step_at_ep2_equals_ep1(tmp_path, stage):
     for k in before:
         d1, d2 = states[1][k] - before[k], states[2][k] - before[k]
         scale = float(d1.abs().max())
-        # An update read back as after - before carries the fp32 rounding of weight + update, up to an ulp of the
-        # weight: for an expert that few tokens reached (an update of 1e-6 on weights of 0.03) that is 1.9e-9, more
-        # than any fraction of the update worth asking for. Beyond it, measured: ZeRO-1 and 2 differ by 1.9e-7 of
-        # the update's scale at most; ZeRO-0's wrong clip norm by 2.2e-5 on every tensor. 1e-12 absorbs the key
-        # biases, whose gradient is rounding noise (softmax ignores them).
+        # An update read back as after - before carries the fp32 rounding of weight + update, up to an ulp of
+        # the weight: for an expert that few tokens reached (an update of 1e-6 on weights of 0.03) that is
+        # 1.9e-9, more than any fraction of the update worth asking for. Beyond it, measured: ZeRO-1 and 2
+        # differ by 1.9e-7 of the update's scale at most; ZeRO-0's wrong clip norm by 2.2e-5 on every tensor.
+        # 1e-12 absorbs the key biases, whose gradient is rounding noise (softmax ignores them).
         ulp = torch.finfo(torch.float32).eps * float(before[k].abs().max())
         torch.testing.assert_close(d2, d1, atol=2e-6 * scale + ulp + 1e-12, rtol=0, msg=k)
         moved += int(scale > 0)

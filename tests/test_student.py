@@ -11,7 +11,8 @@ def tiny(**kw):
     return StudentConfig(**base)
 
 
-@pytest.mark.parametrize("layers,dense,moe,gflops", [(3, 17.4, 28.0, 0.68), (4, 19.2, 33.3, 0.91), (6, 22.7, 44.0, 1.36)])
+@pytest.mark.parametrize("layers,dense,moe,gflops", [(3, 17.4, 28.0, 0.68), (4, 19.2, 33.3, 0.91),
+                                                     (6, 22.7, 44.0, 1.36)])
 def test_parameter_and_flop_counts_match_the_paper(layers, dense, moe, gflops):
     d = count_parameters(StudentConfig(num_layers=layers, num_experts=1))
     m = count_parameters(StudentConfig(num_layers=layers, num_experts=4))
@@ -123,7 +124,8 @@ def test_local_dispatch_equals_deepspeed_dispatch(route_padding):
     assert ga.keys() == gb.keys()
     for n in ga:  # the gate computes in float32 on both paths, so compare at the scale of each gradient
         scale = float(gb[n].abs().max())
-        torch.testing.assert_close(ga[n], gb[n], atol=1e-6 * scale + 1e-12, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+        torch.testing.assert_close(ga[n], gb[n], atol=1e-6 * scale + 1e-12, rtol=1e-5,
+                                   msg=lambda m, n=n: f"{n}: {m}")
 
 
 def test_bucketed_rows_are_few_and_pad_little():
@@ -152,7 +154,8 @@ def test_bucketed_expert_rows_change_nothing_but_the_shapes(local, monkeypatch):
         seen = []  # rows of the first expert with any: a segment of the local path, DeepSpeed's capacity
         experts = model.layers[0].ffn.local_experts
         grouped = experts.grouped
-        experts.grouped = lambda rows, counts: seen.append(next(n for n in counts if n)) or grouped(rows, counts)
+        experts.grouped = lambda rows, counts: (seen.append(next(n for n in counts if n))
+                                                or grouped(rows, counts))
         hook = experts.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[2]))
         model.zero_grad()
         out = model(ids, mask)
@@ -172,8 +175,8 @@ def test_bucketed_expert_rows_change_nothing_but_the_shapes(local, monkeypatch):
 
 @pytest.mark.parametrize("capacity_factor,capacity", [(1.0, 6), (2.0, 11), (None, 22)])
 def test_drop_tokens_keeps_an_experts_first_capacity_tokens_and_zeroes_the_rest(capacity_factor, capacity):
-    """A gate skewed to send every token to expert 0; 22 of 24 tokens routed (2 padding). With --drop_tokens the
-    capacity is capacity_factor x the even share, ceil(22 / 4 x cf) (6, 11): expert 0 keeps its first
+    """A gate skewed to send every token to expert 0; 22 of 24 tokens routed (2 padding). With --drop_tokens
+    the capacity is capacity_factor x the even share, ceil(22 / 4 x cf) (6, 11): expert 0 keeps its first
     ``capacity`` routed tokens, scaled by their gate probability, and the tokens past it get zero output.
     Dropless (None), every routed token is kept. Padding takes no place in the queue."""
     from minimoe.moe import MoEFeedForward

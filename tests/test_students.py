@@ -25,7 +25,8 @@ def test_the_inline_form_and_the_command_line_defaults():
     assert list(runs) == ["moe", "dense"]
     moe, dense = runs["moe"], runs["dense"]
     assert (moe.student.hidden_size, moe.student.num_experts, moe.ep_size) == (128, 4, 2)
-    assert (dense.student.hidden_size, dense.student.num_experts, dense.ep_size, dense.lr) == (128, 1, 1, 2e-4)
+    assert (dense.student.hidden_size, dense.student.num_experts, dense.ep_size, dense.lr) == \
+        (128, 1, 1, 2e-4)
     # derived fields follow each entry: the dense entry of a MoE command line has no relation projection
     assert moe.student.relation_projection and not dense.student.relation_projection
     assert moe.students == dense.students == ""
@@ -37,7 +38,8 @@ def test_a_yaml_or_json_file_lists_the_students(tmp_path):
     yml.write_text("students:\n  - {name: a, num_layers: 2, lr: 2e-4}\n  - name: b\n    num_experts: 1\n"
                    "    ffn_size: 512\n")
     js = tmp_path / "s.json"
-    js.write_text(json.dumps([{"name": "a", "num_layers": 2}, {"name": "b", "num_experts": 1, "ffn_size": 512}]))
+    js.write_text(json.dumps([{"name": "a", "num_layers": 2},
+                              {"name": "b", "num_experts": 1, "ffn_size": 512}]))
     for path in (yml, js):
         runs = dict(expand(_cfg(students=str(path))))
         assert runs["a"].student.num_layers == 2 and runs["b"].student.ffn_size == 512
@@ -85,7 +87,8 @@ def test_dry_run_shows_each_students_memory_and_refuses_a_set_that_does_not_fit(
 
 def test_dry_run_output_lists_the_students(assets, tmp_path):
     p = subprocess.run([f"{BIN}/python", f"{REPO}/launchers/distill.py",
-                        *flags(assets, tmp_path / "x", students=PAIR, dry_run=True, num_nodes=1, gpus_per_node=2)],
+                        *flags(assets, tmp_path / "x", students=PAIR, dry_run=True, num_nodes=1,
+                               gpus_per_node=2)],
                        env=env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "students: 2, each trained on every micro-batch of one teacher pass" in p.stdout
@@ -113,7 +116,8 @@ def test_each_student_learns_what_its_own_run_learns(assets, straight_run, pair_
     run_ok(deepspeed_cmd(flags(assets, dense, num_experts=1, ep_size=1, lr=0.0002)))
     for name, alone in (("moe", straight_run), ("dense", dense)):
         mine = pair_run / "students" / name
-        assert _relations(mine / "metrics.jsonl") == _relations(alone / "metrics.jsonl")  # dropout and noise on
+        # dropout and noise on
+        assert _relations(mine / "metrics.jsonl") == _relations(alone / "metrics.jsonl")
         assert_same_weights(alone, mine, tol=0)
         assert set(read_jsonl(mine / "metrics.jsonl")[0]) == set(read_jsonl(alone / "metrics.jsonl")[0])
         summary = json.loads((mine / "summary.json").read_text())
@@ -122,7 +126,8 @@ def test_each_student_learns_what_its_own_run_learns(assets, straight_run, pair_
             4 if name == "moe" else 1)
     # one checkpoint step holds every student, committed once
     tag = pair_run / "checkpoints" / f"step_{STEPS:08d}"
-    assert sorted(os.listdir(tag)) == sorted(["complete", "dense", "moe", "zero_to_fp32.py", "zero_to_torch.py"])
+    assert sorted(os.listdir(tag)) == sorted(["complete", "dense", "moe", "zero_to_fp32.py",
+                                              "zero_to_torch.py"])
     assert (pair_run / "checkpoints" / "latest").read_text() == tag.name
     assert set(json.loads((pair_run / "summary.json").read_text())["students"]) == {"moe", "dense"}
     # a student's folder exports like a single run's
@@ -178,8 +183,9 @@ def test_sweep_distils_the_students_once_then_scores_each(tmp_path, monkeypatch)
     (tmp_path / "distill" / "summary.json").unlink()
     sweep.run(SweepConfig(students=PAIR, tasks="sentiment", seeds="1", output_dir=str(tmp_path),
                           distill_extra="--max_steps 5"))
-    assert launched[0][1:] == [os.path.join(REPO, "launchers", "distill.py"), "--students", PAIR, "--output_dir",
-                               str(tmp_path / "distill"), "--resume", "auto", "--max_steps", "5"]
+    assert launched[0][1:] == [os.path.join(REPO, "launchers", "distill.py"), "--students", PAIR,
+                               "--output_dir", str(tmp_path / "distill"), "--resume", "auto",
+                               "--max_steps", "5"]
     with pytest.raises(ConfigError, match="--distill_extra: unknown flag --max_stepz"):
         sweep.run(SweepConfig(students=PAIR, tasks="sentiment", output_dir=str(tmp_path),
                               distill_extra="--max_stepz 5"))
@@ -195,8 +201,9 @@ def test_a_sweep_really_distils_its_student_then_fine_tunes_and_scores_it(assets
     data = sentiment_dir(tmp_path / "sent")
     a = flag_dict(assets, tmp_path / "unused", max_steps=2, ep_size=1)
     distill = " ".join(f"--{k}={a[k]}" for k in ("teacher", "data", "cache_dir", "num_layers", "hidden_size",
-                                                  "num_heads", "ffn_size", "relation_heads", "micro_batch_size",
-                                                  "max_seq_length", "max_steps", "log_every", "wandb"))
+                                                  "num_heads", "ffn_size", "relation_heads",
+                                                  "micro_batch_size", "max_seq_length", "max_steps",
+                                                  "log_every", "wandb"))
     finetune = (f"--data={data} --micro_batch_size=8 --max_seq_length=32 --max_steps=2 --eval_every=2 "
                 "--log_every=1 --wandb=disabled")
     out = tmp_path / "sweep"
@@ -212,5 +219,6 @@ def test_a_sweep_really_distils_its_student_then_fine_tunes_and_scores_it(assets
     config = json.load(open(run / "run_config.json"))
     assert (config["model"], config["seed"], config["max_steps"]) == (str(student), 3, 2)
     score = json.load(open(run / "results.json"))["best"]["main"]
-    assert (out / "sweep.md").read_text().splitlines()[2] == f"| moe | {100 * score:.2f} | {100 * score:.2f} |"
+    assert (out / "sweep.md").read_text().splitlines()[2] == \
+        f"| moe | {100 * score:.2f} | {100 * score:.2f} |"
     assert json.load(open(out / "sweep.json"))["moe"]["runs"] == {"sentiment": [score]}

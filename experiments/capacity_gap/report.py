@@ -51,8 +51,8 @@ def student_facts(student_folder: str, seq_len: int = 128) -> dict:
     from minimoe.student import count_parameters, flops_per_sequence, student_config_of
     cfg = student_config_of(student_folder)
     c, f = count_parameters(cfg), flops_per_sequence(cfg, seq_len)
-    return {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "experts": cfg.num_experts, "router": cfg.router,
-            "params": c["total"], "params_no_emb": c["total"] - c["embedding"],
+    return {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "experts": cfg.num_experts,
+            "router": cfg.router, "params": c["total"], "params_no_emb": c["total"] - c["embedding"],
             "active_no_emb": c["active"] - c["embedding"], "gflops": f["forward_flops"] / 1e9}
 
 
@@ -119,8 +119,8 @@ def reusable(path: str, mode: dict) -> dict:
         raise SystemExit(f"error: --reuse: cannot read {path!r} as an earlier results.json ({e})") from None
     for key in SAME_BUDGET:
         if str(earlier["mode"].get(key)) != str(mode[key]):
-            raise SystemExit(f"error: --reuse: {path} was run with {key} {earlier['mode'].get(key)}, this run "
-                             f"with {mode[key]}; rows of another budget cannot stand in one table")
+            raise SystemExit(f"error: --reuse: {path} was run with {key} {earlier['mode'].get(key)}, "
+                             f"this run with {mode[key]}; rows of another budget cannot stand in one table")
     for t in earlier["teachers"].values():
         t.setdefault("recipes", earlier.get("recipes", []))
     return earlier["teachers"]
@@ -137,23 +137,24 @@ def report(out: str, teachers: list[str], dseeds: list[str], mode: dict, reused:
     data = {t: data[t] if t in data else reused[t] for t in teachers}
     # the runs' own step counts (a report over earlier runs must not print the mode's current one)
     steps = sorted({n for d in data.values() for r in d["students"].values() for n in r["steps"] if n})
-    lines = [f"Budget: {', '.join(map(str, steps)) or mode['steps']} steps x 32 sequences of up to 128 tokens per "
-             "student (the same for all), "
-             f"distillation seeds {','.join(dseeds)}, fine-tuning seeds {mode['seeds']} "
-             f"({'; '.join(sorted({r for d in data.values() for r in d['recipes']})) or 'none run yet'}).", ""]
+    lines = [f"Budget: {', '.join(map(str, steps)) or mode['steps']} steps x 32 sequences of up to 128 "
+             "tokens per student (the same for all), "
+             f"distillation seeds {','.join(dseeds)}, fine-tuning seeds {mode['seeds']} ("
+             f"{'; '.join(sorted({r for d in data.values() for r in d['recipes']})) or 'none run yet'}).", ""]
     for t, d in data.items():
         tp = d["teacher"]
         lines += [f"### Teacher {d['label']} ({tp['total'] / 1e6:.1f}M parameters, "
                   f"{tp['without_embeddings'] / 1e6:.1f}M without embeddings)", "",
-                  "| student | params (w/o emb.) | active w/o emb. | GFLOPs | held-out relation | sentiment acc | "
-                  "WNUT-16 F1 | routing entropy |", "|---|---|---|---|---|---|---|---|"]
+                  "| student | params (w/o emb.) | active w/o emb. | GFLOPs | held-out relation | "
+                  "sentiment acc | WNUT-16 F1 | routing entropy |", "|---|---|---|---|---|---|---|---|"]
         for name, row in d["students"].items():
             f = row["facts"]
             lines.append(
                 f"| {name} | {f['params'] / 1e6:.1f}M ({f['params_no_emb'] / 1e6:.2f}M) | "
                 f"{f['active_no_emb'] / 1e6:.2f}M | {f['gflops']:.2f} | {_fmt(_mean_sd(row['heldout']))} | "
                 f"{_fmt(_mean_sd(row['scores']['sentiment']), 100, 1)} | "
-                f"{_fmt(_mean_sd(row['scores']['wnut16']), 100, 1)} | {_fmt(_mean_sd(row['entropy']), 1, 3)} |")
+                f"{_fmt(_mean_sd(row['scores']['wnut16']), 100, 1)} | "
+                f"{_fmt(_mean_sd(row['entropy']), 1, 3)} |")
         lines.append("")
     lines += _against_twin(data)
     lines += _curse_table(data)
@@ -190,12 +191,14 @@ def _against_twin(data: dict) -> list[str]:
         if not pairs:
             continue
         lines += [f"### Against the dense twin, teacher {d['label']}", "",
-                  "| student | held-out relation vs twin | sentiment acc diff | WNUT-16 F1 diff | average diff |",
+                  "| student | held-out relation vs twin | sentiment acc diff | WNUT-16 F1 diff | "
+                  "average diff |",
                   "|---|---|---|---|---|"]
         for name, twin in pairs:
             mine, theirs = _mean_sd(rows[name]["heldout"]), _mean_sd(rows[twin]["heldout"])
             held = f"{100 * (mine[0] / theirs[0] - 1):+.1f}%" if mine[2] and theirs[2] else "-"
-            diffs = [_fmt(_paired(rows[name]["scores"][t], rows[twin]["scores"][t]), 100, 1, "+") for t in TASKS]
+            diffs = [_fmt(_paired(rows[name]["scores"][t], rows[twin]["scores"][t]), 100, 1, "+")
+                     for t in TASKS]
             both = [[sum(v) / len(TASKS) for v in zip(*(rows[n]["scores"][t] for t in TASKS))]
                     for n in (name, twin)]
             lines.append(f"| {name} vs {twin} | {held} | {' | '.join(diffs)} | "
@@ -205,8 +208,8 @@ def _against_twin(data: dict) -> list[str]:
 
 
 def _curse_table(data: dict) -> list[str]:
-    """Each student's downstream average (sentiment and WNUT-16) by teacher: the curse is a small dense student
-    that does worse with the larger teacher."""
+    """Each student's downstream average (sentiment and WNUT-16) by teacher: the curse is a small dense
+    student that does worse with the larger teacher."""
     teachers = list(data)
     names = [n for n in next(iter(data.values()))["students"]] if data else []
     lines = ["### Downstream average by teacher (mean of sentiment accuracy and WNUT-16 F1)", "",

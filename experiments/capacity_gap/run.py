@@ -10,9 +10,10 @@ Built only on the public launchers: per teacher and distillation seed one ``laun
 run, which distils every student from one teacher pass (``launchers/distill.py --students``, held-out text
 scored every ``--eval_every`` steps) and fine-tunes each on every task and seed (``launchers/finetune.py``).
 Run it again after an interruption: finished runs are kept, an interrupted distillation continues from its
-last checkpoint. ``results.json``, ``results.md``, ``curse.png`` and ``heldout.png`` are written into the output
-folder at the end (``--report_only`` writes them from what is there). ``results.json`` is the complete record
-(held-out curves included): ``--reuse`` takes the teachers of an earlier one instead of running them again.
+last checkpoint. ``results.json``, ``results.md``, ``curse.png`` and ``heldout.png`` are written into the
+output folder at the end (``--report_only`` writes them from what is there). ``results.json`` is the
+complete record (held-out curves included): ``--reuse`` takes the teachers of an earlier one instead of
+running them again.
 
 Teachers: MiniLM-L6 (22.7M parameters) and MPNet-base (109.5M). Corpus:
 ``packaged:chat`` (15M words of English chat text, so the budget is read once, never repeated), 1% of its
@@ -23,7 +24,8 @@ and hash routers, no load-balance loss, and 2 and 8 experts.
 Cost on 2 CPU cores, alone (measured 2026-12-01): the quick mode ran in 9 minutes with the earlier
 fine-tuning recipe (MiniLM-L6 teacher and 2 students 1.0 s a step, MPNet-base 3.1 s; a fine-tuning run
 10-15 s), and its 5-epoch recipe adds about a minute a run; the full grid (400 steps, 9 + 4 students, 3
-fine-tuning seeds) is an estimated 2 hours. A GPU runs ``--steps 20000 --sizes s,m,l --distill_seeds 776,777``.
+fine-tuning seeds) is an estimated 2 hours. A GPU runs
+``--steps 20000 --sizes s,m,l --distill_seeds 776,777``.
 """
 from __future__ import annotations
 
@@ -83,7 +85,8 @@ def main(quick: bool = False, out: str = "", teachers: str = "minilm,mpnet", siz
 
     quick: the quick mode (2L H128 students, 80 steps, sentiment and WNUT-16 once); default the full grid.
     out: output folder (default experiments/capacity_gap/runs/<quick|full>).
-    teachers / sizes / steps / seeds / distill_seeds / ablations: override the mode's choice (comma-separated).
+    teachers / sizes / steps / seeds / distill_seeds / ablations: override the mode's choice
+      (comma-separated).
     launcher: how each launcher run starts ('python', or 'deepspeed --num_gpus 8' on a GPU node).
     report_only: only (re)write results.json, results.md, curse.png and heldout.png from the runs that exist.
     reuse: an earlier results.json of the same budget and seeds (e.g. results/full/results.json): its teachers
@@ -91,14 +94,16 @@ def main(quick: bool = False, out: str = "", teachers: str = "minilm,mpnet", siz
       teacher by teacher, on another day or machine.
     """
     mode = dict(MODES["quick" if quick else "full"])
-    for key, value in (("sizes", sizes), ("steps", steps), ("seeds", seeds), ("distill_seeds", distill_seeds)):
+    for key, value in (("sizes", sizes), ("steps", steps), ("seeds", seeds),
+                       ("distill_seeds", distill_seeds)):
         if value:  # fire reads "1,2,3" as a tuple
             mode[key] = int(value) if key == "steps" else ",".join(map(str, value)) if isinstance(
                 value, (tuple, list)) else str(value)
     if ablations is not None:
         mode["ablations"] = bool(ablations)
     out = out or os.path.join(HERE, "runs", "quick" if quick else "full")
-    names = list(teachers) if isinstance(teachers, (tuple, list)) else [t for t in str(teachers).split(",") if t]
+    names = (list(teachers) if isinstance(teachers, (tuple, list))
+             else [t for t in str(teachers).split(",") if t])
     for t in names:
         if t not in TEACHERS:
             raise SystemExit(f"error: --teachers: unknown teacher {t!r}; allowed {', '.join(TEACHERS)}")
@@ -131,8 +136,8 @@ def _sweep(teacher: str, grid: list[dict], seed: str, mode: dict, folder: str, l
     print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
     code = subprocess.run(cmd).returncode
     if code:
-        raise SystemExit(f"error: the sweep for teacher {teacher} (seed {seed}) failed with exit code {code} (its "
-                         "error is above); run the experiment again to continue")
+        raise SystemExit(f"error: the sweep for teacher {teacher} (seed {seed}) failed with exit code "
+                         f"{code} (its error is above); run the experiment again to continue")
 
 
 if __name__ == "__main__":

@@ -16,5 +16,6 @@ from .train import (DEMO_RUN, PACKAGED_CHAT, PACKAGED_CORPUS, PACKAGED_MPNET, PA
 
 __all__ = ["ConfigError", "check_output_dir", "check_output_file", "load_json", "EXPORT_FORMATS",
            "EvaluateConfig", "ExportConfig", "FinetuneConfig", "SweepConfig", "ROUTERS", "StudentConfig",
-           "PACKAGED_CHAT", "PACKAGED_CORPUS", "PACKAGED_MPNET", "PACKAGED_TEACHER", "PAIR_RECIPES", "PRECISIONS", "PRESETS",
-           "TEACHER_PLACEMENTS", "DistillConfig", "LaunchConfig", "TrainConfig", "DEMO_RUN"]
+           "PACKAGED_CHAT", "PACKAGED_CORPUS", "PACKAGED_MPNET", "PACKAGED_TEACHER", "PAIR_RECIPES",
+           "PRECISIONS", "PRESETS", "TEACHER_PLACEMENTS", "DistillConfig", "LaunchConfig", "TrainConfig",
+           "DEMO_RUN"]

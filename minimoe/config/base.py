@@ -50,12 +50,12 @@ def check_output_dir(path: str, what: str = "--output_dir") -> None:
     while not os.path.exists(existing):
         if os.path.islink(existing):  # a dangling link: os.makedirs would fail late with "File exists"
             link = repr(path) if existing == os.path.abspath(path) else f"{path!r}: {existing!r}"
-            raise ConfigError(f"{what} {link} is a symbolic link to {os.readlink(existing)!r}, which does not "
-                              f"exist; create that folder or choose another {what}")
+            raise ConfigError(f"{what} {link} is a symbolic link to {os.readlink(existing)!r}, which does "
+                              f"not exist; create that folder or choose another {what}")
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{what} {path!r} cannot be written ({existing!r} is not a writable folder); choose "
-                          f"another {what}")
+        raise ConfigError(f"{what} {path!r} cannot be written ({existing!r} is not a writable folder); "
+                          f"choose another {what}")
 
 
 def check_output_file(path: str, what: str) -> None:

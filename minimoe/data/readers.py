@@ -58,7 +58,8 @@ def local_files(data: str) -> Optional[list[str]]:
     files = []
     for p in parts:
         if os.path.isdir(p):
-            raise ConfigError(f"--data {p!r} is a folder; give its files, e.g. --data '{p.rstrip('/')}/*.jsonl'")
+            raise ConfigError(f"--data {p!r} is a folder; give its files, e.g. "
+                              f"--data '{p.rstrip('/')}/*.jsonl'")
         matches = sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
         if not matches or not all(os.path.isfile(m) for m in matches):
             raise ConfigError(f"--data {p!r} does not exist (or matches no file)")
@@ -229,7 +230,8 @@ def _parquet_documents(path: str, text_column: str) -> Iterator[str]:
     import pyarrow.parquet as pq
     f = pq.ParquetFile(path)
     if text_column not in f.schema_arrow.names:
-        raise ConfigError(f"{path}: no column {text_column!r} (found {f.schema_arrow.names}); set --text_column")
+        raise ConfigError(f"{path}: no column {text_column!r} (found {f.schema_arrow.names}); "
+                          "set --text_column")
     n = 0
     for batch in f.iter_batches(columns=[text_column], batch_size=1024):
         for text in batch.column(0).to_pylist():
@@ -243,8 +245,10 @@ def _hub_documents(name: str, text_column: str, streaming: bool) -> Iterator[str
     try:
         ds = datasets.load_dataset(path, config, split="train", streaming=streaming)
     except Exception as e:  # noqa: BLE001 - datasets raises many types; the user needs one line
-        raise ConfigError(f"--data {name!r} is neither a local file nor a loadable dataset: {str(e).splitlines()[0]}")
+        raise ConfigError(f"--data {name!r} is neither a local file nor a loadable dataset: "
+                          f"{str(e).splitlines()[0]}")
     if text_column not in (ds.column_names or [text_column]):
-        raise ConfigError(f"--data {name!r} has no column {text_column!r} (found {ds.column_names}); set --text_column")
+        raise ConfigError(f"--data {name!r} has no column {text_column!r} (found {ds.column_names}); "
+                          "set --text_column")
     for n, record in enumerate(ds, 1):
         yield _document_text(record[text_column], text_column, f"--data {name!r} record {n}")

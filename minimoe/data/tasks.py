@@ -54,7 +54,8 @@ WNUT_TYPES = ("company", "facility", "geo-loc", "movie", "musicartist", "other",
 WNUT_TAGS = ("O",) + tuple(f"{p}-{t}" for t in WNUT_TYPES for p in ("B", "I"))
 
 TASKS = {t.name: t for t in [
-    Task("sst2", "classification", BIN, ("sentence",), (GLUE, "sst2"), tsv_columns=("sentence", None, "label")),
+    Task("sst2", "classification", BIN, ("sentence",), (GLUE, "sst2"),
+         tsv_columns=("sentence", None, "label")),
     Task("mrpc", "classification", BIN, ("sentence1", "sentence2"), (GLUE, "mrpc"),
          tsv_columns=("#1 String", "#2 String", "Quality"), main_metric="f1"),
     Task("stsb", "regression", (), ("sentence1", "sentence2"), (GLUE, "stsb"),
@@ -133,11 +134,13 @@ def _check_labels(task: Task, examples: list[dict], split: str) -> None:
         seen = {t for ex in examples for t in ex["tags"]}
         unknown = sorted(seen - set(task.labels))
         if unknown:
-            raise ConfigError(f"task {task.name}: {split} has tags {unknown[:5]} outside the label set {list(task.labels)}")
+            raise ConfigError(f"task {task.name}: {split} has tags {unknown[:5]} outside the label set "
+                              f"{list(task.labels)}")
     elif task.kind == "classification":
         bad = sorted({ex["label"] for ex in examples if not 0 <= ex["label"] < task.num_labels})
         if bad:
-            raise ConfigError(f"task {task.name}: {split} has labels {bad[:5]}; allowed 0..{task.num_labels - 1}")
+            raise ConfigError(f"task {task.name}: {split} has labels {bad[:5]}; "
+                              f"allowed 0..{task.num_labels - 1}")
 
 
 def read_tsv(task: Task, path: str) -> list[dict]:

@@ -51,8 +51,8 @@ def _how_to_load(head: str, moe: bool) -> str:
               "model = minimoe.MiniMoEModel.from_pretrained(path)" if head == "base" else
               "model, meta = minimoe.heads.load_task_model(path)  # with task.json", "```", ""]
     if moe:
-        lines += ["The folder carries its modeling code (`modeling_minimoe.py`), hence `trust_remote_code`; it "
-                  "needs no minimoe or DeepSpeed.", ""]
+        lines += ["The folder carries its modeling code (`modeling_minimoe.py`), hence `trust_remote_code`; "
+                  "it needs no minimoe or DeepSpeed.", ""]
     lines += ["ONNX, in which each token still runs only its top-1 expert: "
               "`python launchers/export.py --model PATH --format onnx`.", ""]
     return "\n".join(lines)
@@ -78,8 +78,8 @@ def student_card(name: str, student, run_config: dict, summary: dict) -> str:
     teacher, rel = summary["teacher"], summary.get("relation_first")
     steps = summary.get("total_steps", summary["steps"])
     rows = ["| | |", "|---|---|",
-            f"| teacher | `{run_config['teacher']}` ({teacher['layers']} layers, hidden {teacher['hidden_size']}), "
-            "frozen |",
+           f"| teacher | `{run_config['teacher']}` ({teacher['layers']} layers, "
+           f"hidden {teacher['hidden_size']}), frozen |",
             f"| data | `{run_config['data']}` |",
             f"| training | {steps} steps x {summary['global_batch']} sequences of up to {seq_len} tokens |"]
     if summary.get("tokens_seen") is not None:
@@ -90,20 +90,21 @@ def student_card(name: str, student, run_config: dict, summary: dict) -> str:
                     "at the end |")
     held = summary.get("heldout")
     if held:
-        rows.append(f"| held-out relation loss | {held['relation']:.4f} (Q-Q {held['qq']:.4f}, K-K {held['kk']:.4f}, "
-                    f"V-V {held['vv']:.4f}) at step {held['step']}, on {held['pairs']} pairs of {held['source']}; "
-                    "dropout and gate noise off |")
+        rows.append(f"| held-out relation loss | {held['relation']:.4f} (Q-Q {held['qq']:.4f}, "
+                    f"K-K {held['kk']:.4f}, V-V {held['vv']:.4f}) at step {held['step']}, on "
+                    f"{held['pairs']} pairs of {held['source']}; dropout and gate noise off |")
         if "routing_entropy" in held:
-            rows.append(f"| routing (held-out) | entropy {held['routing_entropy']:.3f} of the maximum, busiest "
-                        f"expert at {held['max_load']:.2f}x an even share |")
+            rows.append(f"| routing (held-out) | entropy {held['routing_entropy']:.3f} of the maximum, "
+                        f"busiest expert at {held['max_load']:.2f}x an even share |")
     if student.num_experts > 1 and student.router != "learned":
         rows.append(f"| router | {student.router}: a fixed hash of the token id"
-                    f"{' and position' if student.router == 'random' else ''}, no gate (a routing ablation) |")
+                    f"{' and position' if student.router == 'random' else ''}, "
+                    "no gate (a routing ablation) |")
     rows += _architecture(student, count_parameters(student), flops_per_sequence(student, seq_len), seq_len)
     return "\n".join([
         _front_matter("base"), f"# {name}", "",
-        "A MiniMoE student distilled with minimoe (the method of Zhang et al., ACL 2023, \"Lifting the Curse of "
-        "Capacity Gap in Distilling Language Models\"): task-agnostic distillation of the teacher's "
+        "A MiniMoE student distilled with minimoe (the method of Zhang et al., ACL 2023, \"Lifting the Curse "
+        "of Capacity Gap in Distilling Language Models\"): task-agnostic distillation of the teacher's "
         "self-attention relations (MiniLMv2 Q-Q, K-K, V-V) into a small encoder whose FFNs are mixtures of "
         "minimal experts. Fine-tune it before use on a task.", "",
         *rows, "", _how_to_load("base", student.num_experts > 1),
@@ -123,8 +124,8 @@ def task_card(name: str, student, seq_len: int, task: dict) -> str:
     labels = ", ".join(f"`{x}`" for x in task["labels"]) if task["labels"] else "one score (regression)"
     return "\n".join([
         _front_matter(head, results, name), f"# {name}", "",
-        f"`{task['source']}` fine-tuned on **{task['task']}** ({task['kind']}; labels: {labels}) with minimoe. "
-        f"Best dev {task['main_metric']} at step {task['best']['step']} of {task['steps']}.", "",
+        f"`{task['source']}` fine-tuned on **{task['task']}** ({task['kind']}; labels: {labels}) with "
+        f"minimoe. Best dev {task['main_metric']} at step {task['best']['step']} of {task['steps']}.", "",
         "| split | scores |", "|---|---|", *scores, "", "| | |", "|---|---|",
         *_architecture(student, count_parameters(student), flops_per_sequence(student, seq_len), seq_len), "",
         _how_to_load(head, student.num_experts > 1),

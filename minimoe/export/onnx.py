@@ -133,8 +133,9 @@ def export_onnx(folder: str, out_dir: str, opset: int = 18, tolerance: float = 1
             checks.append({"shape": list(inputs["input_ids"].shape), "max_abs_diff": diff})
         worst = max(c["max_abs_diff"] for c in checks)
         if not worst <= tolerance:
-            raise CheckFailed(f"the ONNX graph of {folder!r} differs from PyTorch by {worst:.2e} (> --tolerance "
-                              f"{tolerance:g}) on {[c['shape'] for c in checks]}: nothing was written")
+            raise CheckFailed(f"the ONNX graph of {folder!r} differs from PyTorch by {worst:.2e} "
+                              f"(> --tolerance {tolerance:g}) on {[c['shape'] for c in checks]}: "
+                              f"nothing was written")
         # config and tokenizer, so the folder stands alone
         shutil.copyfile(os.path.join(folder, "config.json"), os.path.join(tmp, "config.json"))
         copy_tokenizer_files(folder, tmp)

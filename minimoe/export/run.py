@@ -20,8 +20,8 @@ _DISTILL_DONE, _FINETUNE_DONE = ("summary.json", "student"), ("results.json", "m
 def source(model: str) -> tuple[str, str]:
     """(the exported folder to read, "student" | "task") for ``--model``."""
     if not os.path.isdir(model):
-        raise ConfigError(f"--model {model!r} is not a folder: give a finished run folder or the model folder it "
-                          "exported")
+        raise ConfigError(f"--model {model!r} is not a folder: give a finished run folder or the model "
+                          "folder it exported")
     if any(os.path.exists(os.path.join(model, f)) for f in ("run_config.json", "checkpoints")):
         for done, folder in (_DISTILL_DONE, _FINETUNE_DONE):
             if os.path.isfile(os.path.join(model, done)) and os.path.isdir(os.path.join(model, folder)):
@@ -33,8 +33,8 @@ def source(model: str) -> tuple[str, str]:
     if os.path.isfile(os.path.join(model, TASK_META)):
         if os.path.isdir(os.path.join(model, "encoder")):
             raise ConfigError(f"--model {model!r} is a task model on a dense Hugging Face encoder (encoder/ "
-                              "+ head.safetensors): its head depends on that encoder's architecture; export it "
-                              "with that model's own tools (e.g. optimum)")
+                              "+ head.safetensors): its head depends on that encoder's architecture; export "
+                              "it with that model's own tools (e.g. optimum)")
         return model, "task"
     if is_minimoe_folder(model):
         return model, "student"
@@ -75,8 +75,8 @@ def run(cfg: ExportConfig) -> dict:
               f"equals PyTorch within {report['max_abs_diff']:.1e} on batches {shapes}")
         return report
     if kind == "task":
-        raise ConfigError(f"--model {folder!r} is a fine-tuned model, already a Hugging Face folder; --format hf "
-                          "converts students")
+        raise ConfigError(f"--model {folder!r} is a fine-tuned model, already a Hugging Face folder; "
+                          "--format hf converts students")
     return {"output_dir": rewrite_student(folder, out)}
 
 

@@ -105,7 +105,8 @@ class MiniMoEExpert(nn.Module):
 _MASK32 = 1 << 32
 
 
-def fixed_route(router: str, token_ids: torch.Tensor, layer: int, num_experts: int, seed: int) -> torch.Tensor:
+def fixed_route(router: str, token_ids: torch.Tensor, layer: int, num_experts: int,
+                seed: int) -> torch.Tensor:
     """The expert of each token (flattened) under the random or hash router, at inference."""
     ids = token_ids.long()
     key = ids * 0x9E3779B1 + (layer + 1) * 0x85EBCA6B
