@@ -11,9 +11,10 @@ import math
 import time
 
 import torch
+import torch.distributed as dist
 
 from .data.tasks import Task, get_task, load_split, offline_dir
-from .heads import check_positions, tokenizer_folder, tokenizer_for
+from .heads import check_positions, load_task_model, tokenizer_folder, tokenizer_for
 
 # The label of positions no loss or score reads (NER's non-first WordPieces, padding): torch's
 # cross_entropy ignore_index default, and how predict finds each word's first WordPiece.
@@ -82,7 +83,6 @@ def predict(engine, task: Task, data: list[dict], micro: int, rank: int, world: 
     Each rank runs the same number of batches (expert-parallel all-to-alls need every rank to take part):
     its share of the examples is padded with repeats of its last one, whose predictions are dropped.
     """
-    import torch.distributed as dist
     mine = list(range(rank, len(data), world))
     per_rank = math.ceil(len(data) / world)
     padded = mine + [mine[-1] if mine else 0] * (per_rank - len(mine))
@@ -125,7 +125,6 @@ def evaluate(engine, task: Task, splits: dict, micro: int, rank: int, world: int
 
 def evaluate_folder(folder: str, split: str, data_dir, max_len: int, batch_size: int) -> dict:
     """Score a fine-tuned model folder on one split in this process (no process group needed)."""
-    from .heads import load_task_model
     model, meta = load_task_model(folder)
     check_positions(model.encoder.config, max_len, f"--model {folder!r}")
     task = get_task(meta["task"])
