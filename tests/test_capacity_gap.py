@@ -103,3 +103,13 @@ def test_an_earlier_report_of_another_budget_is_refused_in_one_line(tmp_path):
         report.reusable(path, dict(run.MODES["full"]))
     with pytest.raises(SystemExit, match="cannot read"):
         report.reusable(str(tmp_path / "missing.json"), mode)
+
+
+def test_fine_tuning_scores_are_read_from_the_finished_runs_in_seed_order(tmp_path):
+    for seed, score in ((2, 0.5), (10, 0.7), (1, 0.6)):
+        run_dir = tmp_path / "moe4-s" / "wnut16" / f"seed{seed}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "results.json").write_text(json.dumps({"best": {"main": score}}))
+    (tmp_path / "moe4-s" / "wnut16" / "seed3").mkdir()  # under way: no results.json yet
+    assert report.fine_tuned(str(tmp_path), "moe4-s", "wnut16") == [0.6, 0.5, 0.7]
+    assert report.fine_tuned(str(tmp_path), "moe4-s", "sentiment") == []

@@ -69,10 +69,6 @@ def collect(out: str, teachers: list[str], dseeds: list[str]) -> dict:
                 continue
             with open(summary_path) as fh:
                 summaries = json.load(fh)["students"]
-            sweep = {}
-            if os.path.isfile(os.path.join(folder, "sweep.json")):
-                with open(os.path.join(folder, "sweep.json")) as fh:
-                    sweep = json.load(fh)
             for name, s in summaries.items():
                 row = rows.setdefault(name, {"heldout": [], "qq": [], "kk": [], "vv": [], "entropy": [],
                                              "max_load": [], "tokens": [], "steps": [], "curves": [],
@@ -90,9 +86,19 @@ def collect(out: str, teachers: list[str], dseeds: list[str]) -> dict:
                 metrics = os.path.join(folder, "distill", "students", name, "metrics.jsonl")
                 row["curves"].append(heldout_curve(metrics) if os.path.isfile(metrics) else ([], []))
                 for task in TASKS:
-                    row["scores"][task] += sweep.get(name, {}).get("runs", {}).get(task, [])
+                    row["scores"][task] += fine_tuned(folder, name, task)
         result[t] = {"label": TEACHERS[t][1], "teacher": teacher_parameters(TEACHERS[t][0]), "students": rows}
     return result
+
+
+def fine_tuned(folder: str, student: str, task: str) -> list[float]:
+    """The best dev score of each finished fine-tuning run of ``student`` on ``task``, by seed: read from the
+    runs themselves, so a sweep still under way (its sweep.json not yet written) reports what it has."""
+    found = []
+    for path in glob.glob(os.path.join(folder, student, task, "seed*", "results.json")):
+        with open(path) as fh:
+            found.append((int(os.path.basename(os.path.dirname(path))[4:]), json.load(fh)["best"]["main"]))
+    return [score for _, score in sorted(found)]
 
 
 def recipes(out: str) -> list[str]:
