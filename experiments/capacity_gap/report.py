@@ -258,11 +258,21 @@ def _plot(data: dict, path: str) -> None:
             ax.errorbar(xs, ys, yerr=es, marker="o" if name.startswith("moe") else "s", capsize=3,
                         linestyle="-" if name.startswith("moe") else "--", label=name)
     ax.set_xscale("log")
-    ax.set_xlabel("teacher parameters without embeddings (M)")
-    ax.set_ylabel("downstream average (%)")
-    ax.set_title("student score against teacher size")
+    _label(ax, "student score against teacher size", "teacher parameters without embeddings (M)",
+           "downstream average (%)", legend_size=8)
+    _save(fig, path)
+
+
+def _label(ax, title: str, xlabel: str, ylabel: str, legend_size: int) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=legend_size)
+
+
+def _save(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -294,11 +304,5 @@ def _plot_heldout(data: dict, path: str) -> None:
             if steps:
                 ax.plot(steps, values, marker=".", linestyle="--" if name.startswith("dense-") else "-",
                         label=name)
-        ax.set_title(f"teacher {d['label']}")
-        ax.set_xlabel("step")
-        ax.set_ylabel("held-out relation loss (lower is better)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _label(ax, f"teacher {d['label']}", "step", "held-out relation loss (lower is better)", legend_size=7)
+    _save(fig, path)
