@@ -21,11 +21,13 @@ conversations held out by a hash of their text. Students: 2L H128 and 3L H192 (`
 ``--sizes s,m,l`` adds 4L H384), dense and MoE-4; with the small teacher also the ablations at 2L H128: random
 and hash routers, no load-balance loss, and 2 and 8 experts.
 
-Cost on 2 CPU cores, alone (measured 2026-12-01): the quick mode ran in 9 minutes with the earlier
-fine-tuning recipe (MiniLM-L6 teacher and 2 students 1.0 s a step, MPNet-base 3.1 s; a fine-tuning run
-10-15 s), and its 5-epoch recipe adds about a minute a run; the full grid (400 steps, 9 + 4 students, 3
-fine-tuning seeds) is an estimated 2 hours. A GPU runs
-``--steps 20000 --sizes s,m,l --distill_seeds 776,777``.
+Cost on 2 CPU cores, alone: the quick mode ran in 11 minutes (2026-12-01: MiniLM-L6 teacher and 2
+students 1.0 s a step, MPNet-base 3.0 s; 8 fine-tuning runs of 25-40 s). The full grid (400 steps, 9 + 4
+students, 3 fine-tuning seeds) is about 2.5 hours, more than a working session: on 2026-12-02 the MiniLM-L6
+pass distilled its 9 students at 10.8 s a step alone (held-out scoring included: about 75 minutes), and its
+54 fine-tuning runs and the MPNet-base pass (4 students, 24 runs) take about 30 and 50 minutes more. Run it
+teacher by teacher: ``--teachers minilm``, then ``--reuse <that results.json>``. A GPU runs ``--steps 20000
+--sizes s,m,l --distill_seeds 776,777``.
 """
 from __future__ import annotations
 
