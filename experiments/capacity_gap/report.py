@@ -128,7 +128,7 @@ def reusable(path: str, mode: dict) -> dict:
             raise SystemExit(f"error: --reuse: {path} was run with {key} {earlier['mode'].get(key)}, "
                              f"this run with {mode[key]}; rows of another budget cannot stand in one table")
     for t in earlier["teachers"].values():
-        t.setdefault("recipes", earlier.get("recipes", []))
+        t.setdefault("recipes", [])  # a results.json from before the recipe was recorded per teacher
     return earlier["teachers"]
 
 
