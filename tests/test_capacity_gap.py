@@ -3,6 +3,7 @@ themselves)."""
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
@@ -40,6 +41,17 @@ def test_the_report_prints_the_recipes_the_runs_used_not_the_current_one(tmp_pat
 def test_an_unknown_teacher_is_refused_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match="unknown teacher 'bert'; allowed minilm, mpnet"):
         run.main(quick=True, out=str(tmp_path), teachers="bert")
+
+
+def test_ablations_false_means_false_and_other_text_is_refused(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(run, "_sweep", lambda teacher, grid, *a: seen.append([s["name"] for s in grid]))
+    monkeypatch.setitem(sys.modules, "report", report)
+    monkeypatch.setattr(report, "report", lambda *a: "")
+    run.main(out=str(tmp_path), teachers="minilm", ablations="false")
+    assert seen == [["dense-s", "moe4-s", "dense-m", "moe4-m"]]
+    with pytest.raises(SystemExit, match="--ablations 'no' is invalid: expected true or false"):
+        run.main(out=str(tmp_path), teachers="minilm", ablations="no")
 
 
 def test_each_student_is_compared_with_its_dense_twin_run_by_run():
@@ -92,9 +104,34 @@ def test_an_earlier_report_stands_in_for_a_teacher_whose_runs_are_elsewhere(tmp_
     assert "| moe4-s vs dense-s | -2.9% | +1.5 ± 0.7 | +5.0 ± 7.1 | +3.3 ± 3.2 |" in text
     assert "(lr 0.001, 5 epochs, patience 0)" in text  # the recipe travels with the rows
     written = json.loads((out / "results.json").read_text())
-    assert written["reused"] == ["minilm"] and written["teachers"]["minilm"]["students"].keys() == {"dense-s",
-                                                                                                    "moe4-s"}
+    assert written["reused"] == {"minilm": ["dense-s", "moe4-s"]}
+    assert written["teachers"]["minilm"]["students"].keys() == {"dense-s", "moe4-s"}
     assert (out / "heldout.png").stat().st_size > 0 and (out / "curse.png").stat().st_size > 0
+
+
+def test_students_an_earlier_report_has_stand_beside_the_runs_of_the_same_teacher(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(HERE)
+    path, mode = _earlier(tmp_path)
+    earlier = report.reusable(path, mode)
+    rerun = json.loads(json.dumps(earlier["minilm"]))  # moe4-s run again here (fine-tuned with one more seed)
+    rerun["students"] = {"moe4-s": dict(rerun["students"]["moe4-s"], heldout=[0.32],
+                                        scores={"sentiment": [0.71, 0.74, 0.75], "wnut16": [0.3, 0.3, 0.4]})}
+    rerun["recipes"] = ["lr 0.002, 5 epochs, patience 0"]
+    seen = []
+    monkeypatch.setattr(report, "collect", lambda out, teachers, dseeds: seen.append(teachers) or {
+        t: json.loads(json.dumps(rerun)) for t in teachers})
+    monkeypatch.setattr(report, "recipes", lambda out: rerun["recipes"])
+    out = tmp_path / "out"
+    (out / "minilm").mkdir(parents=True)
+    text = report.report(str(out), ["minilm"], ["776"], mode, earlier)
+    assert seen == [["minilm"]]  # runs under out are read even though the teacher is reused
+    assert "| moe4-s vs dense-s | -5.9% |" in text  # the new run's 0.32 against the earlier dense-s's 0.34
+    written = json.loads((out / "results.json").read_text())
+    students = written["teachers"]["minilm"]["students"]
+    assert list(students) == ["dense-s", "moe4-s"] and students["moe4-s"]["heldout"] == [0.32]
+    assert written["reused"] == {"minilm": ["dense-s"]}
+    assert written["teachers"]["minilm"]["recipes"] == ["lr 0.001, 5 epochs, patience 0",
+                                                         "lr 0.002, 5 epochs, patience 0"]
 
 
 def test_an_earlier_report_of_another_budget_is_refused_in_one_line(tmp_path):

@@ -133,13 +133,24 @@ def reusable(path: str, mode: dict) -> dict:
 
 
 def report(out: str, teachers: list[str], dseeds: list[str], mode: dict, reused: dict | None = None) -> str:
-    """Write results.md, results.json, curse.png and heldout.png into ``out`` from its runs; ``reused``
-    teachers (``reusable``) are taken as they are, for those whose runs are not under ``out``."""
+    """Write results.md, results.json, curse.png and heldout.png into ``out`` from its runs. ``reused``
+    (``reusable``: an earlier report of the same budget) fills in what the runs under ``out`` lack: a teacher
+    with no runs there is taken whole, and a teacher's students missing from its runs are taken beside them
+    (a student with runs under ``out`` is always read from them)."""
     reused = reused or {}
-    data = collect(out, [t for t in teachers if t not in reused], dseeds)
-    here = recipes(out)
-    for t in data.values():
-        t["recipes"] = here
+    data = collect(out, [t for t in teachers if t not in reused or os.path.isdir(os.path.join(out, t))],
+                   dseeds)
+    here, taken = recipes(out), {}
+    for t, d in data.items():
+        d["recipes"] = here
+        if t in reused:
+            earlier = reused[t]["students"]
+            taken[t] = [n for n in earlier if n not in d["students"]]
+            order = list(earlier) + [n for n in d["students"] if n not in earlier]
+            d["students"] = {n: d["students"].get(n) or earlier[n] for n in order}
+            if taken[t]:
+                d["recipes"] = sorted(set(here) | set(reused[t]["recipes"]))
+    taken.update({t: list(reused[t]["students"]) for t in teachers if t in reused and t not in data})
     data = {t: data[t] if t in data else reused[t] for t in teachers}
     # the runs' own step counts (a report over earlier runs must not print the mode's current one)
     steps = sorted({n for d in data.values() for r in d["students"].values() for n in r["steps"] if n})
@@ -169,7 +180,8 @@ def report(out: str, teachers: list[str], dseeds: list[str], mode: dict, reused:
     with open(os.path.join(out, "results.md"), "w") as fh:
         fh.write(text + "\n")
     with open(os.path.join(out, "results.json"), "w") as fh:
-        json.dump({"mode": mode, "distill_seeds": dseeds, "reused": sorted(reused), "teachers": data}, fh,
+        json.dump({"mode": mode, "distill_seeds": dseeds, "reused": {t: n for t, n in taken.items() if n},
+                   "teachers": data}, fh,
                   indent=1)
     _plot(data, os.path.join(out, "curse.png"))
     _plot_heldout(data, os.path.join(out, "heldout.png"))

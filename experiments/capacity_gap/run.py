@@ -92,8 +92,10 @@ def main(quick: bool = False, out: str = "", teachers: str = "minilm,mpnet", siz
     launcher: how each launcher run starts ('python', or 'deepspeed --num_gpus 8' on a GPU node).
     report_only: only (re)write results.json, results.md, curse.png and heldout.png from the runs that exist.
     reuse: an earlier results.json of the same budget and seeds (e.g. results/full/results.json): its teachers
-      whose runs are not in the output folder are taken from it, not run again, so a grid can be finished
-      teacher by teacher, on another day or machine.
+      whose runs are not in the output folder are taken from it, not run again, and its students a teacher's
+      runs lack stand beside them (``--teachers minilm --sizes m --ablations false`` runs 2 students again,
+      ``--report_only --reuse`` reports them beside the rest of a 9-student report); so a grid can be
+      finished teacher by teacher, or student by student, on another day or machine.
     """
     mode = dict(MODES["quick" if quick else "full"])
     for key, value in (("sizes", sizes), ("steps", steps), ("seeds", seeds),
@@ -101,8 +103,10 @@ def main(quick: bool = False, out: str = "", teachers: str = "minilm,mpnet", siz
         if value:  # fire reads "1,2,3" as a tuple
             mode[key] = int(value) if key == "steps" else ",".join(map(str, value)) if isinstance(
                 value, (tuple, list)) else str(value)
-    if ablations is not None:
-        mode["ablations"] = bool(ablations)
+    if ablations is not None:  # fire reads --noablations as False but "--ablations false" as the text
+        if str(ablations).lower() not in ("true", "false"):
+            raise SystemExit(f"error: --ablations {ablations!r} is invalid: expected true or false")
+        mode["ablations"] = str(ablations).lower() == "true"
     out = out or os.path.join(HERE, "runs", "quick" if quick else "full")
     names = (list(teachers) if isinstance(teachers, (tuple, list))
              else [t for t in str(teachers).split(",") if t])
@@ -112,10 +116,9 @@ def main(quick: bool = False, out: str = "", teachers: str = "minilm,mpnet", siz
     sizes_ = str(mode["sizes"]).split(",")
     dseeds = [s for s in str(mode["distill_seeds"]).split(",") if s]
     from report import report, reusable
-    reused = {t: rows for t, rows in (reusable(reuse, mode) if reuse else {}).items()
-              if t in names and not os.path.isdir(os.path.join(out, t))}
-    if not report_only:
-        for t in [t for t in names if t not in reused]:
+    reused = {t: rows for t, rows in (reusable(reuse, mode) if reuse else {}).items() if t in names}
+    if not report_only:  # a reused teacher is run again only where its runs are already in the output folder
+        for t in [t for t in names if t not in reused or os.path.isdir(os.path.join(out, t))]:
             grid = students(sizes_, mode["ablations"] and t == "minilm")
             for seed in dseeds:
                 _sweep(t, grid, seed, mode, os.path.join(out, t, f"seed{seed}"), launcher)
