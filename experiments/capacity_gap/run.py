@@ -23,11 +23,11 @@ and hash routers, no load-balance loss, and 2 and 8 experts.
 
 Cost on 2 CPU cores, alone: the quick mode ran in 11 minutes (2026-12-01: MiniLM-L6 teacher and 2
 students 1.0 s a step, MPNet-base 3.0 s; 8 fine-tuning runs of 25-40 s). The full grid (400 steps, 9 + 4
-students, 3 fine-tuning seeds) is about 2.5 hours, more than a working session: on 2026-12-02 the MiniLM-L6
-pass distilled its 9 students at 10.8 s a step alone (held-out scoring included: about 75 minutes), and its
-54 fine-tuning runs and the MPNet-base pass (4 students, 24 runs) take about 30 and 50 minutes more. Run it
-teacher by teacher: ``--teachers minilm``, then ``--reuse <that results.json>``. A GPU runs ``--steps 20000
---sizes s,m,l --distill_seeds 776,777``.
+students, 3 fine-tuning seeds) is about 4 hours, more than a working session: on 2026-12-02 the MiniLM-L6
+pass distilled its 9 students at 10.8 s a step alone (held-out scoring included: about 75 minutes), the
+MPNet-base pass its 4 at 10.0 s (69 minutes); a fine-tuning run takes about 65 s (2L H128) to 2 minutes
+(3L H192), so 54 and 24 of them about 70 and 37 minutes. Run it teacher by teacher: ``--teachers minilm``,
+then ``--reuse <that results.json>``. A GPU runs ``--steps 20000 --sizes s,m,l --distill_seeds 776,777``.
 """
 from __future__ import annotations
 
