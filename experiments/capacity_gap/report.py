@@ -132,14 +132,19 @@ def reusable(path: str, mode: dict) -> dict:
     return earlier["teachers"]
 
 
+def from_runs(out: str, teachers: list[str], reused: dict) -> list[str]:
+    """The teachers read from (and run into) ``out``: those no earlier report stands in for, and reused ones
+    whose runs are already there (the earlier report then fills in only the students they lack)."""
+    return [t for t in teachers if t not in reused or os.path.isdir(os.path.join(out, t))]
+
+
 def report(out: str, teachers: list[str], dseeds: list[str], mode: dict, reused: dict | None = None) -> str:
     """Write results.md, results.json, curse.png and heldout.png into ``out`` from its runs. ``reused``
     (``reusable``: an earlier report of the same budget) fills in what the runs under ``out`` lack: a teacher
     with no runs there is taken whole, and a teacher's students missing from its runs are taken beside them
     (a student with runs under ``out`` is always read from them)."""
     reused = reused or {}
-    data = collect(out, [t for t in teachers if t not in reused or os.path.isdir(os.path.join(out, t))],
-                   dseeds)
+    data = collect(out, from_runs(out, teachers, reused), dseeds)
     here, taken = recipes(out), {}
     for t, d in data.items():
         d["recipes"] = here

@@ -115,10 +115,10 @@ def main(quick: bool = False, out: str = "", teachers: str = "minilm,mpnet", siz
             raise SystemExit(f"error: --teachers: unknown teacher {t!r}; allowed {', '.join(TEACHERS)}")
     sizes_ = str(mode["sizes"]).split(",")
     dseeds = [s for s in str(mode["distill_seeds"]).split(",") if s]
-    from report import report, reusable
+    from report import from_runs, report, reusable
     reused = {t: rows for t, rows in (reusable(reuse, mode) if reuse else {}).items() if t in names}
-    if not report_only:  # a reused teacher is run again only where its runs are already in the output folder
-        for t in [t for t in names if t not in reused or os.path.isdir(os.path.join(out, t))]:
+    if not report_only:
+        for t in from_runs(out, names, reused):
             grid = students(sizes_, mode["ablations"] and t == "minilm")
             for seed in dseeds:
                 _sweep(t, grid, seed, mode, os.path.join(out, t, f"seed{seed}"), launcher)
