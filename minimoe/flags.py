@@ -26,8 +26,10 @@ def _cli_fields(cls) -> list[tuple[Optional[str], dataclasses.Field]]:
     return out
 
 
-def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    """Convert a fire-parsed value to the field's type, or raise a one-line ConfigError."""
+def coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Convert a fire-parsed value of flag ``--name`` to ``annotation`` (bool, int, float, str or an Optional
+    of them), or raise a one-line ConfigError. Scripts with flags of their own use it too: fire passes
+    ``--flag false`` as the text "false", which ``bool()`` would read as True."""
     origin = typing.get_origin(annotation)
     options = typing.get_args(annotation) if origin is Union else (annotation,)
     if value is None and type(None) in options:
@@ -51,7 +53,7 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
                 return str(value)
             if isinstance(value, (tuple, list)):  # fire splits "a.txt,b.txt" into a tuple
                 return ",".join(str(v) for v in value)
-    allowed = " or ".join(getattr(t, "__name__", str(t)) for t in options)
+    allowed = " or ".join("true or false" if t is bool else getattr(t, "__name__", str(t)) for t in options)
     raise ConfigError(f"--{name} {value!r} is invalid: expected {allowed}")
 
 
@@ -68,7 +70,7 @@ def expand_home(value: Any) -> Any:
 def coerce_fields(cls, values: dict) -> dict:
     """``values`` converted to the types of ``cls``'s fields (a file's or an inline entry's settings)."""
     hints = typing.get_type_hints(cls)
-    return {name: _coerce(name, value, hints[name]) for name, value in values.items()}
+    return {name: coerce(name, value, hints[name]) for name, value in values.items()}
 
 
 def from_flags(cls, flags: dict):
@@ -82,7 +84,7 @@ def from_flags(cls, flags: dict):
             raise ConfigError(f"unknown flag --{name}; see --help for the allowed flags")
         section, f = fields[name]
         owner = hints[section] if section else cls
-        value = _coerce(name, value, typing.get_type_hints(owner)[f.name])
+        value = coerce(name, value, typing.get_type_hints(owner)[f.name])
         if f.metadata.get("path"):
             value = expand_home(value)
         (nested.setdefault(section, {}) if section else top)[name] = value

@@ -36,6 +36,9 @@ def test_flags_are_typed_and_known():
         from_flags(DistillConfig, {"num_expert": 4})
     with pytest.raises(ConfigError, match="--max_steps 'ten' is invalid: expected int"):
         from_flags(DistillConfig, {"max_steps": "ten"})
+    with pytest.raises(ConfigError, match="--dry_run 'no' is invalid: expected true or false$"):
+        from_flags(DistillConfig, {"dry_run": "no"})
+    assert from_flags(DistillConfig, {"dry_run": "False"}).launch.dry_run is False  # fire passes the text
     c = from_flags(DistillConfig, {"num_experts": 8, "ep_size": 2, "lr": 1, "data": ("a.txt", "b.txt")})
     assert c.student.num_experts == 8 and c.lr == 1.0 and c.data == "a.txt,b.txt"
 

@@ -37,6 +37,9 @@ import shlex
 import subprocess
 import sys
 
+from minimoe.config import ConfigError
+from minimoe.flags import coerce
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 
@@ -104,9 +107,10 @@ def main(quick: bool = False, out: str = "", teachers: str = "minilm,mpnet", siz
             mode[key] = int(value) if key == "steps" else ",".join(map(str, value)) if isinstance(
                 value, (tuple, list)) else str(value)
     if ablations is not None:  # fire reads --noablations as False but "--ablations false" as the text
-        if str(ablations).lower() not in ("true", "false"):
-            raise SystemExit(f"error: --ablations {ablations!r} is invalid: expected true or false")
-        mode["ablations"] = str(ablations).lower() == "true"
+        try:
+            mode["ablations"] = coerce("ablations", ablations, bool)
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from None
     out = out or os.path.join(HERE, "runs", "quick" if quick else "full")
     names = (list(teachers) if isinstance(teachers, (tuple, list))
              else [t for t in str(teachers).split(",") if t])
