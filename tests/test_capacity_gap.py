@@ -54,6 +54,31 @@ def test_ablations_false_means_false_and_other_text_is_refused(tmp_path, monkeyp
         run.main(out=str(tmp_path), teachers="minilm", ablations="no")
 
 
+def test_only_runs_the_students_named_and_refuses_a_name_not_in_the_grid(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(run, "_sweep",
+                        lambda teacher, grid, *a: seen.append((teacher, [s["name"] for s in grid])))
+    monkeypatch.setitem(sys.modules, "report", report)
+    monkeypatch.setattr(report, "report", lambda *a: "")
+    run.main(out=str(tmp_path), only="moe4-s,hash-s", seeds="1,2,3,4,5")
+    assert seen == [("minilm", ["moe4-s", "hash-s"]), ("mpnet", ["moe4-s"])]  # ablations: small teacher only
+    with pytest.raises(SystemExit, match="--only: no student 'moe4-l' in this grid; allowed dense-s, moe4-s"):
+        run.main(out=str(tmp_path), only="moe4-l")
+
+
+def test_the_report_names_the_students_fine_tuned_on_more_seeds_than_the_rest():
+    def row(runs):
+        return {"scores": {"sentiment": [0.7] * runs, "wnut16": [0.3] * runs}}
+    data = {"minilm": {"label": "MiniLM-L6", "students": {"dense-s": row(5), "moe4-s": row(5),
+                                                          "hash-s": row(3), "moe8-s": row(0)}},
+            "mpnet": {"label": "MPNet-base", "students": {"dense-s": row(3), "moe4-s": row(1)}}}
+    assert report._seeds_note(data, {"seeds": "1,2,3"}) == (
+        "fine-tuning seeds 1,2,3 (1 runs a task for MPNet-base moe4-s; 5 runs a task for MiniLM-L6 dense-s, "
+        "moe4-s)")
+    assert report._seeds_note({"minilm": {"label": "MiniLM-L6", "students": {"dense-s": row(3)}}},
+                              {"seeds": "1,2,3"}) == "fine-tuning seeds 1,2,3"
+
+
 def test_each_student_is_compared_with_its_dense_twin_run_by_run():
     def row(heldout, sentiment, wnut16):
         return {"heldout": heldout, "scores": {"sentiment": sentiment, "wnut16": wnut16}}

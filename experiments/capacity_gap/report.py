@@ -161,7 +161,7 @@ def report(out: str, teachers: list[str], dseeds: list[str], mode: dict, reused:
     steps = sorted({n for d in data.values() for r in d["students"].values() for n in r["steps"] if n})
     lines = [f"Budget: {', '.join(map(str, steps)) or mode['steps']} steps x 32 sequences of up to 128 "
              "tokens per student (the same for all), "
-             f"distillation seeds {','.join(dseeds)}, fine-tuning seeds {mode['seeds']} ("
+             f"distillation seeds {','.join(dseeds)}, {_seeds_note(data, mode)} ("
              f"{'; '.join(sorted({r for d in data.values() for r in d['recipes']})) or 'none run yet'}).", ""]
     for t, d in data.items():
         tp = d["teacher"]
@@ -191,6 +191,21 @@ def report(out: str, teachers: list[str], dseeds: list[str], mode: dict, reused:
     _plot(data, os.path.join(out, "curse.png"))
     _plot_heldout(data, os.path.join(out, "heldout.png"))
     return text
+
+
+def _seeds_note(data: dict, mode: dict) -> str:
+    """The fine-tuning seeds: the mode's, and the students run on more or fewer (``run.py --only --seeds``),
+    counted from their runs (a student's count is its task with the fewest)."""
+    usual, counts = len(str(mode["seeds"]).split(",")), {}
+    for d in data.values():
+        for name, row in d["students"].items():
+            n = min(len(row["scores"][t]) for t in TASKS)
+            if n and n != usual:
+                counts.setdefault(n, {}).setdefault(d["label"], []).append(name)
+    others = [f"{n} runs a task for " + "; ".join(f"{label} {', '.join(names)}"
+                                                  for label, names in who.items())
+              for n, who in sorted(counts.items())]
+    return f"fine-tuning seeds {mode['seeds']}" + (f" ({'; '.join(others)})" if others else "")
 
 
 def _twin(name: str) -> str:

@@ -85,13 +85,16 @@ def students(sizes: list[str], ablations: bool) -> list[dict]:
 
 def main(quick: bool = False, out: str = "", teachers: str = "minilm,mpnet", sizes: str = "", steps: int = 0,
          seeds: str = "", distill_seeds: str = "", ablations: bool | None = None, launcher: str = "python",
-         report_only: bool = False, reuse: str = ""):
+         report_only: bool = False, reuse: str = "", only: str = ""):
     """Run the experiment (see the module docstring).
 
     quick: the quick mode (2L H128 students, 80 steps, sentiment and WNUT-16 once); default the full grid.
     out: output folder (default experiments/capacity_gap/runs/<quick|full>).
     teachers / sizes / steps / seeds / distill_seeds / ablations: override the mode's choice
       (comma-separated).
+    only: run only these students of the grid (comma-separated names, e.g. ``dense-s,moe4-s``); with
+      ``--seeds 1,2,3,4,5`` over a finished grid, more fine-tuning seeds where the spread demands them (the
+      report counts each student's runs).
     launcher: how each launcher run starts ('python', or 'deepspeed --num_gpus 8' on a GPU node).
     report_only: only (re)write results.json, results.md, curse.png and heldout.png from the runs that exist.
     reuse: an earlier results.json of the same budget and seeds (e.g. results/full/results.json): its teachers
@@ -119,12 +122,18 @@ def main(quick: bool = False, out: str = "", teachers: str = "minilm,mpnet", siz
             raise SystemExit(f"error: --teachers: unknown teacher {t!r}; allowed {', '.join(TEACHERS)}")
     sizes_ = str(mode["sizes"]).split(",")
     dseeds = [s for s in str(mode["distill_seeds"]).split(",") if s]
+    chosen = [n for n in (list(only) if isinstance(only, (tuple, list)) else str(only).split(",")) if n]
+    known = [st["name"] for st in students(sizes_, mode["ablations"])]
+    for n in chosen:
+        if n not in known:
+            raise SystemExit(f"error: --only: no student {n!r} in this grid; allowed {', '.join(known)}")
     from report import from_runs, report, reusable
     reused = {t: rows for t, rows in (reusable(reuse, mode) if reuse else {}).items() if t in names}
     if not report_only:
         for t in from_runs(out, names, reused):
-            grid = students(sizes_, mode["ablations"] and t == "minilm")
-            for seed in dseeds:
+            grid = [st for st in students(sizes_, mode["ablations"] and t == "minilm")
+                    if not chosen or st["name"] in chosen]
+            for seed in dseeds if grid else []:
                 _sweep(t, grid, seed, mode, os.path.join(out, t, f"seed{seed}"), launcher)
     print(report(out, names, dseeds, mode, reused))
 
