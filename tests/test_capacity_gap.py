@@ -73,10 +73,10 @@ def test_the_report_names_the_students_fine_tuned_on_more_seeds_than_the_rest():
                                                           "hash-s": row(3), "moe8-s": row(0)}},
             "mpnet": {"label": "MPNet-base", "students": {"dense-s": row(3), "moe4-s": row(1)}}}
     assert report._seeds_note(data, {"seeds": "1,2,3"}) == (
-        "fine-tuning seeds 1,2,3 (1 runs a task for MPNet-base moe4-s; 5 runs a task for MiniLM-L6 dense-s, "
+        "seeds 1,2,3 (1 run a task for MPNet-base moe4-s; 5 runs a task for MiniLM-L6 dense-s, "
         "moe4-s)")
     assert report._seeds_note({"minilm": {"label": "MiniLM-L6", "students": {"dense-s": row(3)}}},
-                              {"seeds": "1,2,3"}) == "fine-tuning seeds 1,2,3"
+                              {"seeds": "1,2,3"}) == "seeds 1,2,3"
 
 
 def test_each_student_is_compared_with_its_dense_twin_run_by_run():
@@ -127,7 +127,7 @@ def test_an_earlier_report_stands_in_for_a_teacher_whose_runs_are_elsewhere(tmp_
     out = tmp_path / "out"
     text = report.report(str(out), ["minilm"], ["776"], mode, report.reusable(path, mode))
     assert "| moe4-s vs dense-s | -2.9% | +1.5 ± 0.7 | +5.0 ± 7.1 | +3.3 ± 3.2 |" in text
-    assert "(lr 0.001, 5 epochs, patience 0)" in text  # the recipe travels with the rows
+    assert "Fine-tuning: lr 0.001, 5 epochs, patience 0;" in text  # the recipe travels with the rows
     written = json.loads((out / "results.json").read_text())
     assert written["reused"] == {"minilm": ["dense-s", "moe4-s"]}
     assert written["teachers"]["minilm"]["students"].keys() == {"dense-s", "moe4-s"}

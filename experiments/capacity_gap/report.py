@@ -159,10 +159,10 @@ def report(out: str, teachers: list[str], dseeds: list[str], mode: dict, reused:
     data = {t: data[t] if t in data else reused[t] for t in teachers}
     # the runs' own step counts (a report over earlier runs must not print the mode's current one)
     steps = sorted({n for d in data.values() for r in d["students"].values() for n in r["steps"] if n})
+    recipe = "; ".join(sorted({r for d in data.values() for r in d["recipes"]})) or "none run yet"
     lines = [f"Budget: {', '.join(map(str, steps)) or mode['steps']} steps x 32 sequences of up to 128 "
-             "tokens per student (the same for all), "
-             f"distillation seeds {','.join(dseeds)}, {_seeds_note(data, mode)} ("
-             f"{'; '.join(sorted({r for d in data.values() for r in d['recipes']})) or 'none run yet'}).", ""]
+             f"tokens per student (the same for all), distillation seeds {','.join(dseeds)}. Fine-tuning: "
+             f"{recipe}; {_seeds_note(data, mode)}.", ""]
     for t, d in data.items():
         tp = d["teacher"]
         lines += [f"### Teacher {d['label']} ({tp['total'] / 1e6:.1f}M parameters, "
@@ -202,10 +202,10 @@ def _seeds_note(data: dict, mode: dict) -> str:
             n = min(len(row["scores"][t]) for t in TASKS)
             if n and n != usual:
                 counts.setdefault(n, {}).setdefault(d["label"], []).append(name)
-    others = [f"{n} runs a task for " + "; ".join(f"{label} {', '.join(names)}"
+    others = [f"{n} run{'s' * (n != 1)} a task for " + "; ".join(f"{label} {', '.join(names)}"
                                                   for label, names in who.items())
               for n, who in sorted(counts.items())]
-    return f"fine-tuning seeds {mode['seeds']}" + (f" ({'; '.join(others)})" if others else "")
+    return f"seeds {mode['seeds']}" + (f" ({'; '.join(others)})" if others else "")
 
 
 def _twin(name: str) -> str:
