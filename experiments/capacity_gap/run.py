@@ -115,14 +115,13 @@ def main(quick: bool = False, out: str = "", teachers: str = "minilm,mpnet", siz
         except ConfigError as e:
             raise SystemExit(f"error: {e}") from None
     out = out or os.path.join(HERE, "runs", "quick" if quick else "full")
-    names = (list(teachers) if isinstance(teachers, (tuple, list))
-             else [t for t in str(teachers).split(",") if t])
+    names = _listed(teachers)
     for t in names:
         if t not in TEACHERS:
             raise SystemExit(f"error: --teachers: unknown teacher {t!r}; allowed {', '.join(TEACHERS)}")
     sizes_ = str(mode["sizes"]).split(",")
     dseeds = [s for s in str(mode["distill_seeds"]).split(",") if s]
-    chosen = [n for n in (list(only) if isinstance(only, (tuple, list)) else str(only).split(",")) if n]
+    chosen = _listed(only)
     known = [st["name"] for st in students(sizes_, mode["ablations"])]
     for n in chosen:
         if n not in known:
@@ -136,6 +135,11 @@ def main(quick: bool = False, out: str = "", teachers: str = "minilm,mpnet", siz
             for seed in dseeds if grid else []:
                 _sweep(t, grid, seed, mode, os.path.join(out, t, f"seed{seed}"), launcher)
     print(report(out, names, dseeds, mode, reused))
+
+
+def _listed(value) -> list[str]:
+    """A comma-separated flag's items: fire hands "a,b" over as a tuple, "a" as the text."""
+    return [str(v) for v in (value if isinstance(value, (tuple, list)) else str(value).split(",")) if str(v)]
 
 
 def _sweep(teacher: str, grid: list[dict], seed: str, mode: dict, folder: str, launcher: str) -> None:
